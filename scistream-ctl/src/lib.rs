@@ -1,3 +1,16 @@
+//! scistream-rs user space. A request flows `control/` (gRPC service, session
+//! registry, port allocator) -> `dataplane/<backend>.rs` (moves the bytes) ->
+//! `ebpf/` (kernel programs); `client/` is the s2uc side of the same protocol.
+
+pub mod addr;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod ebpf;
+pub mod tls;
+
 pub mod proto {
+    //! Generated from `proto/scistream.proto` (SciStream 1.2 wire contract).
     tonic::include_proto!("scistream");
 }

@@ -1,1 +1,5 @@
-fn main(){}
+//! `s2uc`: the scistream-rs user client.
+
+fn main() -> std::process::ExitCode {
+    scistream_ctl::client::cli::main()
+}

@@ -1,0 +1,233 @@
+//! Command line of `s2uc`, with SciStream 1.2's commands and flags
+//! (`--snake_case` and `--kebab-case` both accepted).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use serde::Serialize;
+
+use super::{status_error, Connection};
+
+#[derive(Parser, Debug)]
+#[command(name = "s2uc", version, about = "scistream-rs user client: sets up streaming sessions on s2cs gateways")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Reserve listeners on the producer-side gateway that forward to the producer app.
+    #[command(name = "inbound-request", alias = "inbound_request")]
+    Inbound(InboundArgs),
+    /// Open listeners on the consumer-side gateway that tunnel to the inbound gateway.
+    #[command(name = "outbound-request", alias = "outbound_request")]
+    Outbound(OutboundArgs),
+    /// Release a session on one gateway.
+    Release(ReleaseArgs),
+    /// Request a producer-side session and wait for the producer app's own hello.
+    #[command(name = "prod-req", alias = "prod_req")]
+    ProdReq(ProdReqArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// The s2cs control address, host:port.
+    #[arg(long, default_value = "localhost:5000")]
+    pub s2cs: String,
+    /// PEM certificate (or CA) to verify s2cs with; default ./server.crt.
+    #[arg(long = "server_cert", alias = "server-cert")]
+    pub server_cert: Option<PathBuf>,
+    /// `false` for an s2cs started with --ssl false.
+    #[arg(long, default_value = "true", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ssl: bool,
+    /// Globus scope of this s2cs (tokens come with `s2uc login`, a later version).
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Print one JSON object {"uid", "listeners", "prod_listeners"} instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InboundArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Address of the producer app, as seen from the inbound gateway.
+    #[arg(long = "remote_ip", alias = "remote-ip")]
+    pub remote_ip: std::net::IpAddr,
+    /// Producer app port(s), comma-separated.
+    #[arg(long = "receiver_ports", alias = "receiver-ports", value_delimiter = ',', required = true)]
+    pub receiver_ports: Vec<u16>,
+    #[arg(long = "num_conn", alias = "num-conn", default_value_t = 5)]
+    pub num_conn: i32,
+    /// Rate in kbit/s (recorded by the server).
+    #[arg(long, default_value_t = 10000)]
+    pub rate: i32,
+    /// Accepted for SciStream compatibility; does nothing.
+    #[arg(long, hide = true)]
+    pub mock: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct OutboundArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Session uid printed by inbound-request.
+    pub uid: String,
+    /// The inbound gateway's listeners, comma-separated (printed by inbound-request).
+    pub prod_listeners: String,
+    /// Accepted for SciStream compatibility (sent in the hello).
+    #[arg(long = "remote_ip", alias = "remote-ip")]
+    pub remote_ip: Option<std::net::IpAddr>,
+    #[arg(long = "receiver_ports", alias = "receiver-ports", value_delimiter = ',')]
+    pub receiver_ports: Vec<u16>,
+    #[arg(long = "num_conn", alias = "num-conn", default_value_t = 5)]
+    pub num_conn: i32,
+    #[arg(long, default_value_t = 10000)]
+    pub rate: i32,
+    #[arg(long, hide = true)]
+    pub mock: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    pub uid: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ProdReqArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(long = "num_conn", alias = "num-conn", default_value_t = 5)]
+    pub num_conn: i32,
+    #[arg(long, default_value_t = 10000)]
+    pub rate: i32,
+    #[arg(long, hide = true)]
+    pub mock: bool,
+}
+
+#[derive(Serialize)]
+struct Outcome<'a> {
+    uid: &'a str,
+    listeners: &'a [String],
+    prod_listeners: &'a [String],
+}
+
+impl Outcome<'_> {
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).unwrap_or_default());
+            return;
+        }
+        println!("uid: {}", self.uid);
+        for p in self.prod_listeners {
+            println!("prod_listeners: {p:?}");
+        }
+        // Last, as in the SciStream tutorial: what the other side needs.
+        for l in self.listeners {
+            println!("listeners: {l:?}");
+        }
+    }
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn open(c: &Conn, timeout: Duration) -> anyhow::Result<Connection> {
+    let cert = c.server_cert.clone().or_else(|| {
+        let d = PathBuf::from("server.crt");
+        d.is_file().then_some(d)
+    });
+    Connection::open(&c.s2cs, cert.as_deref(), c.ssl, None, timeout).await
+}
+
+fn new_uid() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inbound(a) => {
+            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            let uid = new_uid();
+            let producers: Vec<String> =
+                a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string()).collect();
+            if !a.conn.json {
+                println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
+            }
+            let resp = conn.req_with_hello(&uid, "PROD", a.num_conn, a.rate, &producers, "PROD").await?;
+            let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+        }
+        Command::Outbound(a) => {
+            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            let uid = crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let remote = crate::addr::parse_addr_list(&a.prod_listeners).map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
+            let hello_addrs: Vec<String> = match a.remote_ip {
+                Some(ip) => a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(ip, *p).to_string()).collect(),
+                None => Vec::new(),
+            };
+            let resp = conn.req_with_hello(&uid, "CONS", a.num_conn, a.rate, &hello_addrs, "CONS").await?;
+            let upd = conn
+                .update(&uid, &crate::addr::to_strings(&remote), "CONS")
+                .await
+                .map_err(|s| status_error(&conn.target, "update", &s))?;
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+        }
+        Command::Release(a) => {
+            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            conn.release(&a.uid).await.map_err(|s| status_error(&conn.target, "release", &s))?;
+            if a.conn.json {
+                println!("{}", serde_json::json!({"uid": a.uid, "released": true}));
+            } else {
+                println!("Release completed");
+            }
+        }
+        Command::ProdReq(a) => {
+            // The producer app sends the hello itself; wait as long as the server does.
+            let conn = open(&a.conn, Duration::from_secs(200)).await?;
+            let uid = new_uid();
+            if !a.conn.json {
+                println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
+            }
+            let resp = conn.req(&uid, "PROD", a.num_conn, a.rate).await.map_err(|s| status_error(&conn.target, "req", &s))?;
+            let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+        }
+    }
+    Ok(())
+}
+
+/// Entry point of the binary: one error line and exit code 1 on failure.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("s2uc: error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)).context("") {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("s2uc: error: {:#}", e.root_cause_chain());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+trait RootCauseChain {
+    fn root_cause_chain(&self) -> String;
+}
+impl RootCauseChain for anyhow::Error {
+    fn root_cause_chain(&self) -> String {
+        self.chain().skip(1).map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+    }
+}

@@ -1,0 +1,152 @@
+//! `s2uc`: the client side of the SciStream control protocol. It runs the
+//! call sequences of SciStream 1.2 (`req` + `hello`, then `update`) against
+//! our `s2cs` or the original one.
+
+pub mod cli;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+use crate::proto;
+use crate::proto::control_client::ControlClient;
+
+/// What SciStream sends when the user has no token.
+pub const NO_TOKEN: &str = "INVALID_TOKEN";
+
+/// How long `hello` keeps retrying while its `req` has not reached the server.
+const HELLO_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// A connection to one `s2cs`.
+#[derive(Clone)]
+pub struct Connection {
+    client: ControlClient<Channel>,
+    token: String,
+    pub target: String,
+}
+
+/// Splits `host:port` / `[v6]:port` into the host part used for certificate checking.
+fn host_of(s2cs: &str) -> anyhow::Result<String> {
+    if let Ok(sa) = s2cs.parse::<std::net::SocketAddr>() {
+        return Ok(sa.ip().to_string());
+    }
+    let (host, port) = s2cs.rsplit_once(':').ok_or_else(|| anyhow!("--s2cs {s2cs:?} is not host:port"))?;
+    port.parse::<u16>().map_err(|_| anyhow!("--s2cs {s2cs:?}: bad port"))?;
+    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+impl Connection {
+    /// Connects (TLS verified against `server_cert` unless `ssl` is false).
+    pub async fn open(s2cs: &str, server_cert: Option<&Path>, ssl: bool, token: Option<String>, call_timeout: Duration) -> anyhow::Result<Self> {
+        let host = host_of(s2cs)?;
+        let scheme = if ssl { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{s2cs}"))
+            .map_err(|e| anyhow!("--s2cs {s2cs:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(call_timeout);
+        if ssl {
+            let mut tls = ClientTlsConfig::new().domain_name(host);
+            if let Some(path) = server_cert {
+                let pem = std::fs::read(path).with_context(|| format!("reading --server_cert {}", path.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            } else {
+                bail!("no --server_cert given and ./server.crt does not exist; pass the s2cs certificate (s2cs prints its path at start)");
+            }
+            ep = ep.tls_config(tls).context("TLS configuration")?;
+        }
+        let channel = ep.connect().await.map_err(|e| anyhow!("cannot connect to s2cs at {s2cs}: {}", chain(&e)))?;
+        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into() })
+    }
+
+    fn with_token<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Ok(v) = MetadataValue::try_from(self.token.as_str()) {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    pub async fn req(&self, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<proto::Response, Status> {
+        let msg = proto::Request { uid: uid.into(), role: role.into(), num_conn, rate };
+        Ok(self.client.clone().req(self.with_token(msg)).await?.into_inner())
+    }
+
+    pub async fn hello(&self, uid: &str, prod_listeners: &[String], role: &str) -> Result<proto::AppResponse, Status> {
+        let msg = proto::Hello { uid: uid.into(), prod_listeners: prod_listeners.to_vec(), role: role.into() };
+        Ok(self.client.clone().hello(self.with_token(msg)).await?.into_inner())
+    }
+
+    pub async fn update(&self, uid: &str, remote_listeners: &[String], role: &str) -> Result<proto::Response, Status> {
+        let msg = proto::UpdateTargets { uid: uid.into(), remote_listeners: remote_listeners.to_vec(), role: role.into() };
+        Ok(self.client.clone().update(self.with_token(msg)).await?.into_inner())
+    }
+
+    pub async fn release(&self, uid: &str) -> Result<proto::Response, Status> {
+        let msg = proto::Release { uid: uid.into() };
+        Ok(self.client.clone().release(self.with_token(msg)).await?.into_inner())
+    }
+
+    /// `req` and its `hello`, the hello sent right after the req and retried
+    /// while the server does not know the uid yet (an original s2cs answers
+    /// a hello that overtakes its req with an error).
+    pub async fn req_with_hello(&self, uid: &str, role: &str, num_conn: i32, rate: i32, hello_listeners: &[String], hello_role: &str) -> anyhow::Result<proto::Response> {
+        let req = {
+            let c = self.clone();
+            let (uid, role) = (uid.to_string(), role.to_string());
+            tokio::spawn(async move { c.req(&uid, &role, num_conn, rate).await })
+        };
+        let hello = {
+            let c = self.clone();
+            let (uid, hl, hr) = (uid.to_string(), hello_listeners.to_vec(), hello_role.to_string());
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let mut backoff = Duration::from_millis(10);
+                loop {
+                    match c.hello(&uid, &hl, &hr).await {
+                        Err(s) if matches!(s.code(), Code::NotFound | Code::Unknown) && start.elapsed() < HELLO_RETRY_FOR => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(250));
+                        }
+                        r => return r,
+                    }
+                }
+            })
+        };
+        let resp = match req.await.context("req task")? {
+            Ok(r) => r,
+            Err(s) => {
+                hello.abort();
+                return Err(status_error(&self.target, "req", &s));
+            }
+        };
+        hello.await.context("hello task")?.map_err(|s| status_error(&self.target, "hello", &s))?;
+        Ok(resp)
+    }
+}
+
+/// One line naming the server, the call and what it said.
+pub fn status_error(target: &str, call: &str, s: &Status) -> anyhow::Error {
+    if s.code() == Code::Unavailable || s.code() == Code::Unknown && s.message().contains("transport") {
+        return anyhow!("s2cs at {target} unreachable during {call}: {}", s.message());
+    }
+    anyhow!("s2cs at {target} refused {call}: {:?}: {}", s.code(), s.message())
+}
+
+/// Flattens an error and its sources into one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}

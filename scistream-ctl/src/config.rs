@@ -1,0 +1,211 @@
+//! Command-line configuration of `s2cs`. Every SciStream 1.2 flag is accepted in
+//! its original `--snake_case` spelling and in `--kebab-case`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser};
+
+/// Largest `num_conn` one request may ask for; it bounds what one client can
+/// take from the port range in a single call.
+pub const MAX_NUM_CONN: i32 = 128;
+
+/// The data-plane backend (`--type`). SciStream 1.2 names map onto the native
+/// backends until real compatibility backends exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// TLS 1.3 between the gateways (default).
+    Tls,
+    /// Plaintext TCP moved with splice(2).
+    Splice,
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tls" | "stunnel" | "stunnelsubprocess" => Ok(Self::Tls),
+            "splice" | "haproxy" | "haproxysubprocess" | "nginx" => Ok(Self::Splice),
+            other => Err(format!(
+                "unknown --type {other:?}; choose tls (default; also StunnelSubprocess, Stunnel) \
+                 or splice (also Haproxy, HaproxySubprocess, Nginx)"
+            )),
+        }
+    }
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Splice => "splice",
+        }
+    }
+}
+
+/// An inclusive `start-end` port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid port range {s:?}: expected start-end, e.g. 5100-5200");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let start: u16 = a.trim().parse().map_err(|_| bad())?;
+        let end: u16 = b.trim().parse().map_err(|_| bad())?;
+        if start == 0 || start > end {
+            return Err(format!("invalid port range {s:?}: need 1 <= start <= end"));
+        }
+        Ok(Self { start, end })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "s2cs",
+    version,
+    about = "scistream-rs control server: negotiates streaming sessions and runs their data plane"
+)]
+pub struct ServerArgs {
+    /// Address advertised in listener strings and used for data listeners.
+    #[arg(long = "listener_ip", alias = "listener-ip", default_value = "0.0.0.0")]
+    pub listener_ip: IpAddr,
+
+    /// Control (gRPC) port.
+    #[arg(long, default_value_t = 5000)]
+    pub port: u16,
+
+    /// Address the control server binds (all interfaces by default, as SciStream).
+    #[arg(long = "control_ip", alias = "control-ip", default_value = "::")]
+    pub control_ip: IpAddr,
+
+    /// Data listener ports, inclusive.
+    #[arg(long = "port_range", alias = "port-range", default_value = "5100-5200")]
+    pub port_range: PortRange,
+
+    /// Data-plane backend: tls | splice (SciStream names StunnelSubprocess, Stunnel,
+    /// Haproxy, HaproxySubprocess, Nginx are accepted, case-insensitive).
+    #[arg(long = "type", default_value = "tls")]
+    pub backend: BackendKind,
+
+    /// PEM certificate (chain) of this server. Without it, ./server.crt is used
+    /// when present, else a self-signed certificate is made in --state_dir.
+    #[arg(long = "server_crt", alias = "server-crt")]
+    pub server_crt: Option<PathBuf>,
+
+    /// PEM private key matching --server_crt.
+    #[arg(long = "server_key", alias = "server-key")]
+    pub server_key: Option<PathBuf>,
+
+    /// `false` serves the control channel in plaintext (for tests only).
+    #[arg(long, default_value = "true", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ssl: bool,
+
+    /// CA (or the peer gateway's own certificate) that the outbound side uses to
+    /// verify the inbound gateway's tunnel certificate. Without it the tunnel is
+    /// encrypted but the peer is not verified (a warning is printed).
+    #[arg(long = "peer_ca", alias = "peer-ca")]
+    pub peer_ca: Option<PathBuf>,
+
+    /// Where s2cs keeps generated certificates (default /var/lib/scistream as
+    /// root, else $XDG_STATE_HOME/scistream).
+    #[arg(long = "state_dir", alias = "state-dir")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Seconds a `req` waits for its `hello` before the session is released.
+    #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180)]
+    pub hello_timeout: u64,
+
+    /// Globus Auth client id (token checking).
+    #[arg(long = "client_id", alias = "client-id")]
+    pub client_id: Option<String>,
+
+    /// Globus Auth client secret; with it, every call's token is checked.
+    #[arg(long = "client_secret", alias = "client-secret")]
+    pub client_secret: Option<String>,
+
+    /// Debug logging.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+impl ServerArgs {
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_secs(self.hello_timeout)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+}
+
+/// `/var/lib/scistream` for root (a system daemon), else the user's state directory.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/scistream");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("scistream");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/scistream")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scistream_type_names_map_to_native_backends() {
+        for (name, kind) in [
+            ("StunnelSubprocess", BackendKind::Tls),
+            ("stunnel", BackendKind::Tls),
+            ("TLS", BackendKind::Tls),
+            ("Haproxy", BackendKind::Splice),
+            ("HaproxySubprocess", BackendKind::Splice),
+            ("nginx", BackendKind::Splice),
+            ("splice", BackendKind::Splice),
+        ] {
+            assert_eq!(name.parse::<BackendKind>().unwrap(), kind, "{name}");
+        }
+        assert!("docker".parse::<BackendKind>().is_err());
+    }
+
+    #[test]
+    fn snake_and_kebab_flags_both_parse() {
+        let a = ServerArgs::try_parse_from([
+            "s2cs", "--server_crt=/a.crt", "--server-key", "/a.key", "--listener_ip=::1",
+            "--port-range", "6000-6010", "--type=StunnelSubprocess", "--verbose", "--ssl", "false",
+        ])
+        .unwrap();
+        assert_eq!(a.server_crt.unwrap().to_str(), Some("/a.crt"));
+        assert_eq!(a.server_key.unwrap().to_str(), Some("/a.key"));
+        assert!(a.listener_ip.is_ipv6());
+        assert_eq!(a.port_range, PortRange { start: 6000, end: 6010 });
+        assert_eq!(a.backend, BackendKind::Tls);
+        assert!(a.verbose && !a.ssl);
+        let b = ServerArgs::try_parse_from(["s2cs", "-v", "--ssl=False", "--port_range=1-2"]).unwrap();
+        assert!(b.verbose && !b.ssl);
+    }
+
+    #[test]
+    fn bad_port_ranges_are_rejected() {
+        assert!("5200-5100".parse::<PortRange>().is_err());
+        assert!("5100".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+    }
+}

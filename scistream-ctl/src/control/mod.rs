@@ -1,0 +1,11 @@
+//! The control plane: the `scistream.Control` gRPC service, its session
+//! registry and port allocator, and the server that ties them to a backend.
+
+pub mod error;
+pub mod ports;
+pub mod server;
+pub mod service;
+pub mod session;
+
+pub use error::ControlError;
+pub use session::Registry;

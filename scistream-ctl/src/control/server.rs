@@ -1,0 +1,99 @@
+//! Starting `s2cs`: identity, backend, registry, and the gRPC server with a
+//! clean shutdown that releases every session.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tonic::transport::{Identity as TonicIdentity, Server, ServerTlsConfig};
+
+use super::ports::PortAllocator;
+use super::service::ControlService;
+use super::session::Registry;
+use crate::config::ServerArgs;
+use crate::proto::control_server::ControlServer;
+use crate::{dataplane, tls};
+
+/// Concurrent calls per HTTP/2 connection. Every pending `req` holds a stream
+/// until its hello arrives, so the usual limit of a few hundred would let
+/// pending requests starve the hellos that complete them.
+const MAX_CONCURRENT_STREAMS: u32 = 65_536;
+
+/// Serves until `shutdown` resolves, then releases every session.
+pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    if args.client_secret.is_some() {
+        anyhow::bail!(
+            "--client_secret given, but token checking is not built into this version yet; \
+             refusing to run an open server that looks protected (omit --client_secret to run without authentication)"
+        );
+    }
+    let state_dir = args.state_dir();
+    let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
+        .context("loading the server certificate")?;
+    if identity.generated {
+        println!(
+            "s2cs: generated a self-signed certificate for {}: {} (key {}); give it to clients as --server_cert",
+            args.listener_ip,
+            identity.cert_path.display(),
+            identity.key_path.display()
+        );
+    }
+    let backend = dataplane::from_args(&args, &identity).context("starting the data plane")?;
+    let ports = PortAllocator::new(args.port_range, args.listener_ip);
+    let registry = Registry::new(ports, backend, args.listener_ip, args.hello_timeout());
+
+    let addr = SocketAddr::new(args.control_ip, args.port);
+    let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    if args.ssl {
+        let id = TonicIdentity::from_pem(&identity.cert_pem, &identity.key_pem);
+        builder = builder.tls_config(ServerTlsConfig::new().identity(id)).context("control channel TLS")?;
+    } else {
+        tracing::warn!("--ssl false: the control channel is NOT encrypted");
+    }
+    let listener = bind_control(addr).with_context(|| format!("binding the control port {addr}"))?;
+    println!(
+        "s2cs: serving scistream.Control on {addr} ({}), certificate {}, backend {}, listener_ip {}, ports {}",
+        if args.ssl { "TLS" } else { "plaintext" },
+        identity.cert_path.display(),
+        registry.backend_name(),
+        args.listener_ip,
+        args.port_range,
+    );
+    let incoming = tokio_stream_from(listener);
+    let reg = registry.clone();
+    builder
+        .add_service(ControlServer::new(ControlService::new(registry.clone())))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("control server")?;
+    tracing::info!("shutting down: releasing {} sessions", reg.len());
+    reg.release_all().await;
+    Ok(())
+}
+
+/// The control port binds dual-stack when given `::`, like SciStream's `[::]:port`.
+fn bind_control(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(Arc::new(listener), |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}

@@ -1,0 +1,60 @@
+//! `scistream.Control` over tonic: decodes the SciStream messages, calls the
+//! registry, encodes answers. No state here beyond the registry.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::{info_span, Instrument};
+
+use super::session::{Registry, Role};
+use crate::addr::to_strings;
+use crate::proto;
+use crate::proto::control_server::Control;
+
+pub struct ControlService {
+    registry: Arc<Registry>,
+}
+
+impl ControlService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn req(&self, request: Request<proto::Request>) -> Result<Response<proto::Response>, Status> {
+        let r = request.into_inner();
+        let span = info_span!("req", uid = %r.uid, role = %r.role);
+        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate).instrument(span).await?;
+        Ok(Response::new(proto::Response {
+            listeners: to_strings(&granted.listeners),
+            prod_listeners: to_strings(&granted.prod_listeners),
+        }))
+    }
+
+    async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
+        let r = request.into_inner();
+        let _span = info_span!("update", uid = %r.uid, role = %r.role).entered();
+        let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners)?;
+        Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets) }))
+    }
+
+    async fn release(&self, request: Request<proto::Release>) -> Result<Response<proto::Response>, Status> {
+        let r = request.into_inner();
+        let span = info_span!("release", uid = %r.uid);
+        self.registry.release(&r.uid).instrument(span).await?;
+        Ok(Response::new(proto::Response::default()))
+    }
+
+    async fn hello(&self, request: Request<proto::Hello>) -> Result<Response<proto::AppResponse>, Status> {
+        let r = request.into_inner();
+        let span = info_span!("hello", uid = %r.uid, role = %r.role);
+        let (role, listeners) = self.registry.hello(&r.uid, &r.prod_listeners).instrument(span).await?;
+        let message = match role {
+            Role::Prod => "Sending Prod listeners...",
+            Role::Cons => "Sending listeners...",
+        };
+        Ok(Response::new(proto::AppResponse { message: message.into(), listeners: to_strings(&listeners) }))
+    }
+}

@@ -1,0 +1,342 @@
+//! The session registry: one entry per uid with its own state (nothing shared
+//! between sessions), the req/hello rendezvous in either order, the hello
+//! timeout, and release.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use super::error::ControlError;
+use super::ports::{PortAllocator, Reservation};
+use crate::addr;
+use crate::config::MAX_NUM_CONN;
+use crate::dataplane::{Backend, Forwarder, SessionSpec, Side, StatsSnapshot};
+
+/// How long a `hello` that arrives before its `req` waits for it (capped by
+/// the hello timeout). SciStream clients send both within a second and give
+/// up after 5 s.
+pub const EARLY_HELLO_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Inbound gateway, in front of the producer.
+    Prod,
+    /// Outbound gateway, used by the consumer.
+    Cons,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Result<Self, ControlError> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "PROD" => Ok(Self::Prod),
+            "CONS" => Ok(Self::Cons),
+            _ => Err(ControlError::InvalidArgument(format!("role {s:?} is neither PROD nor CONS"))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prod => "PROD",
+            Self::Cons => "CONS",
+        }
+    }
+    fn side(self) -> Side {
+        match self {
+            Self::Prod => Side::Inbound,
+            Self::Cons => Side::Outbound,
+        }
+    }
+}
+
+/// uids are UUIDs (SciStream's uuid1, our v4); normalised to lower-case
+/// hyphenated form so one session cannot be named two ways.
+pub fn parse_uid(uid: &str) -> Result<String, ControlError> {
+    uuid::Uuid::try_parse(uid.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| ControlError::InvalidArgument(format!("uid {uid:?} is not a UUID")))
+}
+
+pub fn check_num_conn(n: i32) -> Result<usize, ControlError> {
+    if (1..=MAX_NUM_CONN).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(ControlError::InvalidArgument(format!("num_conn {n} out of range 1..={MAX_NUM_CONN}")))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HelloState {
+    Pending,
+    Received(Vec<SocketAddr>),
+    TimedOut,
+    Released,
+}
+
+pub struct Session {
+    pub uid: String,
+    pub role: Role,
+    pub num_conn: usize,
+    pub rate: i32,
+    pub listeners: Vec<SocketAddr>,
+    hello: watch::Sender<HelloState>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Ports stay reserved (and return to the pool) with this.
+    reservation: Option<Reservation>,
+    forwarder: Option<Box<dyn Forwarder>>,
+    targets: Vec<SocketAddr>,
+}
+
+/// A completed `req`: the session's listeners and, for PROD, the producer
+/// addresses its hello carried.
+pub struct Granted {
+    pub listeners: Vec<SocketAddr>,
+    pub prod_listeners: Vec<SocketAddr>,
+}
+
+pub struct Registry {
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    early_hellos: Mutex<HashMap<String, Arc<Notify>>>,
+    ports: PortAllocator,
+    backend: Arc<dyn Backend>,
+    listener_ip: IpAddr,
+    hello_timeout: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    pub fn new(ports: PortAllocator, backend: Arc<dyn Backend>, listener_ip: IpAddr, hello_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            sessions: Mutex::new(HashMap::new()),
+            early_hellos: Mutex::new(HashMap::new()),
+            ports,
+            backend,
+            listener_ip,
+            hello_timeout,
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ports_in_use(&self) -> usize {
+        self.ports.in_use()
+    }
+
+    fn get(&self, uid: &str) -> Result<Arc<Session>, ControlError> {
+        lock(&self.sessions).get(uid).cloned().ok_or_else(|| ControlError::NotFound(uid.to_string()))
+    }
+
+    /// `req`: reserves the ports, then waits for the hello (which may already
+    /// have arrived and be waiting for us).
+    pub async fn request(self: &Arc<Self>, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<Granted, ControlError> {
+        let uid = parse_uid(uid)?;
+        let role = Role::parse(role)?;
+        let num_conn = check_num_conn(num_conn)?;
+        if rate < 0 {
+            return Err(ControlError::InvalidArgument(format!("rate {rate} is negative")));
+        }
+        let session = {
+            let mut sessions = lock(&self.sessions);
+            if sessions.contains_key(&uid) {
+                return Err(ControlError::AlreadyExists(uid));
+            }
+            let reservation = self.ports.allocate(num_conn)?;
+            let listeners = reservation.ports.iter().map(|p| SocketAddr::new(self.listener_ip, *p)).collect();
+            let session = Arc::new(Session {
+                uid: uid.clone(),
+                role,
+                num_conn,
+                rate,
+                listeners,
+                hello: watch::Sender::new(HelloState::Pending),
+                inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+            });
+            sessions.insert(uid.clone(), session.clone());
+            session
+        };
+        info!(uid = %uid, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, "session requested");
+        if let Some(n) = lock(&self.early_hellos).remove(&uid) {
+            n.notify_waiters();
+        }
+        self.spawn_hello_timeout(&session);
+
+        let mut rx = session.hello.subscribe();
+        let state = rx.wait_for(|s| *s != HelloState::Pending).await.map(|s| s.clone()).unwrap_or(HelloState::Released);
+        match state {
+            HelloState::Received(prod) => Ok(Granted {
+                listeners: session.listeners.clone(),
+                prod_listeners: if role == Role::Prod { prod } else { Vec::new() },
+            }),
+            HelloState::TimedOut => Err(ControlError::HelloTimeout { uid, secs: self.hello_timeout.as_secs() }),
+            HelloState::Pending | HelloState::Released => Err(ControlError::Released(uid)),
+        }
+    }
+
+    /// Releases the session if no hello came in time. Runs on its own so a
+    /// client that hangs up does not leave the session behind.
+    fn spawn_hello_timeout(self: &Arc<Self>, session: &Arc<Session>) {
+        let (reg, uid, timeout) = (Arc::downgrade(self), session.uid.clone(), self.hello_timeout);
+        let mut rx = session.hello.subscribe();
+        tokio::spawn(async move {
+            let timed_out = tokio::time::timeout(timeout, rx.wait_for(|s| *s != HelloState::Pending)).await.is_err();
+            if timed_out {
+                if let Some(reg) = reg.upgrade() {
+                    warn!(uid = %uid, secs = timeout.as_secs(), "no hello in time; releasing the session");
+                    reg.remove(&uid, HelloState::TimedOut).await;
+                }
+            }
+        });
+    }
+
+    /// `hello`: records the producer's addresses (PROD sessions) and completes
+    /// the pending `req`. Arriving first, it waits for the `req`.
+    pub async fn hello(&self, uid: &str, prod_listeners: &[String]) -> Result<(Role, Vec<SocketAddr>), ControlError> {
+        let uid = parse_uid(uid)?;
+        let session = self.get_or_wait(&uid).await?;
+        // The role from `req` counts: SciStream 1.2's outbound-request sends
+        // its hello as "PROD" for a CONS session.
+        let received = match session.role {
+            Role::Prod => {
+                let addrs = addr::parse_socket_addrs(prod_listeners).map_err(ControlError::InvalidArgument)?;
+                if addrs.is_empty() {
+                    return Err(ControlError::InvalidArgument("hello for a PROD session needs prod_listeners".into()));
+                }
+                addrs
+            }
+            Role::Cons => Vec::new(),
+        };
+        let mut accepted = false;
+        session.hello.send_if_modified(|s| match s {
+            HelloState::Pending | HelloState::Received(_) => {
+                *s = HelloState::Received(received.clone());
+                accepted = true;
+                true
+            }
+            _ => false,
+        });
+        if !accepted {
+            return Err(ControlError::NotFound(uid));
+        }
+        info!(uid = %uid, role = session.role.as_str(), prod_listeners = ?received, "hello");
+        Ok((session.role, session.listeners.clone()))
+    }
+
+    async fn get_or_wait(&self, uid: &str) -> Result<Arc<Session>, ControlError> {
+        let notified = {
+            let sessions = lock(&self.sessions);
+            if let Some(s) = sessions.get(uid) {
+                return Ok(s.clone());
+            }
+            // Registered while the session map is locked, so a `req` that
+            // inserts right after us is sure to wake us.
+            lock(&self.early_hellos).entry(uid.to_string()).or_default().clone()
+        };
+        let wait = EARLY_HELLO_WAIT.min(self.hello_timeout);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let fut = notified.notified();
+            tokio::pin!(fut);
+            fut.as_mut().enable();
+            if let Ok(s) = self.get(uid) {
+                return Ok(s);
+            }
+            if tokio::time::timeout_at(deadline, fut).await.is_err() {
+                let mut early = lock(&self.early_hellos);
+                if early.get(uid).is_some_and(|n| Arc::ptr_eq(n, &notified)) && Arc::strong_count(&notified) <= 2 {
+                    early.remove(uid);
+                }
+                return self.get(uid);
+            }
+        }
+    }
+
+    /// `update`: sets the session's targets (cycled to `num_conn`) and starts
+    /// forwarding, or retargets a running session.
+    pub fn update(&self, uid: &str, remote_listeners: &[String]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), ControlError> {
+        let uid = parse_uid(uid)?;
+        let remote = addr::parse_socket_addrs(remote_listeners).map_err(ControlError::InvalidArgument)?;
+        if remote.is_empty() {
+            return Err(ControlError::InvalidArgument("update needs at least one remote listener".into()));
+        }
+        let session = self.get(&uid)?;
+        let targets = addr::cycle_to(&remote, session.num_conn);
+        let mut inner = lock(&session.inner);
+        match &inner.forwarder {
+            Some(f) => f.set_targets(targets.clone()),
+            None => {
+                let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
+                let spec = SessionSpec { uid: uid.clone(), side: session.role.side() };
+                inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
+            }
+        }
+        inner.targets = targets.clone();
+        info!(uid = %uid, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
+        Ok((session.listeners.clone(), targets))
+    }
+
+    /// `release`: stops forwarding, closes live connections, frees the ports.
+    pub async fn release(&self, uid: &str) -> Result<(), ControlError> {
+        let uid = parse_uid(uid)?;
+        if self.remove(&uid, HelloState::Released).await {
+            Ok(())
+        } else {
+            Err(ControlError::NotFound(uid))
+        }
+    }
+
+    async fn remove(&self, uid: &str, why: HelloState) -> bool {
+        let Some(session) = lock(&self.sessions).remove(uid) else {
+            return false;
+        };
+        session.hello.send_if_modified(|s| {
+            if *s == HelloState::Pending {
+                *s = why;
+                true
+            } else {
+                false
+            }
+        });
+        let (forwarder, reservation) = {
+            let mut inner = lock(&session.inner);
+            (inner.forwarder.take(), inner.reservation.take())
+        };
+        if let Some(f) = forwarder {
+            f.release().await;
+        }
+        // Every listener is closed now, so the ports can go back to the pool.
+        drop(reservation);
+        info!(uid = %uid, role = session.role.as_str(), "session released");
+        true
+    }
+
+    pub async fn release_all(&self) {
+        let uids: Vec<String> = lock(&self.sessions).keys().cloned().collect();
+        for uid in uids {
+            self.remove(&uid, HelloState::Released).await;
+        }
+    }
+
+    pub fn stats(&self, uid: &str) -> Result<StatsSnapshot, ControlError> {
+        let s = self.get(uid)?;
+        let inner = lock(&s.inner);
+        Ok(inner.forwarder.as_ref().map(|f| f.stats()).unwrap_or_default())
+    }
+}

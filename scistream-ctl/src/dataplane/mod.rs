@@ -1,0 +1,112 @@
+//! The data plane: one [`Backend`] trait, one file per backend. The control
+//! plane hands a backend the session's reserved listeners and its targets and
+//! gets back a [`Forwarder`] it can retarget, query and release, never knowing
+//! how bytes move.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::{BackendKind, ServerArgs};
+
+mod relay;
+pub mod splice;
+pub mod tls;
+
+pub use relay::TcpRelay;
+
+/// Which end of the tunnel a session's listeners are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// PROD role, inbound gateway: accepts tunnel connections from the peer
+    /// gateway and forwards them to the producer app.
+    Inbound,
+    /// CONS role, outbound gateway: accepts the consumer app and forwards its
+    /// connections into the tunnel towards the inbound gateway.
+    Outbound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("backend {backend} cannot run here: {reason}")]
+    Unsupported { backend: &'static str, reason: String },
+    #[error("data plane set-up failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// What a session is, as far as a backend needs to know.
+#[derive(Clone, Debug)]
+pub struct SessionSpec {
+    pub uid: String,
+    pub side: Side,
+}
+
+/// A data-plane implementation (`s2cs --type`).
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Starts forwarding: connections accepted on `listeners[i]` go to
+    /// `targets[i]`. Must be called within a tokio runtime.
+    fn start(
+        &self,
+        spec: SessionSpec,
+        listeners: Vec<TcpListener>,
+        targets: Vec<SocketAddr>,
+    ) -> Result<Box<dyn Forwarder>, DataPlaneError>;
+}
+
+/// A session's running data plane.
+pub trait Forwarder: Send + Sync {
+    /// New connections use the new targets; live ones keep theirs.
+    fn set_targets(&self, targets: Vec<SocketAddr>);
+    fn stats(&self) -> StatsSnapshot;
+    /// Closes the listeners and every live connection; resolves once they are
+    /// closed, so their ports can be reused at once. Idempotent.
+    fn release(&self) -> futures::future::BoxFuture<'_, ()>;
+}
+
+/// Counters of one session, shared by its connection tasks.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Bytes from the accepting side towards the target.
+    pub bytes_forward: AtomicU64,
+    /// Bytes from the target back to the accepting side.
+    pub bytes_backward: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub connections_failed: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub bytes_forward: u64,
+    pub bytes_backward: u64,
+    pub connections_total: u64,
+    pub connections_active: u64,
+    pub connections_failed: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            bytes_forward: self.bytes_forward.load(Ordering::Relaxed),
+            bytes_backward: self.bytes_backward.load(Ordering::Relaxed),
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_failed: self.connections_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Builds the backend `s2cs` was asked for, checking up front that it can run.
+pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<Arc<dyn Backend>, DataPlaneError> {
+    Ok(match args.backend {
+        BackendKind::Tls => Arc::new(TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref())?)),
+        BackendKind::Splice => {
+            splice::probe()?;
+            Arc::new(TcpRelay::new(splice::SplicePump::default()))
+        }
+    })
+}

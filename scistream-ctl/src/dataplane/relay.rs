@@ -1,0 +1,172 @@
+//! The part every TCP-terminating backend shares: accept loops on the reserved
+//! listeners, one task per connection, and release that closes them all. A
+//! backend only supplies the [`Pump`] that moves one connection's bytes.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{Backend, DataPlaneError, Forwarder, SessionSpec, Side, Stats, StatsSnapshot};
+
+/// How long connecting to a target may take before the accepted client is dropped.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Moves the bytes of one accepted connection to its target until both
+/// directions have ended.
+pub trait Pump: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn relay(
+        self: Arc<Self>,
+        side: Side,
+        accepted: TcpStream,
+        target: SocketAddr,
+        stats: Arc<Stats>,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+pub struct TcpRelay<P> {
+    pump: Arc<P>,
+}
+
+impl<P: Pump> TcpRelay<P> {
+    pub fn new(pump: P) -> Self {
+        Self { pump: Arc::new(pump) }
+    }
+}
+
+impl<P: Pump> Backend for TcpRelay<P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn start(
+        &self,
+        spec: SessionSpec,
+        listeners: Vec<StdListener>,
+        targets: Vec<SocketAddr>,
+    ) -> Result<Box<dyn Forwarder>, DataPlaneError> {
+        let fwd = RelayForwarder {
+            targets: Arc::new(RwLock::new(targets)),
+            stats: Arc::new(Stats::default()),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        for (index, l) in listeners.into_iter().enumerate() {
+            l.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(l)?;
+            let span = info_span!("listener", uid = %spec.uid, side = ?spec.side, index);
+            fwd.tasks.spawn(
+                accept_loop(self.pump.clone(), spec.side, listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone())
+                    .instrument(span),
+            );
+        }
+        Ok(Box::new(fwd))
+    }
+}
+
+struct RelayForwarder {
+    targets: Arc<RwLock<Vec<SocketAddr>>>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Forwarder for RelayForwarder {
+    fn set_targets(&self, targets: Vec<SocketAddr>) {
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = targets;
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn release(&self) -> futures::future::BoxFuture<'_, ()> {
+        // Every accept loop and connection task selects on this token; dropping
+        // their sockets closes listeners and live connections at once.
+        self.cancel.cancel();
+        self.tasks.close();
+        Box::pin(self.tasks.wait())
+    }
+}
+
+impl Drop for RelayForwarder {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop<P: Pump>(
+    pump: Arc<P>,
+    side: Side,
+    listener: TcpListener,
+    index: usize,
+    targets: Arc<RwLock<Vec<SocketAddr>>>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the
+                    // listener stays open for later connections.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let target = {
+            let t = targets.read().unwrap_or_else(|p| p.into_inner());
+            if t.is_empty() { None } else { Some(t[index % t.len()]) }
+        };
+        let Some(target) = target else {
+            warn!(%peer, "connection before targets were set; closing it");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        let (pump, stats, cancel) = (pump.clone(), stats.clone(), cancel.clone());
+        let span = info_span!("conn", %peer, %target);
+        tasks.spawn(
+            async move {
+                debug!("accepted");
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => Ok(()),
+                    r = pump.relay(side, sock, target, stats.clone()) => r,
+                };
+                stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => debug!("closed"),
+                    Err(e) => {
+                        stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "connection ended with an error");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Connects to a target with a bound on the wait.
+pub async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {target} timed out")))?
+        .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {target}: {e}")))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}

@@ -1,0 +1,303 @@
+//! The XDP guard (`scistream-ebpf/src/bin/xdp-guard.rs`): on the data port
+//! range only the ports of live sessions pass, the rest is dropped at the
+//! driver; it counts what passes per port and what it drops, by reason.
+//!
+//! ```no_run
+//! use scistream_ctl::ebpf::{AttachMode, Guard};
+//!
+//! let mut guard = Guard::load()?;
+//! guard.set_port_range(5100, 5200)?;
+//! guard.allow_port(5101, 7)?; // session tag 7
+//! guard.attach("eth0", AttachMode::Driver)?;
+//! // ... later, when the session is released:
+//! let final_counts = guard.deny_port(5101)?;
+//! # Ok::<(), scistream_ctl::ebpf::EbpfError>(())
+//! ```
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf,
+};
+use scistream_common::guard::{self as layout, Counters, DropReason, GuardConfig};
+
+use super::EbpfError;
+
+const OBJECT: &str = "xdp-guard";
+/// Built by build.rs; empty when the build skipped the eBPF programs.
+static OBJECT_BYTES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-guard"));
+
+/// Return values of an XDP program (uapi `enum xdp_action`).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// Where the program runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver, before any socket buffer exists: the fast path, needs
+    /// driver support (veth, most 10G+ NICs).
+    Driver,
+    /// Generic XDP in the network stack: works on any interface, slower.
+    Skb,
+}
+
+impl From<AttachMode> for XdpMode {
+    fn from(mode: AttachMode) -> Self {
+        match mode {
+            AttachMode::Driver => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+/// What the program decided for one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Any other XDP action; the guard never returns one.
+    Other(u32),
+}
+
+/// The loaded guard. Dropping it detaches it from every interface and
+/// unloads it.
+pub struct Guard {
+    /// Owns the program and its links (attachments).
+    ebpf: Ebpf,
+    config: Array<MapData, GuardConfig>,
+    allowed: HashMap<MapData, u16, u32>,
+    stats: PerCpuHashMap<MapData, u16, Counters>,
+    drops: PerCpuArray<MapData, Counters>,
+    attached: Vec<(String, XdpLinkId)>,
+    possible_cpus: usize,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ifaces: Vec<&str> = self.attached.iter().map(|(i, _)| i.as_str()).collect();
+        f.debug_struct("Guard")
+            .field("attached", &ifaces)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guard {
+    /// Loads the program into the kernel, not yet attached anywhere. Its range
+    /// starts disabled (0-0): it passes everything until
+    /// [`set_port_range`](Self::set_port_range).
+    pub fn load() -> Result<Self, EbpfError> {
+        if OBJECT_BYTES.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        let possible_cpus =
+            aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
+        let mut ebpf = Ebpf::load(OBJECT_BYTES).map_err(|source| EbpfError::Load {
+            object: OBJECT,
+            source,
+        })?;
+        program_mut(&mut ebpf)?.load().map_err(program_error)?;
+        Ok(Self {
+            config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
+            allowed: take_map(&mut ebpf, layout::ALLOWED_MAP)?,
+            stats: take_map(&mut ebpf, layout::PORT_STATS_MAP)?,
+            drops: take_map(&mut ebpf, layout::DROPS_MAP)?,
+            ebpf,
+            attached: Vec::new(),
+            possible_cpus,
+        })
+    }
+
+    /// Attaches to `iface`; may be called for several interfaces.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+        let link = program_mut(&mut self.ebpf)?
+            .attach(iface, mode.into())
+            .map_err(|source| EbpfError::Attach {
+                program: layout::PROGRAM,
+                iface: iface.to_owned(),
+                mode,
+                source,
+            })?;
+        self.attached.push((iface.to_owned(), link));
+        Ok(())
+    }
+
+    pub fn detach(&mut self, iface: &str) -> Result<(), EbpfError> {
+        let position = self
+            .attached
+            .iter()
+            .position(|(i, _)| i == iface)
+            .ok_or_else(|| EbpfError::NotAttached {
+                program: layout::PROGRAM,
+                iface: iface.to_owned(),
+            })?;
+        let (_, link) = self.attached.swap_remove(position);
+        program_mut(&mut self.ebpf)?
+            .detach(link)
+            .map_err(program_error)
+    }
+
+    /// Guards destination ports `lo..=hi`; `0, 0` disables the guard.
+    ///
+    /// The range must not overlap the ephemeral ports
+    /// (`net.ipv4.ip_local_port_range`): the guard checks destination ports
+    /// only, so replies to this host's own outgoing connections would be
+    /// dropped. An overlap is logged as a warning.
+    pub fn set_port_range(&mut self, lo: u16, hi: u16) -> Result<(), EbpfError> {
+        let config = match (lo, hi) {
+            (0, 0) => GuardConfig::DISABLED,
+            _ if lo == 0 || lo > hi => return Err(EbpfError::InvalidPortRange { lo, hi }),
+            _ => GuardConfig::new(lo, hi),
+        };
+        if let Some((eph_lo, eph_hi)) = ephemeral_port_range() {
+            if config.is_enabled() && lo <= eph_hi && eph_lo <= hi {
+                tracing::warn!(lo, hi, eph_lo, eph_hi, "data port range overlaps the ephemeral port range; the XDP guard may drop replies to outgoing connections");
+            }
+        }
+        self.config
+            .set(0, config, 0)
+            .map_err(map_error(layout::CONFIG_MAP))
+    }
+
+    /// The guarded range, `None` when disabled.
+    pub fn port_range(&self) -> Result<Option<(u16, u16)>, EbpfError> {
+        let config = self
+            .config
+            .get(&0, 0)
+            .map_err(map_error(layout::CONFIG_MAP))?;
+        Ok(config
+            .is_enabled()
+            .then_some((config.port_lo, config.port_hi)))
+    }
+
+    /// Lets traffic to `port` through, counted under `port`. Allowing a port
+    /// again with the same tag keeps its counters; with another tag (the port
+    /// now belongs to a new session) they restart from zero.
+    pub fn allow_port(&mut self, port: u16, session_tag: u32) -> Result<(), EbpfError> {
+        match self.allowed.get(&port, 0) {
+            Ok(tag) if tag == session_tag => return Ok(()),
+            Ok(_) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_error(layout::ALLOWED_MAP)(e)),
+        }
+        // Counters first, so the first frame that passes finds its entry.
+        let zero =
+            PerCpuValues::try_from(vec![Counters::ZERO; self.possible_cpus]).map_err(|source| {
+                EbpfError::Cpus {
+                    path: "/sys/devices/system/cpu/possible",
+                    source,
+                }
+            })?;
+        self.stats
+            .insert(port, zero, 0)
+            .map_err(map_error(layout::PORT_STATS_MAP))?;
+        if let Err(e) = self.allowed.insert(port, session_tag, 0) {
+            let _ = self.stats.remove(&port); // keep the two maps in step
+            return Err(map_error(layout::ALLOWED_MAP)(e));
+        }
+        Ok(())
+    }
+
+    /// Drops traffic to `port` again and forgets its counters, returning their
+    /// final values (zero if the port was not allowed).
+    pub fn deny_port(&mut self, port: u16) -> Result<Counters, EbpfError> {
+        if self.allowed.get(&port, 0).is_ok() {
+            self.allowed
+                .remove(&port)
+                .map_err(map_error(layout::ALLOWED_MAP))?;
+        }
+        let last = self.port_stats(port)?;
+        if last.is_some() {
+            self.stats
+                .remove(&port)
+                .map_err(map_error(layout::PORT_STATS_MAP))?;
+        }
+        Ok(last.unwrap_or_default())
+    }
+
+    /// Traffic passed to `port`, summed over CPUs; `None` if it is not allowed.
+    pub fn port_stats(&self, port: u16) -> Result<Option<Counters>, EbpfError> {
+        match self.stats.get(&port, 0) {
+            Ok(per_cpu) => Ok(Some(per_cpu.iter().copied().sum())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error(layout::PORT_STATS_MAP)(e)),
+        }
+    }
+
+    /// Everything dropped, summed over reasons and CPUs.
+    pub fn dropped(&self) -> Result<Counters, EbpfError> {
+        DropReason::ALL
+            .into_iter()
+            .map(|r| self.dropped_for(r))
+            .sum()
+    }
+
+    pub fn dropped_for(&self, reason: DropReason) -> Result<Counters, EbpfError> {
+        let per_cpu = self
+            .drops
+            .get(&reason.index(), 0)
+            .map_err(map_error(layout::DROPS_MAP))?;
+        Ok(per_cpu.iter().copied().sum())
+    }
+
+    /// Runs the program once on `frame` inside the kernel (BPF_PROG_TEST_RUN),
+    /// with no interface involved; maps and counters change as for a received
+    /// frame. For tests and start-up self checks.
+    pub fn run_on_frame(&self, frame: &[u8]) -> Result<Verdict, EbpfError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(layout::PROGRAM)
+            .ok_or(missing("program", layout::PROGRAM))?
+            .try_into()
+            .map_err(program_error)?;
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        let result = program.test_run(options).map_err(program_error)?;
+        Ok(match result.return_value {
+            XDP_PASS => Verdict::Pass,
+            XDP_DROP => Verdict::Drop,
+            other => Verdict::Other(other),
+        })
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
+    ebpf.program_mut(layout::PROGRAM)
+        .ok_or(missing("program", layout::PROGRAM))?
+        .try_into()
+        .map_err(program_error)
+}
+
+/// Takes the map out of `ebpf` so the guard can hold it typed, with no borrow.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(missing("map", name))?;
+    M::try_from(map).map_err(map_error(name))
+}
+
+fn missing(kind: &'static str, name: &'static str) -> EbpfError {
+    EbpfError::Missing {
+        object: OBJECT,
+        kind,
+        name,
+    }
+}
+
+fn program_error(source: aya::programs::ProgramError) -> EbpfError {
+    EbpfError::Program {
+        program: layout::PROGRAM,
+        source,
+    }
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::Map { map, source }
+}
+
+fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u16>);
+    Some((fields.next()?.ok()?, fields.next()?.ok()?))
+}

@@ -1,0 +1,84 @@
+//! The kernel side of the data plane: loads the programs that `scistream-ebpf`
+//! builds (embedded in this binary by build.rs), fills their maps and attaches
+//! them. One file per program; [`Guard`] is the XDP guard in front of the
+//! data port range.
+//!
+//! Everything here needs root (or CAP_BPF + CAP_NET_ADMIN) at run time.
+
+mod guard;
+
+pub use guard::{AttachMode, Guard, Verdict};
+pub use scistream_common::guard::{Counters, DropReason};
+
+use aya::{maps::MapError, programs::ProgramError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this binary was built without its eBPF programs (AYA_BUILD_SKIP was set)")]
+    NotBuilt,
+    #[error("loading eBPF object {object} (needs root or CAP_BPF + CAP_NET_ADMIN)")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("eBPF object {object} has no {kind} named {name}")]
+    Missing {
+        object: &'static str,
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("eBPF program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching eBPF program {program} to {iface} in {mode:?} mode")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        mode: AttachMode,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF program {program} is not attached to {iface}")]
+    NotAttached {
+        program: &'static str,
+        iface: String,
+    },
+    #[error("eBPF map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("invalid data port range {lo}-{hi}: want 1 <= lo <= hi, or 0-0 to disable the guard")]
+    InvalidPortRange { lo: u16, hi: u16 },
+    #[error("cannot count the possible CPUs ({path})")]
+    Cpus {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EbpfError {
+    /// Stable, low-cardinality name for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotBuilt => "ebpf_not_built",
+            Self::Load { .. } => "ebpf_load",
+            Self::Missing { .. } => "ebpf_missing_item",
+            Self::Program { .. } => "ebpf_program",
+            Self::Attach { .. } => "ebpf_attach",
+            Self::NotAttached { .. } => "ebpf_not_attached",
+            Self::Map { .. } => "ebpf_map",
+            Self::InvalidPortRange { .. } => "ebpf_invalid_port_range",
+            Self::Cpus { .. } => "ebpf_cpus",
+        }
+    }
+}
+
+#[cfg(test)]
+mod guard_tests;
