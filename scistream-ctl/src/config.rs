@@ -130,13 +130,29 @@ pub struct ServerArgs {
     #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180)]
     pub hello_timeout: u64,
 
-    /// Globus Auth client id (token checking).
+    /// Globus Auth client id of this server (its token scope is
+    /// https://auth.globus.org/scopes/<client_id>/scistream).
     #[arg(long = "client_id", alias = "client-id")]
     pub client_id: Option<String>,
 
-    /// Globus Auth client secret; with it, every call's token is checked.
-    #[arg(long = "client_secret", alias = "client-secret")]
+    /// Client secret; with it, every call's token is checked by introspection.
+    /// Without it authentication is off, as in SciStream.
+    #[arg(long = "client_secret", alias = "client-secret", env = "S2CS_CLIENT_SECRET", hide_env_values = true)]
     pub client_secret: Option<String>,
+
+    /// OAuth2 token introspection endpoint (RFC 7662), e.g. a Keycloak realm's.
+    #[arg(long = "introspect_url", alias = "introspect-url", default_value = crate::control::auth::GLOBUS_INTROSPECT_URL)]
+    pub introspect_url: String,
+
+    /// Scope a token must carry (default: the Globus scope of --client_id;
+    /// a bare client id means its Globus scistream scope).
+    #[arg(long = "required_scope", alias = "required-scope")]
+    pub required_scope: Option<String>,
+
+    /// Longest time an accepted token is trusted without asking again: the
+    /// most a revoked token may still be honoured. 0 asks on every call.
+    #[arg(long = "token_cache_secs", alias = "token-cache-secs", default_value_t = 60)]
+    pub token_cache_secs: u64,
 
     /// Debug logging.
     #[arg(short = 'v', long)]
@@ -200,6 +216,13 @@ mod tests {
         assert!(a.verbose && !a.ssl);
         let b = ServerArgs::try_parse_from(["s2cs", "-v", "--ssl=False", "--port_range=1-2"]).unwrap();
         assert!(b.verbose && !b.ssl);
+        let c = ServerArgs::try_parse_from([
+            "s2cs", "--client-id", "abc", "--client_secret=s", "--introspect-url", "http://127.0.0.1:1/i",
+            "--required_scope", "x", "--token-cache-secs", "0",
+        ])
+        .unwrap();
+        assert_eq!((c.client_id.as_deref(), c.client_secret.as_deref()), (Some("abc"), Some("s")));
+        assert_eq!((c.introspect_url.as_str(), c.required_scope.as_deref(), c.token_cache_secs), ("http://127.0.0.1:1/i", Some("x"), 0));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod ebpf;
+pub mod oauth;
 pub mod tls;
 
 pub mod proto {

@@ -9,6 +9,7 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use serde::Serialize;
 
+use super::auth::OAuthFlags;
 use super::{status_error, Connection};
 
 #[derive(Parser, Debug)]
@@ -16,6 +17,8 @@ use super::{status_error, Connection};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub oauth: OAuthFlags,
 }
 
 #[derive(Subcommand, Debug)]
@@ -31,6 +34,34 @@ pub enum Command {
     /// Request a producer-side session and wait for the producer app's own hello.
     #[command(name = "prod-req", alias = "prod_req")]
     ProdReq(ProdReqArgs),
+    /// Log in (OAuth2 authorization code with PKCE) and store tokens for a scope.
+    Login(LoginArgs),
+    /// Revoke every stored token at the server and delete them.
+    Logout,
+    /// Show the stored tokens' scope, identity and expiry.
+    #[command(name = "check-auth", alias = "check_auth")]
+    CheckAuth(CheckAuthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// Scope of the s2cs to use (its Globus client id, or a full scope).
+    /// Default: every scope config.toml's [servers] names.
+    #[arg(long)]
+    pub scope: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckAuthArgs {
+    /// Show this scope's token (a Globus client id or a full scope).
+    #[arg(long, conflicts_with = "ip")]
+    pub scope: Option<String>,
+    /// Show the token for the scope config.toml maps this s2cs address to.
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// Also print the access token itself.
+    #[arg(long = "show-token", alias = "show_token")]
+    pub show_token: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -45,7 +76,8 @@ pub struct Conn {
     #[arg(long, default_value = "true", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub ssl: bool,
-    /// Globus scope of this s2cs (tokens come with `s2uc login`, a later version).
+    /// Scope whose token to send (from `s2uc login`); a bare Globus client id
+    /// means its scistream scope. Default: the scope config.toml maps --s2cs to.
     #[arg(long)]
     pub scope: Option<String>,
     /// Print one JSON object {"uid", "listeners", "prod_listeners"} instead of text.
@@ -139,12 +171,23 @@ impl Outcome<'_> {
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn open(c: &Conn, timeout: Duration) -> anyhow::Result<Connection> {
+async fn open(c: &Conn, oauth: &OAuthFlags, timeout: Duration) -> anyhow::Result<Connection> {
     let cert = c.server_cert.clone().or_else(|| {
         let d = PathBuf::from("server.crt");
         d.is_file().then_some(d)
     });
-    Connection::open(&c.s2cs, cert.as_deref(), c.ssl, None, timeout).await
+    // With no config directory at all (no HOME), only an explicit --scope
+    // needs one; otherwise there is simply no token, as before login existed.
+    let token = if c.scope.is_none() && super::auth::config_dir().is_err() {
+        None
+    } else {
+        auth_context(oauth)?.token_for(&c.s2cs, c.scope.as_deref()).await.context("token")?
+    };
+    Connection::open(&c.s2cs, cert.as_deref(), c.ssl, token, timeout).await
+}
+
+fn auth_context(oauth: &OAuthFlags) -> anyhow::Result<super::auth::Context> {
+    super::auth::Context::load(oauth).context("configuration")
 }
 
 fn new_uid() -> String {
@@ -152,9 +195,10 @@ fn new_uid() -> String {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let oauth = &cli.oauth;
     match cli.command {
         Command::Inbound(a) => {
-            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
             let uid = new_uid();
             let producers: Vec<String> =
                 a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string()).collect();
@@ -166,7 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
         }
         Command::Outbound(a) => {
-            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
             let uid = crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
             let remote = crate::addr::parse_addr_list(&a.prod_listeners).map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
             let hello_addrs: Vec<String> = match a.remote_ip {
@@ -181,7 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
         }
         Command::Release(a) => {
-            let conn = open(&a.conn, CALL_TIMEOUT).await?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
             conn.release(&a.uid).await.map_err(|s| status_error(&conn.target, "release", &s))?;
             if a.conn.json {
                 println!("{}", serde_json::json!({"uid": a.uid, "released": true}));
@@ -191,7 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ProdReq(a) => {
             // The producer app sends the hello itself; wait as long as the server does.
-            let conn = open(&a.conn, Duration::from_secs(200)).await?;
+            let conn = open(&a.conn, oauth, Duration::from_secs(200)).await?;
             let uid = new_uid();
             if !a.conn.json {
                 println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
@@ -200,6 +244,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
             Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
         }
+        Command::Login(a) => auth_context(oauth)?.login(a.scope.as_deref()).await.context("login")?,
+        Command::Logout => auth_context(oauth)?.logout().await.context("logout")?,
+        Command::CheckAuth(a) => auth_context(oauth)?.check_auth(a.scope.as_deref(), a.ip.as_deref(), a.show_token).context("check-auth")?,
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! call sequences of SciStream 1.2 (`req` + `hello`, then `update`) against
 //! our `s2cs` or the original one.
 
+pub mod auth;
 pub mod cli;
 
 use std::path::Path;

@@ -2,6 +2,8 @@
 
 use tonic::{Code, Status};
 
+use super::auth::AuthError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("{0}")]
@@ -20,6 +22,10 @@ pub enum ControlError {
     FailedPrecondition(String),
     #[error(transparent)]
     DataPlane(#[from] crate::dataplane::DataPlaneError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("session {uid} belongs to another identity")]
+    NotOwner { uid: String },
 }
 
 impl ControlError {
@@ -33,6 +39,11 @@ impl ControlError {
             Self::Released(_) => Code::Aborted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DataPlane(_) => Code::Internal,
+            Self::Auth(AuthError::Missing { .. } | AuthError::Rejected { .. }) => Code::Unauthenticated,
+            // A token that could not be checked is refused, but as a server
+            // fault the client may retry, not as a bad token.
+            Self::Auth(AuthError::Unavailable { .. }) => Code::Unavailable,
+            Self::NotOwner { .. } => Code::PermissionDenied,
         }
     }
 }

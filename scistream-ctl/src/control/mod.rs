@@ -1,6 +1,7 @@
 //! The control plane: the `scistream.Control` gRPC service, its session
-//! registry and port allocator, and the server that ties them to a backend.
+//! registry and port allocator, token checking (`auth`), and the server that ties them to a backend.
 
+pub mod auth;
 pub mod error;
 pub mod ports;
 pub mod server;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tonic::transport::{Identity as TonicIdentity, Server, ServerTlsConfig};
 
+use super::auth::{AuthConfig, Authenticator};
 use super::ports::PortAllocator;
 use super::service::ControlService;
 use super::session::Registry;
@@ -22,12 +23,13 @@ const MAX_CONCURRENT_STREAMS: u32 = 65_536;
 
 /// Serves until `shutdown` resolves, then releases every session.
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    if args.client_secret.is_some() {
-        anyhow::bail!(
-            "--client_secret given, but token checking is not built into this version yet; \
-             refusing to run an open server that looks protected (omit --client_secret to run without authentication)"
-        );
-    }
+    let auth = match AuthConfig::from_args(&args).context("authentication")? {
+        Some(cfg) => Some(Arc::new(Authenticator::new(cfg).context("authentication")?)),
+        None => {
+            tracing::warn!("authentication is OFF (no --client_secret): any client may create, update and release sessions");
+            None
+        }
+    };
     let state_dir = args.state_dir();
     let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
         .context("loading the server certificate")?;
@@ -60,10 +62,13 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         args.listener_ip,
         args.port_range,
     );
+    if let Some(a) = &auth {
+        println!("s2cs: authentication on: tokens need scope {}, checked at {}", a.required_scope(), a.introspect_url());
+    }
     let incoming = tokio_stream_from(listener);
     let reg = registry.clone();
     builder
-        .add_service(ControlServer::new(ControlService::new(registry.clone())))
+        .add_service(ControlServer::new(ControlService::new(registry.clone(), auth)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("control server")?;

@@ -1,11 +1,14 @@
-//! `scistream.Control` over tonic: decodes the SciStream messages, calls the
-//! registry, encodes answers. No state here beyond the registry.
+//! `scistream.Control` over tonic: checks the caller's token, decodes the
+//! SciStream messages, calls the registry, encodes answers. No state here
+//! beyond the registry and the token checker.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 
+use super::auth::{Authenticator, Identity};
+use super::error::ControlError;
 use super::session::{Registry, Role};
 use crate::addr::to_strings;
 use crate::proto;
@@ -13,20 +16,32 @@ use crate::proto::control_server::Control;
 
 pub struct ControlService {
     registry: Arc<Registry>,
+    /// `None`: authentication off, every call accepted as in SciStream.
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl ControlService {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    pub fn new(registry: Arc<Registry>, auth: Option<Arc<Authenticator>>) -> Self {
+        Self { registry, auth }
+    }
+
+    /// The caller's identity, checked before anything else a call does.
+    /// Asynchronous (an introspection round trip), hence here and not in a
+    /// tonic interceptor.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Identity>, ControlError> {
+        let Some(auth) = &self.auth else { return Ok(None) };
+        let metadata = request.metadata().get("authorization").map(|v| v.as_bytes());
+        Ok(Some(auth.check(metadata).await?))
     }
 }
 
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn req(&self, request: Request<proto::Request>) -> Result<Response<proto::Response>, Status> {
+        let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("req", uid = %r.uid, role = %r.role);
-        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate).instrument(span).await?;
+        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref()).instrument(span).await?;
         Ok(Response::new(proto::Response {
             listeners: to_strings(&granted.listeners),
             prod_listeners: to_strings(&granted.prod_listeners),
@@ -34,23 +49,26 @@ impl Control for ControlService {
     }
 
     async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
+        let who = self.caller(&request).await?;
         let r = request.into_inner();
         let _span = info_span!("update", uid = %r.uid, role = %r.role).entered();
-        let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners)?;
+        let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners, who.as_ref())?;
         Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets) }))
     }
 
     async fn release(&self, request: Request<proto::Release>) -> Result<Response<proto::Response>, Status> {
+        let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("release", uid = %r.uid);
-        self.registry.release(&r.uid).instrument(span).await?;
+        self.registry.release(&r.uid, who.as_ref()).instrument(span).await?;
         Ok(Response::new(proto::Response::default()))
     }
 
     async fn hello(&self, request: Request<proto::Hello>) -> Result<Response<proto::AppResponse>, Status> {
+        let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("hello", uid = %r.uid, role = %r.role);
-        let (role, listeners) = self.registry.hello(&r.uid, &r.prod_listeners).instrument(span).await?;
+        let (role, listeners) = self.registry.hello(&r.uid, &r.prod_listeners, who.as_ref()).instrument(span).await?;
         let message = match role {
             Role::Prod => "Sending Prod listeners...",
             Role::Cons => "Sending listeners...",

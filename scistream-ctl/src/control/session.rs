@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use super::auth::Identity;
 use super::error::ControlError;
 use super::ports::{PortAllocator, Reservation};
 use crate::addr;
@@ -81,6 +82,8 @@ pub struct Session {
     pub num_conn: usize,
     pub rate: i32,
     pub listeners: Vec<SocketAddr>,
+    /// The identity that created the session; `None` with authentication off.
+    pub owner: Option<String>,
     hello: watch::Sender<HelloState>,
     inner: Mutex<Inner>,
 }
@@ -144,9 +147,29 @@ impl Registry {
         lock(&self.sessions).get(uid).cloned().ok_or_else(|| ControlError::NotFound(uid.to_string()))
     }
 
+    /// Only the creator (or an identity linked to it) may touch a session
+    /// that has an owner; sessions made with authentication off have none.
+    fn check_owner(session: &Session, caller: Option<&Identity>) -> Result<(), ControlError> {
+        match (&session.owner, caller) {
+            (None, _) => Ok(()),
+            (Some(owner), Some(who)) if who.is(owner) => Ok(()),
+            (Some(owner), who) => {
+                warn!(uid = %session.uid, owner = %owner, caller = ?who.map(|w| w.id.as_str()), "call from another identity refused");
+                Err(ControlError::NotOwner { uid: session.uid.clone() })
+            }
+        }
+    }
+
     /// `req`: reserves the ports, then waits for the hello (which may already
     /// have arrived and be waiting for us).
-    pub async fn request(self: &Arc<Self>, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<Granted, ControlError> {
+    pub async fn request(
+        self: &Arc<Self>,
+        uid: &str,
+        role: &str,
+        num_conn: i32,
+        rate: i32,
+        owner: Option<&Identity>,
+    ) -> Result<Granted, ControlError> {
         let uid = parse_uid(uid)?;
         let role = Role::parse(role)?;
         let num_conn = check_num_conn(num_conn)?;
@@ -166,13 +189,14 @@ impl Registry {
                 num_conn,
                 rate,
                 listeners,
+                owner: owner.map(|o| o.id.clone()),
                 hello: watch::Sender::new(HelloState::Pending),
                 inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
             });
             sessions.insert(uid.clone(), session.clone());
             session
         };
-        info!(uid = %uid, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, "session requested");
+        info!(uid = %uid, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, owner = ?session.owner, "session requested");
         if let Some(n) = lock(&self.early_hellos).remove(&uid) {
             n.notify_waiters();
         }
@@ -208,9 +232,12 @@ impl Registry {
 
     /// `hello`: records the producer's addresses (PROD sessions) and completes
     /// the pending `req`. Arriving first, it waits for the `req`.
-    pub async fn hello(&self, uid: &str, prod_listeners: &[String]) -> Result<(Role, Vec<SocketAddr>), ControlError> {
+    pub async fn hello(&self, uid: &str, prod_listeners: &[String], caller: Option<&Identity>) -> Result<(Role, Vec<SocketAddr>), ControlError> {
         let uid = parse_uid(uid)?;
         let session = self.get_or_wait(&uid).await?;
+        // The producer side says hello with the same user's token in
+        // SciStream's flow, so the owner rule holds for hello too.
+        Self::check_owner(&session, caller)?;
         // The role from `req` counts: SciStream 1.2's outbound-request sends
         // its hello as "PROD" for a CONS session.
         let received = match session.role {
@@ -270,13 +297,19 @@ impl Registry {
 
     /// `update`: sets the session's targets (cycled to `num_conn`) and starts
     /// forwarding, or retargets a running session.
-    pub fn update(&self, uid: &str, remote_listeners: &[String]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), ControlError> {
+    pub fn update(
+        &self,
+        uid: &str,
+        remote_listeners: &[String],
+        caller: Option<&Identity>,
+    ) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), ControlError> {
         let uid = parse_uid(uid)?;
         let remote = addr::parse_socket_addrs(remote_listeners).map_err(ControlError::InvalidArgument)?;
         if remote.is_empty() {
             return Err(ControlError::InvalidArgument("update needs at least one remote listener".into()));
         }
         let session = self.get(&uid)?;
+        Self::check_owner(&session, caller)?;
         let targets = addr::cycle_to(&remote, session.num_conn);
         let mut inner = lock(&session.inner);
         match &inner.forwarder {
@@ -293,8 +326,9 @@ impl Registry {
     }
 
     /// `release`: stops forwarding, closes live connections, frees the ports.
-    pub async fn release(&self, uid: &str) -> Result<(), ControlError> {
+    pub async fn release(&self, uid: &str, caller: Option<&Identity>) -> Result<(), ControlError> {
         let uid = parse_uid(uid)?;
+        Self::check_owner(&*self.get(&uid)?, caller)?;
         if self.remove(&uid, HelloState::Released).await {
             Ok(())
         } else {

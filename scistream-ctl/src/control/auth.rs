@@ -1,0 +1,425 @@
+//! Who is calling: every call's `authorization` metadata is checked by OAuth2
+//! token introspection (RFC 7662; Globus Auth by default, any OAuth2 server
+//! with `--introspect_url`). Accepted tokens are cached until they expire,
+//! within a bounded size and age, so a busy gateway asks once per token.
+//!
+//! ```no_run
+//! # async fn f(checker: &scistream_ctl::control::auth::Authenticator) {
+//! let who = checker.check(Some(b"Bearer AgXy...")).await; // or the raw token, as SciStream 1.2 sends it
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::config::ServerArgs;
+use crate::oauth::{self, OAuthSetupError};
+
+pub const GLOBUS_INTROSPECT_URL: &str = "https://auth.globus.org/v2/oauth2/token/introspect";
+
+/// Entries kept at most; beyond it the soonest-expiring make room.
+pub const CACHE_MAX_ENTRIES: usize = 10_000;
+
+/// Introspection requests in flight at once: a flood of bad tokens must not
+/// turn the gateway into a flood against the authorization server.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// What SciStream clients send when they have no token.
+const NO_TOKEN: &str = "INVALID_TOKEN";
+
+/// The identity a token names: its subject, plus the identities linked to it
+/// (Globus `identity_set`), any of which owns what the subject created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub id: String,
+    pub username: Option<String>,
+    pub linked: Vec<String>,
+}
+
+impl Identity {
+    /// True when `owner` (the id that created a session) is this caller.
+    pub fn is(&self, owner: &str) -> bool {
+        self.id == owner || self.linked.iter().any(|l| l == owner)
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.username {
+            Some(u) => write!(f, "{u} ({})", self.id),
+            None => f.write_str(&self.id),
+        }
+    }
+}
+
+/// Why a token was turned away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the authorization metadata is not a token")]
+    Malformed,
+    #[error("the token is not active (unknown, expired or revoked)")]
+    Inactive,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token lacks the scope")]
+    WrongScope,
+    #[error("the token names no identity")]
+    NoIdentity,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token sent; this s2cs needs a token for scope {scope} (s2uc login --scope {scope})")]
+    Missing { scope: String },
+    #[error("{reason}; this s2cs needs a valid token for scope {scope} (s2uc login --scope {scope})")]
+    Rejected { reason: Rejection, scope: String },
+    /// The token could not be checked; the call is refused, never let through.
+    #[error("cannot check the token: introspection at {url} failed: {reason}")]
+    Unavailable { url: String, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("--client_secret needs --client_id")]
+    SecretWithoutId,
+    #[error(transparent)]
+    OAuth(#[from] OAuthSetupError),
+}
+
+/// No `Debug`: it holds the client secret.
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    pub introspect_url: String,
+    pub required_scope: String,
+    pub cache_max_age: Duration,
+    pub cache_max_entries: usize,
+}
+
+impl AuthConfig {
+    /// `None` when authentication is off: no `--client_secret`, as in SciStream.
+    pub fn from_args(args: &ServerArgs) -> Result<Option<Self>, AuthSetupError> {
+        let (id, secret) = match (&args.client_id, &args.client_secret) {
+            (Some(id), Some(secret)) => (id.trim().to_string(), secret.clone()),
+            (None, Some(_)) => return Err(AuthSetupError::SecretWithoutId),
+            _ => return Ok(None),
+        };
+        let required_scope = args.required_scope.as_deref().map(oauth::scope_for).unwrap_or_else(|| oauth::globus_scope(&id));
+        Ok(Some(Self {
+            client_id: id,
+            client_secret: secret,
+            introspect_url: args.introspect_url.clone(),
+            required_scope,
+            cache_max_age: Duration::from_secs(args.token_cache_secs),
+            cache_max_entries: CACHE_MAX_ENTRIES,
+        }))
+    }
+}
+
+/// RFC 7662 answer, with the Globus extras (`identity_set`). Everything but
+/// `active` is optional in the RFC.
+#[derive(Deserialize, Debug, Default)]
+struct Introspection {
+    #[serde(default)]
+    active: bool,
+    scope: Option<String>,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    sub: Option<String>,
+    username: Option<String>,
+    identity_set: Option<Vec<String>>,
+}
+
+pub struct Authenticator {
+    cfg: AuthConfig,
+    url: reqwest::Url,
+    http: reqwest::Client,
+    cache: Mutex<Cache>,
+    in_flight: Semaphore,
+}
+
+impl Authenticator {
+    pub fn new(cfg: AuthConfig) -> Result<Self, AuthSetupError> {
+        let url = oauth::check_endpoint("--introspect_url", &cfg.introspect_url)?;
+        let http = oauth::http_client()?;
+        let cache = Mutex::new(Cache::new(cfg.cache_max_entries, cfg.cache_max_age));
+        Ok(Self { cfg, url, http, cache, in_flight: Semaphore::new(MAX_IN_FLIGHT) })
+    }
+
+    pub fn required_scope(&self) -> &str {
+        &self.cfg.required_scope
+    }
+
+    pub fn introspect_url(&self) -> &str {
+        &self.cfg.introspect_url
+    }
+
+    /// Checks an `authorization` metadata value: the raw token (SciStream
+    /// 1.2) or `Bearer <token>`.
+    pub async fn check(&self, metadata: Option<&[u8]>) -> Result<Identity, AuthError> {
+        let scope = &self.cfg.required_scope;
+        let token = extract_token(metadata).map_err(|reason| match reason {
+            None => AuthError::Missing { scope: scope.clone() },
+            Some(reason) => AuthError::Rejected { reason, scope: scope.clone() },
+        })?;
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(id) = self.lock_cache().get(&key, Instant::now()) {
+            return Ok(id);
+        }
+        let answer = self.introspect(token).await?;
+        let (identity, expires) = evaluate(&answer, scope, unix_now()).map_err(|reason| {
+            tracing::info!(%reason, "token rejected");
+            AuthError::Rejected { reason, scope: scope.clone() }
+        })?;
+        tracing::debug!(identity = %identity, "token accepted");
+        let until = expires.map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).max(0) as u64));
+        self.lock_cache().insert(key, identity.clone(), until, Instant::now());
+        Ok(identity)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn introspect(&self, token: &str) -> Result<Introspection, AuthError> {
+        let unavailable = |reason: String| AuthError::Unavailable { url: self.cfg.introspect_url.clone(), reason };
+        let _permit = tokio::time::timeout(oauth::HTTP_TIMEOUT, self.in_flight.acquire())
+            .await
+            .map_err(|_| unavailable("too many token checks in flight".into()))?
+            .map_err(|_| unavailable("shutting down".into()))?;
+        let resp = self
+            .http
+            .post(self.url.clone())
+            .basic_auth(&self.cfg.client_id, Some(&self.cfg.client_secret))
+            .form(&[("token", token), ("include", "identity_set")])
+            .send()
+            .await
+            .map_err(|e| unavailable(oauth::error_chain(&e)))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(unavailable(format!("HTTP {status}: the server refused s2cs's --client_id/--client_secret")));
+        }
+        if !status.is_success() {
+            return Err(unavailable(format!("HTTP {status}")));
+        }
+        let body = oauth::read_body(resp).await.map_err(|e| unavailable(e.to_string()))?;
+        serde_json::from_slice(&body).map_err(|e| unavailable(format!("not an introspection answer: {e}")))
+    }
+}
+
+/// The token in an `authorization` value. `Err(None)`: no token at all.
+fn extract_token(metadata: Option<&[u8]>) -> Result<&str, Option<Rejection>> {
+    let v = match metadata.map(std::str::from_utf8) {
+        None => "",
+        Some(Ok(v)) => v.trim(),
+        Some(Err(_)) => return Err(Some(Rejection::Malformed)),
+    };
+    let token = match v.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        Some(_) => return Err(Some(Rejection::Malformed)),
+        None => v,
+    };
+    if token.is_empty() || token == NO_TOKEN {
+        return Err(None);
+    }
+    if token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Some(Rejection::Malformed));
+    }
+    Ok(token)
+}
+
+/// Applies the rules to an introspection answer: active, unexpired, the
+/// scope, an identity. Returns the identity and the expiry (unix seconds).
+fn evaluate(a: &Introspection, scope: &str, now: i64) -> Result<(Identity, Option<i64>), Rejection> {
+    // Clocks of the two hosts differ a little; `nbf` gets that much slack.
+    const SKEW: i64 = 60;
+    if !a.active {
+        return Err(Rejection::Inactive);
+    }
+    if a.exp.is_some_and(|exp| exp <= now) {
+        return Err(Rejection::Expired);
+    }
+    if a.nbf.is_some_and(|nbf| nbf > now + SKEW) {
+        return Err(Rejection::NotYetValid);
+    }
+    if !a.scope.as_deref().unwrap_or_default().split_whitespace().any(|s| s == scope) {
+        return Err(Rejection::WrongScope);
+    }
+    let nonempty = |s: &Option<String>| s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+    let linked: Vec<String> = a.identity_set.iter().flatten().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let username = nonempty(&a.username);
+    let id = nonempty(&a.sub).or_else(|| linked.first().cloned()).or_else(|| username.clone()).ok_or(Rejection::NoIdentity)?;
+    Ok((Identity { id, username, linked }, a.exp))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Accepted tokens by SHA-256 (the tokens themselves are not kept). An entry
+/// lives until its token expires or `max_age` passes, whichever is first:
+/// the age bound is how long a revoked token may still be honoured.
+struct Cache {
+    entries: HashMap<[u8; 32], Cached>,
+    max_entries: usize,
+    max_age: Duration,
+}
+
+struct Cached {
+    identity: Identity,
+    until: Instant,
+}
+
+impl Cache {
+    fn new(max_entries: usize, max_age: Duration) -> Self {
+        Self { entries: HashMap::new(), max_entries, max_age }
+    }
+
+    fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<Identity> {
+        match self.entries.get(key) {
+            Some(c) if c.until > now => Some(c.identity.clone()),
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, key: [u8; 32], identity: Identity, expires: Option<Instant>, now: Instant) {
+        let until = expires.map_or(now + self.max_age, |e| e.min(now + self.max_age));
+        if until <= now || self.max_entries == 0 {
+            return;
+        }
+        if self.entries.len() >= self.max_entries && !self.entries.contains_key(&key) {
+            self.entries.retain(|_, c| c.until > now);
+            while self.entries.len() >= self.max_entries {
+                let Some(k) = self.entries.iter().min_by_key(|(_, c)| c.until).map(|(k, _)| *k) else { break };
+                self.entries.remove(&k);
+            }
+        }
+        self.entries.insert(key, Cached { identity, until });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCOPE: &str = "https://auth.globus.org/scopes/abc/scistream";
+
+    fn who(id: &str) -> Identity {
+        Identity { id: id.into(), username: None, linked: vec![] }
+    }
+
+    fn key(n: u8) -> [u8; 32] {
+        [n; 32]
+    }
+
+    #[test]
+    fn cache_forgets_a_token_when_it_expires() {
+        let t0 = Instant::now();
+        let mut c = Cache::new(10, Duration::from_secs(600));
+        c.insert(key(1), who("a"), Some(t0 + Duration::from_secs(5)), t0);
+        assert_eq!(c.get(&key(1), t0 + Duration::from_secs(4)), Some(who("a")));
+        assert_eq!(c.get(&key(1), t0 + Duration::from_secs(5)), None);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn cache_age_is_bounded_even_for_long_lived_tokens() {
+        let t0 = Instant::now();
+        let mut c = Cache::new(10, Duration::from_secs(60));
+        c.insert(key(1), who("a"), Some(t0 + Duration::from_secs(48 * 3600)), t0);
+        c.insert(key(2), who("b"), None, t0);
+        assert!(c.get(&key(1), t0 + Duration::from_secs(59)).is_some());
+        assert!(c.get(&key(1), t0 + Duration::from_secs(60)).is_none());
+        assert!(c.get(&key(2), t0 + Duration::from_secs(60)).is_none());
+    }
+
+    #[test]
+    fn cache_size_is_bounded_and_evicts_the_soonest_expiring() {
+        let t0 = Instant::now();
+        let mut c = Cache::new(3, Duration::from_secs(600));
+        for n in 1..=3u8 {
+            c.insert(key(n), who("x"), Some(t0 + Duration::from_secs(100 * u64::from(n))), t0);
+        }
+        c.insert(key(4), who("y"), Some(t0 + Duration::from_secs(500)), t0);
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&key(1), t0).is_none(), "the soonest-expiring entry made room");
+        assert!(c.get(&key(4), t0).is_some());
+        for n in 5..50u8 {
+            c.insert(key(n), who("z"), None, t0);
+        }
+        assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn zero_max_age_disables_the_cache() {
+        let t0 = Instant::now();
+        let mut c = Cache::new(10, Duration::ZERO);
+        c.insert(key(1), who("a"), None, t0);
+        assert!(c.get(&key(1), t0).is_none());
+    }
+
+    #[test]
+    fn raw_and_bearer_tokens_are_both_accepted() {
+        let t = |s: &'static str| extract_token(Some(s.as_bytes()));
+        assert_eq!(t("AgTok123"), Ok("AgTok123"));
+        assert_eq!(t("Bearer AgTok123"), Ok("AgTok123"));
+        assert_eq!(t("bearer  AgTok123 "), Ok("AgTok123"));
+        assert_eq!(t("INVALID_TOKEN"), Err(None));
+        assert_eq!(t(""), Err(None));
+        assert_eq!(extract_token(None), Err(None));
+        assert_eq!(t("Basic dXNlcjpwYXNz"), Err(Some(Rejection::Malformed)));
+        assert_eq!(extract_token(Some(&[0xff, 0xfe])), Err(Some(Rejection::Malformed)));
+    }
+
+    fn answer(json: &str) -> Introspection {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn globus_answer_yields_subject_and_linked_identities() {
+        let a = answer(&format!(
+            r#"{{"active":true,"scope":"openid {SCOPE}","exp":2000,"sub":"u1","username":"ann@uni.edu","identity_set":["u1","u2"]}}"#
+        ));
+        let (id, exp) = evaluate(&a, SCOPE, 1000).unwrap();
+        assert_eq!(id.id, "u1");
+        assert!(id.is("u2") && !id.is("u3"));
+        assert_eq!(exp, Some(2000));
+    }
+
+    #[test]
+    fn each_rule_rejects_what_it_should() {
+        let ok = format!(r#""active":true,"scope":"{SCOPE}","sub":"u1""#);
+        assert_eq!(evaluate(&answer(r#"{"active":false}"#), SCOPE, 1000).unwrap_err(), Rejection::Inactive);
+        assert_eq!(evaluate(&answer(&format!("{{{ok},\"exp\":999}}")), SCOPE, 1000).unwrap_err(), Rejection::Expired);
+        assert_eq!(evaluate(&answer(&format!("{{{ok},\"nbf\":5000}}")), SCOPE, 1000).unwrap_err(), Rejection::NotYetValid);
+        let other = r#"{"active":true,"scope":"https://auth.globus.org/scopes/abc/scistreamX","sub":"u1"}"#;
+        assert_eq!(evaluate(&answer(other), SCOPE, 1000).unwrap_err(), Rejection::WrongScope);
+        let anon = format!(r#"{{"active":true,"scope":"{SCOPE}","sub":" "}}"#);
+        assert_eq!(evaluate(&answer(&anon), SCOPE, 1000).unwrap_err(), Rejection::NoIdentity);
+        assert!(evaluate(&answer(&format!("{{{ok}}}")), SCOPE, 1000).is_ok());
+    }
+
+    #[test]
+    fn rejections_name_the_scope() {
+        let e = AuthError::Rejected { reason: Rejection::WrongScope, scope: SCOPE.into() };
+        assert!(e.to_string().contains(SCOPE));
+        assert!(AuthError::Missing { scope: SCOPE.into() }.to_string().contains(SCOPE));
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared by the integration tests: real `s2cs` daemons in the test bed's
+//! namespaces, `s2uc` runs with parsed `--json` output, and a gRPC client
+//! written only from PROTOCOL.md's field numbers (no code shared with s2cs).
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use testbed::{bin, run_in, spawn_in, wait_for_tcp, Daemon};
+
+pub const CONTROL_PORT: u16 = 5000;
+pub const MIB: u64 = 1 << 20;
+
+/// One running `s2cs` and what clients need to reach it.
+pub struct Gateway {
+    pub daemon: Daemon,
+    pub ns: String,
+    pub control: SocketAddr,
+    pub listener_ip: IpAddr,
+    pub cert: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+static DIRS: AtomicU32 = AtomicU32::new(0);
+
+fn state_dir() -> PathBuf {
+    let n = DIRS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("ss-test-{}-{n}", std::process::id()))
+}
+
+impl Gateway {
+    /// Starts `s2cs --listener_ip ip --port 5000 --port_range range --type backend
+    /// --state_dir <fresh dir> extra...` inside `ns` and waits until it listens.
+    pub fn start(ns: &str, listener_ip: IpAddr, range: &str, backend: &str, extra: &[&str]) -> Gateway {
+        let dir = state_dir();
+        let ip = listener_ip.to_string();
+        let port = CONTROL_PORT.to_string();
+        let mut args: Vec<&str> = vec![
+            "--listener_ip", &ip, "--port", &port, "--port_range", range, "--type", backend,
+            "--state_dir", dir.to_str().expect("utf-8 temp dir"),
+        ];
+        args.extend_from_slice(extra);
+        let daemon = spawn_in(ns, bin("s2cs"), &args).expect("starting s2cs");
+        let control = SocketAddr::new(listener_ip, CONTROL_PORT);
+        if let Err(e) = wait_for_tcp(ns, control, Duration::from_secs(20)) {
+            panic!("s2cs did not come up: {e:#}\nlog:\n{}", daemon.log_contents());
+        }
+        Gateway { daemon, ns: ns.to_string(), control, listener_ip, cert: dir.join("server.crt"), state_dir: dir }
+    }
+
+    pub fn cert_str(&self) -> &str {
+        self.cert.to_str().expect("utf-8 path")
+    }
+
+    /// Runs `s2uc <cmd> --s2cs <this> --server_cert <cert> args...` in `client_ns`.
+    pub fn s2uc(&self, client_ns: &str, cmd: &str, args: &[&str]) -> Output {
+        let control = self.control.to_string();
+        let mut all = vec![cmd, "--s2cs", &control, "--server_cert", self.cert_str()];
+        all.extend_from_slice(args);
+        run_in(client_ns, bin("s2uc"), &all).expect("running s2uc")
+    }
+
+    /// Like [`Gateway::s2uc`] with `--json`, panicking with s2uc's stderr on failure.
+    pub fn s2uc_json(&self, client_ns: &str, cmd: &str, args: &[&str]) -> Outcome {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.s2uc(client_ns, cmd, &all);
+        assert!(
+            out.status.success(),
+            "s2uc {cmd} failed: {}\ns2cs log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon.log_contents()
+        );
+        Outcome::parse(&out.stdout)
+    }
+
+    /// `inbound-request` towards a producer at `producer` with `num_conn` listeners.
+    pub fn inbound(&self, client_ns: &str, producer: SocketAddr, num_conn: usize) -> Outcome {
+        let (ip, port, n) = (producer.ip().to_string(), producer.port().to_string(), num_conn.to_string());
+        self.s2uc_json(client_ns, "inbound-request", &["--remote_ip", &ip, "--receiver_ports", &port, "--num_conn", &n])
+    }
+
+    /// `outbound-request UID LISTENERS` with `num_conn` listeners.
+    pub fn outbound(&self, client_ns: &str, inbound: &Outcome, num_conn: usize) -> Outcome {
+        let n = num_conn.to_string();
+        let joined = inbound.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        self.s2uc_json(client_ns, "outbound-request", &["--num_conn", &n, &inbound.uid, &joined])
+    }
+}
+
+/// What `s2uc ... --json` printed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub uid: String,
+    pub listeners: Vec<SocketAddr>,
+    pub prod_listeners: Vec<SocketAddr>,
+}
+
+impl Outcome {
+    fn parse(stdout: &[u8]) -> Outcome {
+        let text = String::from_utf8_lossy(stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("s2uc --json printed {text:?}: {e}"));
+        let addrs = |k: &str| -> Vec<SocketAddr> {
+            v[k].as_array()
+                .unwrap_or_else(|| panic!("no {k} in {text}"))
+                .iter()
+                .map(|s| s.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad address in {text}")))
+                .collect()
+        };
+        Outcome {
+            uid: v["uid"].as_str().unwrap_or_else(|| panic!("no uid in {text}")).to_string(),
+            listeners: addrs("listeners"),
+            prod_listeners: addrs("prod_listeners"),
+        }
+    }
+}
+
+/// The ports of some listener addresses.
+pub fn ports(addrs: &[SocketAddr]) -> Vec<u16> {
+    addrs.iter().map(SocketAddr::port).collect()
+}
