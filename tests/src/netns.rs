@@ -40,7 +40,12 @@ pub enum Node {
 }
 
 impl Node {
-    pub const ALL: [Node; 4] = [Node::Consumer, Node::OutboundGw, Node::InboundGw, Node::Producer];
+    pub const ALL: [Node; 4] = [
+        Node::Consumer,
+        Node::OutboundGw,
+        Node::InboundGw,
+        Node::Producer,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -65,7 +70,8 @@ impl Node {
 
     /// This node's IPv4 address on `link`, None when the node is not on that link.
     pub fn ip4(self, link: Link) -> Option<Ipv4Addr> {
-        self.host_on(link).map(|h| Ipv4Addr::new(10, 91, link.subnet(), h))
+        self.host_on(link)
+            .map(|h| Ipv4Addr::new(10, 91, link.subnet(), h))
     }
 
     /// This node's IPv6 (ULA) address on `link`, None when the node is not on that link.
@@ -180,7 +186,20 @@ impl Topology {
             let dev = link.iface();
             // Created inside namespace `a` with its peer directly in `b`: the names
             // never exist in the root namespace, so parallel topologies cannot clash.
-            ip(&["-n", self.ns(a), "link", "add", dev, "type", "veth", "peer", "name", dev, "netns", self.ns(b)])?;
+            ip(&[
+                "-n",
+                self.ns(a),
+                "link",
+                "add",
+                dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev,
+                "netns",
+                self.ns(b),
+            ])?;
             for node in [a, b] {
                 let ns = self.ns(node);
                 let v4 = format!("{}/24", self.ip4(node, link));
@@ -197,20 +216,47 @@ impl Topology {
             full.extend_from_slice(args);
             ip(&full)
         };
-        route(Node::Consumer, &["route", "add", "default", "via", "10.91.1.1"])?;
-        route(Node::Consumer, &["-6", "route", "add", "default", "via", "fd91:1::1"])?;
-        route(Node::Producer, &["route", "add", "default", "via", "10.91.3.1"])?;
-        route(Node::Producer, &["-6", "route", "add", "default", "via", "fd91:3::1"])?;
+        route(
+            Node::Consumer,
+            &["route", "add", "default", "via", "10.91.1.1"],
+        )?;
+        route(
+            Node::Consumer,
+            &["-6", "route", "add", "default", "via", "fd91:1::1"],
+        )?;
+        route(
+            Node::Producer,
+            &["route", "add", "default", "via", "10.91.3.1"],
+        )?;
+        route(
+            Node::Producer,
+            &["-6", "route", "add", "default", "via", "fd91:3::1"],
+        )?;
         // Gateways get specific routes, not defaults, so an unknown destination
         // fails fast instead of bouncing between them until the TTL runs out.
-        route(Node::OutboundGw, &["route", "add", "10.91.3.0/24", "via", "10.91.2.2"])?;
-        route(Node::OutboundGw, &["-6", "route", "add", "fd91:3::/64", "via", "fd91:2::2"])?;
-        route(Node::InboundGw, &["route", "add", "10.91.1.0/24", "via", "10.91.2.1"])?;
-        route(Node::InboundGw, &["-6", "route", "add", "fd91:1::/64", "via", "fd91:2::1"])?;
+        route(
+            Node::OutboundGw,
+            &["route", "add", "10.91.3.0/24", "via", "10.91.2.2"],
+        )?;
+        route(
+            Node::OutboundGw,
+            &["-6", "route", "add", "fd91:3::/64", "via", "fd91:2::2"],
+        )?;
+        route(
+            Node::InboundGw,
+            &["route", "add", "10.91.1.0/24", "via", "10.91.2.1"],
+        )?;
+        route(
+            Node::InboundGw,
+            &["-6", "route", "add", "fd91:1::/64", "via", "fd91:2::1"],
+        )?;
         for gw in [Node::OutboundGw, Node::InboundGw] {
             in_netns(self.ns(gw), || -> Result<()> {
                 // /proc/sys/net shows the writing thread's namespace, hence in_netns.
-                for knob in ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"] {
+                for knob in [
+                    "/proc/sys/net/ipv4/ip_forward",
+                    "/proc/sys/net/ipv6/conf/all/forwarding",
+                ] {
                     std::fs::write(knob, "1").with_context(|| format!("writing 1 to {knob}"))?;
                 }
                 Ok(())
@@ -254,7 +300,10 @@ impl Topology {
 
     /// Interface name of `node`'s end of `link`. Panics if the node is not on that link.
     pub fn iface(&self, node: Node, link: Link) -> &'static str {
-        assert!(node.host_on(link).is_some(), "{node:?} has no interface on {link:?}");
+        assert!(
+            node.host_on(link).is_some(),
+            "{node:?} has no interface on {link:?}"
+        );
         link.iface()
     }
 
@@ -265,12 +314,25 @@ impl Topology {
             let (a, b) = link.ends();
             for node in [a, b] {
                 let out = Command::new("ip")
-                    .args(["netns", "exec", self.ns(node), "ethtool", "-K", link.iface(), "gro", "on"])
+                    .args([
+                        "netns",
+                        "exec",
+                        self.ns(node),
+                        "ethtool",
+                        "-K",
+                        link.iface(),
+                        "gro",
+                        "on",
+                    ])
                     .output()
                     .context("running ethtool (Debian package `ethtool`)")?;
                 if !out.status.success() {
-                    bail!("ethtool -K {} gro on in {}: {}", link.iface(), self.ns(node),
-                        String::from_utf8_lossy(&out.stderr).trim());
+                    bail!(
+                        "ethtool -K {} gro on in {}: {}",
+                        link.iface(),
+                        self.ns(node),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
                 }
             }
         }
@@ -297,7 +359,10 @@ pub(crate) fn delete_namespace(name: &str) {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             match pid.parse::<i32>() {
                 Ok(pid) if pid as u32 != me => {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 _ => {}
             }
@@ -309,12 +374,20 @@ pub(crate) fn delete_namespace(name: &str) {
 /// Removes `ss-<pid>-*` namespaces whose process is gone: a test run killed by
 /// SIGKILL or Ctrl-C never ran its Drops, and its namespaces would pile up.
 fn reap_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("ss-") else { continue };
-        let Some((pid, _)) = rest.split_once('-') else { continue };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Some(rest) = name.strip_prefix("ss-") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
         if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             delete_namespace(&name);
         }
@@ -327,7 +400,11 @@ fn ip(args: &[&str]) -> Result<()> {
         .output()
         .context("running `ip` (Debian package iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

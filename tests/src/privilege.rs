@@ -3,6 +3,7 @@
 //! Root-only tests skip with a note on a developer's machine but must fail under
 //! CI: a CI run that silently skipped them would prove nothing.
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -20,7 +21,9 @@ pub fn require_root(test_name: &str) -> bool {
             panic!("{test_name} needs root and network namespaces, and under CI=true it may not be skipped: {reason}")
         }
         Err(reason) => {
-            eprintln!("skipping {test_name}: {reason}");
+            // Straight to fd 2, not eprintln!: libtest captures the macro's output of
+            // passing tests, and a skip nobody sees looks like a pass.
+            let _ = writeln!(std::io::stderr(), "skipping {test_name}: {reason}");
             false
         }
     }

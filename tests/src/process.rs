@@ -6,14 +6,16 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
+pub use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::netns::in_netns;
@@ -46,7 +48,10 @@ fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("locating the running executable");
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     // Test binaries live in target/<profile>/deps, examples in target/<profile>/examples.
-    if matches!(dir.file_name().and_then(OsStr::to_str), Some("deps" | "examples")) {
+    if matches!(
+        dir.file_name().and_then(OsStr::to_str),
+        Some("deps" | "examples")
+    ) {
         dir.pop();
     }
     dir
@@ -123,7 +128,11 @@ pub fn run_command(mut cmd: Command, timeout: Duration) -> Result<Output> {
     let stdout = out_reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
     match status {
-        Some(status) => Ok(Output { status, stdout, stderr }),
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
         None => bail!(
             "{shown} still running after {timeout:?}, killed\nstdout:\n{}\nstderr:\n{}",
             String::from_utf8_lossy(&stdout),
@@ -135,7 +144,7 @@ pub fn run_command(mut cmd: Command, timeout: Duration) -> Result<Output> {
 /// A background process whose stdout and stderr go to a log file. Dropping it stops
 /// it (SIGTERM, SIGKILL after [`STOP_GRACE`]). It stays in our process group, so a
 /// Ctrl-C in the terminal reaches it too. Logs are kept under
-/// `$TMPDIR/scistream-testbed/`; when dropped during a panic, the log's tail is
+/// `$TMPDIR/scistream-testbed/` (pruned after 3 days); when dropped during a panic, the log's tail is
 /// printed so a failed test shows what the daemon said.
 #[derive(Debug)]
 pub struct Daemon {
@@ -146,6 +155,24 @@ pub struct Daemon {
 }
 
 static LOG_COUNTER: AtomicU32 = AtomicU32::new(0);
+static PRUNE_LOGS: Once = Once::new();
+/// Logs are kept after a run for debugging, but not forever.
+const LOG_MAX_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
+
+fn prune_old_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > LOG_MAX_AGE));
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
 
 impl Daemon {
     /// Spawns `cmd` (e.g. from [`netns_command`]) with its output sent to a new log file.
@@ -153,6 +180,7 @@ impl Daemon {
         let label = command_label(&cmd);
         let dir = std::env::temp_dir().join("scistream-testbed");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        PRUNE_LOGS.call_once(|| prune_old_logs(&dir));
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log_path = dir.join(format!("{}-{n}-{label}.log", std::process::id()));
         // One open file description for both streams (O_APPEND, shared offset),
@@ -163,7 +191,8 @@ impl Daemon {
             .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
         // A file left by an earlier process with the same pid would otherwise be appended to.
-        log.set_len(0).with_context(|| format!("truncating {}", log_path.display()))?;
+        log.set_len(0)
+            .with_context(|| format!("truncating {}", log_path.display()))?;
         let log2 = log.try_clone().context("duplicating the log file handle")?;
         let shown = format!("{cmd:?}");
         let child = cmd
@@ -173,7 +202,12 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("starting {shown}"))?;
         registry::add_pid(child.id());
-        Ok(Daemon { child, label, log_path, exit: None })
+        Ok(Daemon {
+            child,
+            label,
+            log_path,
+            exit: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -204,10 +238,17 @@ impl Daemon {
                 return Ok(line.to_owned());
             }
             if !self.is_running() {
-                bail!("{} exited ({:?}) without printing {needle:?}; log:\n{log}", self.label, self.exit);
+                bail!(
+                    "{} exited ({:?}) without printing {needle:?}; log:\n{log}",
+                    self.label,
+                    self.exit
+                );
             }
             if Instant::now() >= deadline {
-                bail!("{} did not print {needle:?} within {timeout:?}; log:\n{log}", self.label);
+                bail!(
+                    "{} did not print {needle:?} within {timeout:?}; log:\n{log}",
+                    self.label
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -229,7 +270,8 @@ impl Daemon {
     /// Sends `signal` to the daemon (only the daemon, not its process group).
     pub fn signal(&self, signal: Signal) -> Result<()> {
         let pid = i32::try_from(self.pid()).context("pid out of range")?;
-        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to {}", self.label))
+        kill(Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to {}", self.label))
     }
 
     /// Waits up to `timeout` for the daemon to exit by itself.
@@ -255,7 +297,12 @@ impl Daemon {
         }
         let status = match self.exit {
             Some(status) => status,
-            None => self.child.wait().expect("waiting for a killed child"),
+            // Drop calls this, possibly while unwinding: a panic here would abort
+            // the whole test binary, so an unreapable child reports "killed".
+            None => self
+                .child
+                .wait()
+                .unwrap_or_else(|_| ExitStatus::from_raw(Signal::SIGKILL as i32)),
         };
         self.exit = Some(status);
         status
@@ -288,14 +335,35 @@ impl Drop for Daemon {
 
 /// A short file-name-safe label: the program run under `ip netns exec` plus the namespace.
 fn command_label(cmd: &Command) -> String {
-    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let (ns, program) = match args.as_slice() {
-        [netns, exec, ns, program, ..] if netns == "netns" && exec == "exec" => (ns.as_str(), program.as_str()),
+        [netns, exec, ns, program, ..] if netns == "netns" && exec == "exec" => {
+            (ns.as_str(), program.as_str())
+        }
         _ => ("", cmd.get_program().to_str().unwrap_or("daemon")),
     };
-    let program = Path::new(program).file_name().and_then(OsStr::to_str).unwrap_or("daemon");
-    let label = if ns.is_empty() { program.to_owned() } else { format!("{program}@{ns}") };
-    label.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' }).collect()
+    let program = Path::new(program)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .unwrap_or("daemon");
+    let label = if ns.is_empty() {
+        program.to_owned()
+    } else {
+        format!("{program}@{ns}")
+    };
+    label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Polls until a TCP connect to `addr` from inside `ns` succeeds (e.g. until `s2cs`

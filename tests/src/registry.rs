@@ -18,7 +18,9 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 
 // A panicking test must not make every other test's cleanup panic too.
 fn lock() -> MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    REGISTRY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn add_namespace(name: &str) {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::netns::{addr, Link, Node, Topology};
 use crate::process::{run_in, spawn_in, wait_for_tcp};
-use crate::traffic::{consume, consume_parallel, Producer, Stream};
 use crate::require_root;
+use crate::traffic::{consume, consume_parallel, Producer, Stream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,15 +18,23 @@ fn topology_routes_tcp_from_consumer_to_producer_directly() {
     }
     let topo = Topology::new().expect("topology");
     let bytes = 8 << 20;
-    for (port, target) in [(7000, topo.sock4(Node::Producer, Link::ProducerLan, 7000)),
-                           (7001, topo.sock6(Node::Producer, Link::ProducerLan, 7001))] {
+    for (port, target) in [
+        (7000, topo.sock4(Node::Producer, Link::ProducerLan, 7000)),
+        (7001, topo.sock6(Node::Producer, Link::ProducerLan, 7001)),
+    ] {
         let producer = Producer::start(topo.ns(Node::Producer), target, bytes).expect("producer");
         assert_eq!(producer.addr().port(), port);
         let transfer = consume(topo.ns(Node::Consumer), target, 3 << 20, 5).expect("transfer");
         let records = producer.wait_for(1, WAIT).expect("producer records");
-        transfer.verify_with(&records, bytes).expect("verified both ways");
+        transfer
+            .verify_with(&records, bytes)
+            .expect("verified both ways");
         // Routed, not proxied: the producer sees the consumer's own address.
-        let consumer_ip = if target.is_ipv4() { addr::CONSUMER.into() } else { std::net::IpAddr::from(addr::CONSUMER_V6) };
+        let consumer_ip = if target.is_ipv4() {
+            addr::CONSUMER.into()
+        } else {
+            std::net::IpAddr::from(addr::CONSUMER_V6)
+        };
         assert_eq!(records[0].peer.ip(), consumer_ip);
         assert_eq!(records[0].error, None);
     }
@@ -40,7 +48,8 @@ fn parallel_connections_are_verified_individually() {
     let topo = Topology::new().expect("topology");
     let target = topo.sock4(Node::Producer, Link::ProducerLan, 7100);
     let producer = Producer::start(topo.ns(Node::Producer), target, 1 << 20).expect("producer");
-    let transfers = consume_parallel(topo.ns(Node::Consumer), &[target; 4], 2 << 20, 100).expect("transfers");
+    let transfers =
+        consume_parallel(topo.ns(Node::Consumer), &[target; 4], 2 << 20, 100).expect("transfers");
     let records = producer.wait_for(4, WAIT).expect("records");
     assert_eq!(records.len(), 4);
     for t in &transfers {
@@ -58,7 +67,12 @@ fn namespaces_are_isolated_and_removed_on_drop() {
     }
     let a = Topology::new().expect("topology a");
     let b = Topology::new().expect("topology b");
-    let names: Vec<String> = a.namespaces().iter().chain(b.namespaces().iter()).map(|s| s.to_string()).collect();
+    let names: Vec<String> = a
+        .namespaces()
+        .iter()
+        .chain(b.namespaces().iter())
+        .map(|s| s.to_string())
+        .collect();
     for name in &names {
         assert!(name.len() <= 15, "{name} too long");
         assert!(Path::new("/run/netns").join(name).exists());
@@ -72,7 +86,10 @@ fn namespaces_are_isolated_and_removed_on_drop() {
     drop(a);
     drop(b);
     for name in &names {
-        assert!(!Path::new("/run/netns").join(name).exists(), "{name} still exists");
+        assert!(
+            !Path::new("/run/netns").join(name).exists(),
+            "{name} still exists"
+        );
     }
 }
 
@@ -122,16 +139,31 @@ fn daemon_logs_output_and_stops_on_drop() {
     }
     let topo = Topology::new().expect("topology");
     let ns = topo.ns(Node::InboundGw);
-    let mut daemon = spawn_in(ns, "sh", ["-c", "ip -o addr show dev veth-wan; echo to-stderr >&2; exec sleep 600"])
-        .expect("spawn");
-    let line = daemon.wait_for_log("10.91.2.2/24", WAIT).expect("address in the log");
+    let mut daemon = spawn_in(
+        ns,
+        "sh",
+        [
+            "-c",
+            "ip -o addr show dev veth-wan; echo to-stderr >&2; exec sleep 600",
+        ],
+    )
+    .expect("spawn");
+    let line = daemon
+        .wait_for_log("10.91.2.2/24", WAIT)
+        .expect("address in the log");
     assert!(line.contains("veth-wan"));
-    daemon.wait_for_log("to-stderr", WAIT).expect("stderr in the log");
+    daemon
+        .wait_for_log("to-stderr", WAIT)
+        .expect("stderr in the log");
     assert!(daemon.is_running());
     let pid = daemon.pid();
     let log = daemon.log_path().to_path_buf();
     drop(daemon);
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z")));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.contains(") Z"))
+    );
     assert!(log.exists(), "logs are kept for debugging");
     let _ = std::fs::remove_file(log);
 }
@@ -142,13 +174,19 @@ fn run_in_captures_output_and_enforces_the_timeout() {
         return;
     }
     let topo = Topology::new().expect("topology");
-    let out = run_in(topo.ns(Node::Consumer), "ip", ["-4", "route", "show", "default"]).expect("run");
+    let out = run_in(
+        topo.ns(Node::Consumer),
+        "ip",
+        ["-4", "route", "show", "default"],
+    )
+    .expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("via 10.91.1.1"));
     let mut cmd = crate::process::netns_command(topo.ns(Node::Consumer), "sleep");
     cmd.arg("30");
     let started = std::time::Instant::now();
-    let err = crate::process::run_command(cmd, Duration::from_millis(300)).expect_err("must time out");
+    let err =
+        crate::process::run_command(cmd, Duration::from_millis(300)).expect_err("must time out");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(format!("{err}").contains("still running"));
 }

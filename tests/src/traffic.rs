@@ -46,7 +46,11 @@ pub struct PatternStream {
 
 impl PatternStream {
     pub fn new(seed: u64) -> PatternStream {
-        PatternStream { state: seed, block: vec![0; BLOCK].into_boxed_slice(), pos: BLOCK }
+        PatternStream {
+            state: seed,
+            block: vec![0; BLOCK].into_boxed_slice(),
+            pos: BLOCK,
+        }
     }
 
     fn refill(&mut self) {
@@ -143,7 +147,11 @@ fn read_to_eof(mut stream: &TcpStream) -> Received {
             Err(e) => break Some(e),
         }
     };
-    Received { bytes, sha256: hex(&hasher.finalize()), error }
+    Received {
+        bytes,
+        sha256: hex(&hasher.finalize()),
+        error,
+    }
 }
 
 fn describe(e: &std::io::Error) -> String {
@@ -179,7 +187,11 @@ impl Transfer {
     /// `producer_bytes` bytes of [`PRODUCER_SEED`].
     pub fn check_received_from_producer(&self, producer_bytes: u64) -> Result<()> {
         if self.received_bytes != producer_bytes {
-            bail!("{}: received {} bytes, the producer sends {producer_bytes}", self.local, self.received_bytes);
+            bail!(
+                "{}: received {} bytes, the producer sends {producer_bytes}",
+                self.local,
+                self.received_bytes
+            );
         }
         if self.received_sha256 != expected_sha256(PRODUCER_SEED, producer_bytes) {
             bail!("{}: received {producer_bytes} bytes but their SHA-256 differs from what the producer sends", self.local);
@@ -205,8 +217,13 @@ impl Transfer {
                 )
             })?;
         if twin.sent_sha256 != self.received_sha256 || twin.sent_bytes != self.received_bytes {
-            bail!("{}: the producer connection from {} sent {} bytes, this side received {}",
-                self.local, twin.peer, twin.sent_bytes, self.received_bytes);
+            bail!(
+                "{}: the producer connection from {} sent {} bytes, this side received {}",
+                self.local,
+                twin.peer,
+                twin.sent_bytes,
+                self.received_bytes
+            );
         }
         Ok(())
     }
@@ -215,7 +232,11 @@ impl Transfer {
 /// Bytes over time in Gbit/s (0 for a zero duration).
 pub fn gbit_per_s(bytes: u64, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();
-    if secs == 0.0 { 0.0 } else { bytes as f64 * 8.0 / secs / 1e9 }
+    if secs == 0.0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / secs / 1e9
+    }
 }
 
 fn connect_in(ns: &str, addr: SocketAddr) -> Result<TcpStream> {
@@ -251,13 +272,23 @@ pub fn consume(ns: &str, addr: SocketAddr, bytes_to_send: u64, seed: u64) -> Res
         // Unblocks the writer, which may wait on a peer that stopped reading.
         let _ = stream.shutdown(Shutdown::Both);
     }
-    let sent = writer.join().map_err(|_| anyhow!("writer thread panicked"))?;
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow!("writer thread panicked"))?;
     let elapsed = start.elapsed();
     let sent_sha256 = sent.map_err(|e| {
-        anyhow!("{local} -> {addr}: sending failed ({}), {} bytes received by then", describe(&e), received.bytes)
+        anyhow!(
+            "{local} -> {addr}: sending failed ({}), {} bytes received by then",
+            describe(&e),
+            received.bytes
+        )
     })?;
     if let Some(e) = received.error {
-        bail!("{local} -> {addr}: receiving failed after {} bytes: {}", received.bytes, describe(&e));
+        bail!(
+            "{local} -> {addr}: receiving failed after {} bytes: {}",
+            received.bytes,
+            describe(&e)
+        );
     }
     Ok(Transfer {
         local,
@@ -273,21 +304,40 @@ pub fn consume(ns: &str, addr: SocketAddr, bytes_to_send: u64, seed: u64) -> Res
 
 /// [`consume`] on every address at once, connection `i` sending seed `first_seed + i`.
 /// Fails if any connection failed, listing all failures.
-pub fn consume_parallel(ns: &str, addrs: &[SocketAddr], bytes_to_send: u64, first_seed: u64) -> Result<Vec<Transfer>> {
+pub fn consume_parallel(
+    ns: &str,
+    addrs: &[SocketAddr],
+    bytes_to_send: u64,
+    first_seed: u64,
+) -> Result<Vec<Transfer>> {
     let results: Vec<Result<Transfer>> = std::thread::scope(|scope| {
         let handles: Vec<_> = addrs
             .iter()
             .enumerate()
-            .map(|(i, addr)| scope.spawn(move || consume(ns, *addr, bytes_to_send, first_seed + i as u64)))
+            .map(|(i, addr)| {
+                scope.spawn(move || consume(ns, *addr, bytes_to_send, first_seed + i as u64))
+            })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("transfer thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("transfer thread panicked")))
+            })
             .collect()
     });
-    let errors: Vec<String> = results.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| format!("{e:#}"))
+        .collect();
     if !errors.is_empty() {
-        bail!("{} of {} transfers failed:\n{}", errors.len(), addrs.len(), errors.join("\n"));
+        bail!(
+            "{} of {} transfers failed:\n{}",
+            errors.len(),
+            addrs.len(),
+            errors.join("\n")
+        );
     }
     Ok(results.into_iter().filter_map(Result::ok).collect())
 }
@@ -364,7 +414,11 @@ impl Producer {
                 .name(format!("producer-{addr}"))
                 .spawn(move || accept_loop(listener, mode, shared))?
         };
-        Ok(Producer { addr, shared, acceptor: Some(acceptor) })
+        Ok(Producer {
+            addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
     }
 
     /// The address it listens on.
@@ -389,8 +443,12 @@ impl Producer {
         while done.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("producer {}: {} of {n} connections finished within {timeout:?} ({} accepted)",
-                    self.addr, done.len(), self.accepted());
+                bail!(
+                    "producer {}: {} of {n} connections finished within {timeout:?} ({} accepted)",
+                    self.addr,
+                    done.len(),
+                    self.accepted()
+                );
             }
             done = self
                 .shared
@@ -429,7 +487,9 @@ fn accept_loop(listener: TcpListener, mode: Mode, shared: Arc<Shared>) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -516,7 +576,12 @@ fn serve_echo(mut stream: &TcpStream, result: &mut ConnResult) {
     let mut hasher = Sha256::new();
     let error = loop {
         let n = match stream.read(&mut buf) {
-            Ok(0) => break stream.shutdown(Shutdown::Write).err().map(|e| format!("half-close: {e}")),
+            Ok(0) => {
+                break stream
+                    .shutdown(Shutdown::Write)
+                    .err()
+                    .map(|e| format!("half-close: {e}"))
+            }
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => break Some(format!("receiving: {}", describe(&e))),
@@ -600,7 +665,14 @@ impl Stream {
             let shared = Arc::clone(&shared);
             std::thread::spawn(move || stream_reader(&socket, seed, &shared))
         };
-        Ok(Stream { addr, socket, shared, writer: Some(writer), reader: Some(reader), started: Instant::now() })
+        Ok(Stream {
+            addr,
+            socket,
+            shared,
+            writer: Some(writer),
+            reader: Some(reader),
+            started: Instant::now(),
+        })
     }
 
     /// Bytes that came back and matched what was sent, so far.
@@ -625,7 +697,11 @@ impl Stream {
         let deadline = Instant::now() + within;
         loop {
             if let Some(e) = self.error() {
-                panic!("stream to {} failed after {} verified bytes: {e}", self.addr, self.bytes_so_far());
+                panic!(
+                    "stream to {} failed after {} verified bytes: {e}",
+                    self.addr,
+                    self.bytes_so_far()
+                );
             }
             if self.bytes_so_far() > before {
                 return;
@@ -643,20 +719,34 @@ impl Stream {
     pub fn finish(mut self) -> Result<StreamSummary> {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(writer) = self.writer.take() {
-            writer.join().map_err(|_| anyhow!("stream writer panicked"))?;
+            writer
+                .join()
+                .map_err(|_| anyhow!("stream writer panicked"))?;
         }
         // Only after the writer ended: its half-close tells the echo server to finish.
         if let Some(reader) = self.reader.take() {
-            reader.join().map_err(|_| anyhow!("stream reader panicked"))?;
+            reader
+                .join()
+                .map_err(|_| anyhow!("stream reader panicked"))?;
         }
         let (sent, echoed) = (self.bytes_sent(), self.bytes_so_far());
         if let Some(e) = self.error() {
-            bail!("stream to {}: {e} ({echoed} of {sent} bytes came back verified)", self.addr);
+            bail!(
+                "stream to {}: {e} ({echoed} of {sent} bytes came back verified)",
+                self.addr
+            );
         }
         if echoed != sent {
-            bail!("stream to {}: sent {sent} bytes, {echoed} came back", self.addr);
+            bail!(
+                "stream to {}: sent {sent} bytes, {echoed} came back",
+                self.addr
+            );
         }
-        Ok(StreamSummary { sent_bytes: sent, echoed_bytes: echoed, elapsed: self.started.elapsed() })
+        Ok(StreamSummary {
+            sent_bytes: sent,
+            echoed_bytes: echoed,
+            elapsed: self.started.elapsed(),
+        })
     }
 }
 
@@ -664,7 +754,10 @@ impl Drop for Stream {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
-        for handle in [self.writer.take(), self.reader.take()].into_iter().flatten() {
+        for handle in [self.writer.take(), self.reader.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = handle.join();
         }
     }
@@ -764,7 +857,10 @@ mod tests {
         let data = collect(42, 100_000, 777);
         assert_eq!(expected_sha256(42, 100_000), hex(&Sha256::digest(&data)));
         // The empty stream hashes like the empty string.
-        assert_eq!(expected_sha256(42, 0), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            expected_sha256(42, 0),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! messages (so CARGO_TARGET_DIR, profiles and target triples need no guessing).
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::io::{BufRead, BufReader};
 
 use anyhow::{bail, Context, Result};
 
@@ -30,8 +30,13 @@ pub fn build(release: bool) -> Result<PathBuf> {
 
 /// The directory of s2cs and s2uc among built executables.
 pub fn bin_dir(built: &HashMap<String, PathBuf>) -> Result<PathBuf> {
-    let s2cs = built.get("s2cs").context("cargo built no s2cs executable")?;
-    let dir = s2cs.parent().context("s2cs has no parent directory")?.to_path_buf();
+    let s2cs = built
+        .get("s2cs")
+        .context("cargo built no s2cs executable")?;
+    let dir = s2cs
+        .parent()
+        .context("s2cs has no parent directory")?
+        .to_path_buf();
     for bin in ["s2cs", "s2uc"] {
         if !dir.join(bin).is_file() {
             bail!("{} missing after the build", dir.join(bin).display());
@@ -43,7 +48,11 @@ pub fn bin_dir(built: &HashMap<String, PathBuf>) -> Result<PathBuf> {
 /// `cargo build --bins -p <each package>`; returns every executable built, by name.
 pub fn build_bins(release: bool, packages: &[&str]) -> Result<HashMap<String, PathBuf>> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins", "--message-format=json-render-diagnostics"]);
+    cmd.args([
+        "build",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ]);
     for package in packages {
         cmd.args(["-p", package]);
     }
@@ -51,16 +60,23 @@ pub fn build_bins(release: bool, packages: &[&str]) -> Result<HashMap<String, Pa
         cmd.arg("--release");
     }
     // Diagnostics and progress go to our stderr as usual; stdout carries the JSON.
-    let mut child = cmd.stdout(Stdio::piped()).spawn().context("running cargo build")?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo build")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
     let mut built = HashMap::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo's output")?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        if let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) {
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
             built.insert(name.to_owned(), PathBuf::from(exe));
         }
     }
@@ -74,7 +90,10 @@ pub fn build_bins(release: bool, packages: &[&str]) -> Result<HashMap<String, Pa
 /// The host target triple, from `rustc -vV`.
 pub fn host_triple() -> Result<String> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let out = Command::new(rustc).arg("-vV").output().context("running rustc -vV")?;
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))

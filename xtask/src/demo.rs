@@ -53,8 +53,12 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         }
         _ => (s, 0),
     };
-    let n: u64 = digits.trim().parse().map_err(|_| format!("{s:?} is not a byte count"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s} is too large"))
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn human_bytes(n: u64) -> String {
@@ -80,7 +84,9 @@ pub fn main(args: &Args) -> Result<ExitCode> {
         // above ran as the user).
         let built = bins::build_bins(true, &["scistream-ctl", "xtask"])?;
         let dir = bins::bin_dir(&built)?;
-        let xtask = built.get("xtask").context("cargo built no xtask executable")?;
+        let xtask = built
+            .get("xtask")
+            .context("cargo built no xtask executable")?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let mut cmd = privilege::as_root(xtask, &args).into_command()?;
         cmd.env(PREBUILT_ENV, "1").env("SCISTREAM_BIN_DIR", &dir);
@@ -91,7 +97,10 @@ pub fn main(args: &Args) -> Result<ExitCode> {
         bail!("the demo needs root (network namespaces)");
     }
 
-    let state = tempfile::Builder::new().prefix("scistream-demo-").tempdir().context("creating a state directory")?;
+    let state = tempfile::Builder::new()
+        .prefix("scistream-demo-")
+        .tempdir()
+        .context("creating a state directory")?;
     install_ctrl_c_cleanup(state.path())?;
 
     println!(
@@ -112,7 +121,11 @@ pub fn main(args: &Args) -> Result<ExitCode> {
     }
     print_table(&rows);
     let failed = rows.iter().filter(|r| r.failure.is_some()).count();
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The Ctrl-C path cannot unwind into the owners' Drops, so it deletes what the
@@ -142,19 +155,38 @@ struct Row {
 
 impl Row {
     fn failed(label: &str, args: &Args, e: anyhow::Error) -> Row {
-        Row { label: label.into(), streams: args.num_conn, up: 0, down: 0, elapsed: Duration::ZERO, failure: Some(format!("{e:#}")) }
+        Row {
+            label: label.into(),
+            streams: args.num_conn,
+            up: 0,
+            down: 0,
+            elapsed: Duration::ZERO,
+            failure: Some(format!("{e:#}")),
+        }
     }
 }
 
 fn print_table(rows: &[Row]) {
     println!();
-    println!("{:<16} {:>7} {:>14} {:>14} {:>9} {:>13}  SHA-256", "backend", "streams", "cons->prod", "prod->cons", "time", "throughput");
+    println!(
+        "{:<16} {:>7} {:>14} {:>14} {:>9} {:>13}  SHA-256",
+        "backend", "streams", "cons->prod", "prod->cons", "time", "throughput"
+    );
     for r in rows {
         let gbps = testbed::traffic::gbit_per_s(r.up + r.down, r.elapsed);
-        let verdict = if r.failure.is_some() { "FAIL" } else { "verified OK" };
+        let verdict = if r.failure.is_some() {
+            "FAIL"
+        } else {
+            "verified OK"
+        };
         println!(
             "{:<16} {:>7} {:>14} {:>14} {:>7.2} s {:>8.2} Gbit/s  {verdict}",
-            r.label, r.streams, human_bytes(r.up), human_bytes(r.down), r.elapsed.as_secs_f64(), gbps
+            r.label,
+            r.streams,
+            human_bytes(r.up),
+            human_bytes(r.down),
+            r.elapsed.as_secs_f64(),
+            gbps
         );
     }
     for r in rows {
@@ -167,7 +199,13 @@ fn print_table(rows: &[Row]) {
 
 /// Streams `args` worth of traffic from the consumer to `targets`, checked against
 /// the producer's records.
-fn transfer(topo: &Topology, producer: &Producer, targets: &[SocketAddr], args: &Args, label: &str) -> Result<Row> {
+fn transfer(
+    topo: &Topology,
+    producer: &Producer,
+    targets: &[SocketAddr],
+    args: &Args,
+    label: &str,
+) -> Result<Row> {
     let started = Instant::now();
     let transfers = consume_parallel(topo.ns(Node::Consumer), targets, args.bytes, 1)?;
     let elapsed = started.elapsed();
@@ -201,7 +239,11 @@ fn with_logs(e: anyhow::Error, daemons: &[&Daemon]) -> anyhow::Error {
         let log = d.log_contents();
         let lines: Vec<&str> = log.lines().collect();
         let tail = &lines[lines.len().saturating_sub(15)..];
-        text.push_str(&format!("\n--- {} ---\n{}", d.log_path().display(), tail.join("\n")));
+        text.push_str(&format!(
+            "\n--- {} ---\n{}",
+            d.log_path().display(),
+            tail.join("\n")
+        ));
     }
     anyhow::anyhow!(text)
 }
@@ -220,58 +262,143 @@ fn through_gateways(backend: &str, args: &Args, state: &Path) -> Result<Row> {
     let prod_ip = topo.ip4(Node::Producer, Link::ProducerLan);
     let num_conn = args.num_conn.to_string();
 
-    let producer = Producer::start(topo.ns(Node::Producer), (prod_ip, PRODUCER_PORT).into(), args.bytes)?;
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        (prod_ip, PRODUCER_PORT).into(),
+        args.bytes,
+    )?;
 
-    let gin = spawn_in(topo.ns(Node::InboundGw), &s2cs, [
-        "--listener_ip", &gin_ip.to_string(), "--port", &CONTROL_PORT.to_string(),
-        "--port_range", "5100-5199", "--type", backend, "--state_dir", &path_str(&gin_dir)?,
-    ])?;
-    wait_for_tcp(topo.ns(Node::InboundGw), (gin_ip, CONTROL_PORT).into(), DAEMON_START)
-        .map_err(|e| with_logs(e, &[&gin]))?;
+    let gin = spawn_in(
+        topo.ns(Node::InboundGw),
+        &s2cs,
+        [
+            "--listener_ip",
+            &gin_ip.to_string(),
+            "--port",
+            &CONTROL_PORT.to_string(),
+            "--port_range",
+            "5100-5199",
+            "--type",
+            backend,
+            "--state_dir",
+            &path_str(&gin_dir)?,
+        ],
+    )?;
+    wait_for_tcp(
+        topo.ns(Node::InboundGw),
+        (gin_ip, CONTROL_PORT).into(),
+        DAEMON_START,
+    )
+    .map_err(|e| with_logs(e, &[&gin]))?;
     let gin_cert = gin_dir.join("server.crt");
     if !gin_cert.is_file() {
-        return Err(with_logs(anyhow::anyhow!("the inbound s2cs wrote no {}", gin_cert.display()), &[&gin]));
+        return Err(with_logs(
+            anyhow::anyhow!("the inbound s2cs wrote no {}", gin_cert.display()),
+            &[&gin],
+        ));
     }
 
-    let gout = spawn_in(topo.ns(Node::OutboundGw), &s2cs, [
-        "--listener_ip", &gout_ip.to_string(), "--port", &CONTROL_PORT.to_string(),
-        "--port_range", "5100-5199", "--type", backend, "--state_dir", &path_str(&gout_dir)?,
-        "--peer_ca", &path_str(&gin_cert)?,
-    ])?;
-    wait_for_tcp(topo.ns(Node::OutboundGw), (gout_ip, CONTROL_PORT).into(), DAEMON_START)
-        .map_err(|e| with_logs(e, &[&gin, &gout]))?;
+    let gout = spawn_in(
+        topo.ns(Node::OutboundGw),
+        &s2cs,
+        [
+            "--listener_ip",
+            &gout_ip.to_string(),
+            "--port",
+            &CONTROL_PORT.to_string(),
+            "--port_range",
+            "5100-5199",
+            "--type",
+            backend,
+            "--state_dir",
+            &path_str(&gout_dir)?,
+            "--peer_ca",
+            &path_str(&gin_cert)?,
+        ],
+    )?;
+    wait_for_tcp(
+        topo.ns(Node::OutboundGw),
+        (gout_ip, CONTROL_PORT).into(),
+        DAEMON_START,
+    )
+    .map_err(|e| with_logs(e, &[&gin, &gout]))?;
 
-    let inbound = s2uc_json(topo.ns(Node::InboundGw), &s2uc, &[
-        "inbound-request", "--s2cs", &format!("{gin_ip}:{CONTROL_PORT}"),
-        "--server_cert", &path_str(&gin_cert)?, "--remote_ip", &prod_ip.to_string(),
-        "--receiver_ports", &PRODUCER_PORT.to_string(), "--num_conn", &num_conn, "--json",
-    ])
+    let inbound = s2uc_json(
+        topo.ns(Node::InboundGw),
+        &s2uc,
+        &[
+            "inbound-request",
+            "--s2cs",
+            &format!("{gin_ip}:{CONTROL_PORT}"),
+            "--server_cert",
+            &path_str(&gin_cert)?,
+            "--remote_ip",
+            &prod_ip.to_string(),
+            "--receiver_ports",
+            &PRODUCER_PORT.to_string(),
+            "--num_conn",
+            &num_conn,
+            "--json",
+        ],
+    )
     .map_err(|e| with_logs(e.context("s2uc inbound-request"), &[&gin]))?;
-    let uid = inbound["uid"].as_str().context("inbound-request printed no uid")?.to_owned();
+    let uid = inbound["uid"]
+        .as_str()
+        .context("inbound-request printed no uid")?
+        .to_owned();
     let inbound_listeners = listeners(&inbound).context("inbound-request")?;
 
-    let outbound = s2uc_json(topo.ns(Node::OutboundGw), &s2uc, &[
-        "outbound-request", "--s2cs", &format!("{gout_ip}:{CONTROL_PORT}"),
-        "--server_cert", &path_str(&gout_dir.join("server.crt"))?, "--num_conn", &num_conn, "--json",
-        &uid, &inbound_listeners.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(","),
-    ])
+    let outbound = s2uc_json(
+        topo.ns(Node::OutboundGw),
+        &s2uc,
+        &[
+            "outbound-request",
+            "--s2cs",
+            &format!("{gout_ip}:{CONTROL_PORT}"),
+            "--server_cert",
+            &path_str(&gout_dir.join("server.crt"))?,
+            "--num_conn",
+            &num_conn,
+            "--json",
+            &uid,
+            &inbound_listeners
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ],
+    )
     .map_err(|e| with_logs(e.context("s2uc outbound-request"), &[&gin, &gout]))?;
     let outbound_listeners = listeners(&outbound).context("outbound-request")?;
     if outbound_listeners.len() != args.num_conn as usize {
-        bail!("outbound-request returned {} listeners for num_conn {}", outbound_listeners.len(), args.num_conn);
+        bail!(
+            "outbound-request returned {} listeners for num_conn {}",
+            outbound_listeners.len(),
+            args.num_conn
+        );
     }
-    println!("{backend}: session {uid}: consumer -> {} -> {} -> {prod_ip}:{PRODUCER_PORT}",
-        join(&outbound_listeners), join(&inbound_listeners));
+    println!(
+        "{backend}: session {uid}: consumer -> {} -> {} -> {prod_ip}:{PRODUCER_PORT}",
+        join(&outbound_listeners),
+        join(&inbound_listeners)
+    );
 
-    transfer(&topo, &producer, &outbound_listeners, args, backend).map_err(|e| with_logs(e, &[&gin, &gout]))
+    transfer(&topo, &producer, &outbound_listeners, args, backend)
+        .map_err(|e| with_logs(e, &[&gin, &gout]))
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
-    addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",")
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn path_str(path: &Path) -> Result<String> {
-    path.to_str().map(str::to_owned).with_context(|| format!("{} is not UTF-8", path.display()))
+    path.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// Runs s2uc and returns the one JSON object it prints on stdout with `--json`.
@@ -279,24 +406,35 @@ fn s2uc_json(ns: &str, s2uc: &Path, args: &[&str]) -> Result<serde_json::Value> 
     let out = run_in(ns, s2uc, args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("exited with {}\nstdout: {stdout}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "exited with {}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     stdout
         .lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(serde_json::Value::is_object))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(serde_json::Value::is_object)
+        })
         .with_context(|| format!("no JSON object in its output: {stdout}"))
 }
 
 fn listeners(response: &serde_json::Value) -> Result<Vec<SocketAddr>> {
-    let list = response["listeners"].as_array().context("no `listeners` array in the response")?;
+    let list = response["listeners"]
+        .as_array()
+        .context("no `listeners` array in the response")?;
     if list.is_empty() {
         bail!("empty `listeners` in the response");
     }
     list.iter()
         .map(|v| {
             let s = v.as_str().context("a listener is not a string")?;
-            s.parse().with_context(|| format!("listener {s:?} is not ip:port"))
+            s.parse()
+                .with_context(|| format!("listener {s:?} is not ip:port"))
         })
         .collect()
 }

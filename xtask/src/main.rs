@@ -12,7 +12,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Set-up, build, test and demo tasks for scistream-rs")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set-up, build, test and demo tasks for scistream-rs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { release: _, debug, s2cs_args } => run(!debug, &s2cs_args),
+        Command::Run {
+            release: _,
+            debug,
+            s2cs_args,
+        } => run(!debug, &s2cs_args),
         Command::Test { cargo_test_args } => test(&cargo_test_args),
         Command::Demo(args) => demo::main(&args),
     };
@@ -64,8 +72,16 @@ fn main() -> ExitCode {
 /// (iperf3, haproxy, stunnel4, socat, openssl), namespaces and NIC settings
 /// (iproute2, ethtool) and the kernel-TLS VM (qemu, cpio, busybox).
 const TEST_PACKAGES: &[&str] = &[
-    "iperf3", "haproxy", "stunnel4", "socat", "openssl", "iproute2", "ethtool",
-    "qemu-system-x86", "cpio", "busybox-static",
+    "iperf3",
+    "haproxy",
+    "stunnel4",
+    "socat",
+    "openssl",
+    "iproute2",
+    "ethtool",
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
 ];
 
 fn run(release: bool, s2cs_args: &[String]) -> Result<ExitCode> {
@@ -93,7 +109,8 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
     // The test bed generates and SHA-256-hashes every byte it moves; unoptimised
     // that runs at ~30 MB/s and dominates the suite's time (minutes instead of seconds).
     for package in ["sha2", "scistream-tests"] {
-        cmd.arg("--config").arg(format!("profile.dev.package.{package}.opt-level=3"));
+        cmd.arg("--config")
+            .arg(format!("profile.dev.package.{package}.opt-level=3"));
     }
     cmd.args(cargo_test_args).env("SCISTREAM_BIN_DIR", &dir);
     if !privilege::is_root() {
@@ -102,14 +119,19 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
             // each test executable through the runner. Doc tests bypass runners;
             // they need no root.
             let triple = bins::host_triple()?;
-            let var = format!("CARGO_TARGET_{}_RUNNER", triple.to_uppercase().replace(['-', '.'], "_"));
+            let var = format!(
+                "CARGO_TARGET_{}_RUNNER",
+                triple.to_uppercase().replace(['-', '.'], "_")
+            );
             cmd.env(var, "sudo -E");
             eprintln!("tests need root: running them through sudo -E");
         } else {
             eprintln!("not root and no sudo: tests that need root will be skipped (they fail under CI=true)");
         }
     }
-    let status = cmd.status().map_err(|e| anyhow::anyhow!("running cargo test: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running cargo test: {e}"))?;
     Ok(exit_code(status))
 }
 

@@ -23,7 +23,10 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
 
 fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("running {shown}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {shown}"))?;
     if !out.status.success() {
         bail!("{shown} failed ({})", out.status);
     }
@@ -46,11 +49,23 @@ fn rustup() -> Command {
 /// The nightly toolchain builds the eBPF programs with `-Z build-std=core`, which
 /// needs the standard library's source.
 fn ensure_nightly_rust_src() -> Result<()> {
-    let toolchains = output(rustup().args(["toolchain", "list"]))
-        .context("rustup is needed to install the nightly toolchain for the eBPF build (https://rustup.rs)")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly-") || l.starts_with("nightly ")) {
+    let toolchains = output(rustup().args(["toolchain", "list"])).context(
+        "rustup is needed to install the nightly toolchain for the eBPF build (https://rustup.rs)",
+    )?;
+    if !toolchains
+        .lines()
+        .any(|l| l.starts_with("nightly-") || l.starts_with("nightly "))
+    {
         println!("installing the nightly Rust toolchain with rust-src (for the eBPF programs)...");
-        return run(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]));
+        return run(rustup().args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]));
     }
     let sysroot = nightly_sysroot()?;
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
@@ -66,9 +81,11 @@ fn nightly_sysroot() -> Result<PathBuf> {
 }
 
 fn cargo_bin_dir() -> PathBuf {
-    let home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
-    });
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     home.join("bin")
 }
 
@@ -101,7 +118,8 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     let version = output(rustup().args(["run", "nightly", "rustc", "-vV"]))?;
-    let llvm_major = llvm_major(&version).context("no `LLVM version:` line in `rustc +nightly -vV`")?;
+    let llvm_major =
+        llvm_major(&version).context("no `LLVM version:` line in `rustc +nightly -vV`")?;
     let lib_dir = nightly_sysroot()?.join("lib");
     let llvm_lib = find_llvm_dylib(&lib_dir)?;
     println!("installing bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm_major} (about a minute)...");
@@ -110,7 +128,15 @@ fn ensure_bpf_linker() -> Result<()> {
         dir = lib_dir.display()
     );
     run(rustup()
-        .args(["run", "nightly", "cargo", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--locked", "--no-default-features", "--features"])
         .arg(format!("llvm-{llvm_major},no-llvm-linking"))
         .env("RUSTFLAGS", rustflags)
@@ -119,14 +145,19 @@ fn ensure_bpf_linker() -> Result<()> {
         .env_remove("CARGO_BUILD_TARGET_DIR"))
     .context("installing bpf-linker")?;
     if !in_path("bpf-linker") {
-        bail!("bpf-linker installed but not found in {}", cargo_bin_dir().display());
+        bail!(
+            "bpf-linker installed but not found in {}",
+            cargo_bin_dir().display()
+        );
     }
     Ok(())
 }
 
 /// "22" from the `LLVM version: 22.1.4` line of `rustc -vV`.
 fn llvm_major(rustc_vv: &str) -> Option<String> {
-    let version = rustc_vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?;
+    let version = rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))?;
     let major = version.trim().split('.').next()?;
     major.parse::<u32>().ok().map(|m| m.to_string())
 }
@@ -134,7 +165,8 @@ fn llvm_major(rustc_vv: &str) -> Option<String> {
 /// The `-l dylib=` name of nightly's LLVM, e.g. `LLVM-22-rust-1.97.0-nightly` for
 /// `libLLVM-22-rust-1.97.0-nightly.so`.
 fn find_llvm_dylib(lib_dir: &Path) -> Result<String> {
-    let entries = std::fs::read_dir(lib_dir).with_context(|| format!("listing {}", lib_dir.display()))?;
+    let entries =
+        std::fs::read_dir(lib_dir).with_context(|| format!("listing {}", lib_dir.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so")) {
@@ -143,7 +175,10 @@ fn find_llvm_dylib(lib_dir: &Path) -> Result<String> {
             }
         }
     }
-    bail!("no libLLVM-*-rust-*.so in {} (is the nightly toolchain complete?)", lib_dir.display())
+    bail!(
+        "no libLLVM-*-rust-*.so in {} (is the nightly toolchain complete?)",
+        lib_dir.display()
+    )
 }
 
 fn is_installed(package: &str) -> Result<bool> {
@@ -152,7 +187,8 @@ fn is_installed(package: &str) -> Result<bool> {
         .stderr(Stdio::null())
         .output()
         .context("running dpkg-query")?;
-    Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
 }
 
 fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
@@ -160,7 +196,10 @@ fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     if !Path::new("/usr/bin/dpkg-query").exists() {
-        eprintln!("note: not a Debian system; make sure these are installed: {}", packages.join(" "));
+        eprintln!(
+            "note: not a Debian system; make sure these are installed: {}",
+            packages.join(" ")
+        );
         return Ok(());
     }
     let mut missing = Vec::new();
@@ -206,9 +245,16 @@ mod tests {
     #[test]
     fn llvm_dylib_name_drops_lib_and_so() {
         let dir = tempfile::tempdir().expect("temp dir");
-        for name in ["librustc_driver-abc.so", "libLLVM.so.22.1-rust-1.97.0-nightly", "libLLVM-22-rust-1.97.0-nightly.so"] {
+        for name in [
+            "librustc_driver-abc.so",
+            "libLLVM.so.22.1-rust-1.97.0-nightly",
+            "libLLVM-22-rust-1.97.0-nightly.so",
+        ] {
             std::fs::write(dir.path().join(name), b"").expect("file");
         }
-        assert_eq!(find_llvm_dylib(dir.path()).expect("found"), "LLVM-22-rust-1.97.0-nightly");
+        assert_eq!(
+            find_llvm_dylib(dir.path()).expect("found"),
+            "LLVM-22-rust-1.97.0-nightly"
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! The kernel side of the data plane: loads the programs that `scistream-ebpf`
 //! builds (embedded in this binary by build.rs), fills their maps and attaches
 //! them. One file per program; [`Guard`] is the XDP guard in front of the
-//! data port range.
+//! data port range, [`SockRedirect`] the `sockmap` backend's redirect.
 //!
 //! Everything here needs root (or CAP_BPF + CAP_NET_ADMIN) at run time.
 
 mod guard;
+mod sockmap;
 
 pub use guard::{AttachMode, Guard, Verdict};
+pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
 
 use aya::{maps::MapError, programs::ProgramError};
@@ -55,6 +57,8 @@ pub enum EbpfError {
     },
     #[error("invalid data port range {lo}-{hi}: want 1 <= lo <= hi, or 0-0 to disable the guard")]
     InvalidPortRange { lo: u16, hi: u16 },
+    #[error("reading a socket's cookie (SO_COOKIE)")]
+    SocketCookie(#[source] std::io::Error),
     #[error("cannot count the possible CPUs ({path})")]
     Cpus {
         path: &'static str,
@@ -76,6 +80,7 @@ impl EbpfError {
             Self::Map { .. } => "ebpf_map",
             Self::InvalidPortRange { .. } => "ebpf_invalid_port_range",
             Self::Cpus { .. } => "ebpf_cpus",
+            Self::SocketCookie(_) => "ebpf_socket_cookie",
         }
     }
 }
