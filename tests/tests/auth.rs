@@ -4,6 +4,7 @@
 //! test with its own control port in 42000-42099.
 
 mod auth_server;
+mod common;
 
 use std::time::{Duration, Instant};
 

@@ -59,7 +59,7 @@ impl Connection {
             }
             ep = ep.tls_config(tls).context("TLS configuration")?;
         }
-        let channel = ep.connect().await.map_err(|e| anyhow!("cannot connect to s2cs at {s2cs}: {}", chain(&e)))?;
+        let channel = ep.connect().await.map_err(|e| anyhow!("cannot connect to s2cs at {s2cs}: {}", crate::oauth::error_chain(&e)))?;
         Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into() })
     }
 
@@ -135,19 +135,4 @@ pub fn status_error(target: &str, call: &str, s: &Status) -> anyhow::Error {
         return anyhow!("s2cs at {target} unreachable during {call}: {}", s.message());
     }
     anyhow!("s2cs at {target} refused {call}: {:?}: {}", s.code(), s.message())
-}
-
-/// Flattens an error and its sources into one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        cur = s.source();
-    }
-    out
 }

@@ -567,62 +567,11 @@ pub fn closed_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-// The SciStream messages by field number (PROTOCOL.md), for a client that
-// can send any `authorization` value.
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ReqMsg {
-    #[prost(string, tag = "1")]
-    pub uid: String,
-    #[prost(string, tag = "2")]
-    pub role: String,
-    #[prost(int32, tag = "3")]
-    pub num_conn: i32,
-    #[prost(int32, tag = "4")]
-    pub rate: i32,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct UpdateMsg {
-    #[prost(string, tag = "1")]
-    pub uid: String,
-    #[prost(string, repeated, tag = "2")]
-    pub remote_listeners: Vec<String>,
-    #[prost(string, tag = "3")]
-    pub role: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ReleaseMsg {
-    #[prost(string, tag = "1")]
-    pub uid: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HelloMsg {
-    #[prost(string, tag = "1")]
-    pub uid: String,
-    #[prost(string, repeated, tag = "2")]
-    pub prod_listeners: Vec<String>,
-    #[prost(string, tag = "3")]
-    pub role: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ResponseMsg {
-    #[prost(string, repeated, tag = "1")]
-    pub listeners: Vec<String>,
-    #[prost(string, repeated, tag = "2")]
-    pub prod_listeners: Vec<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct AppResponseMsg {
-    #[prost(string, tag = "1")]
-    pub message: String,
-    #[prost(string, repeated, tag = "2")]
-    pub listeners: Vec<String>,
-}
+// The message layouts come from PROTOCOL.md, shared with the other tests' raw client.
+pub use crate::common::raw::{
+    AppResponse as AppResponseMsg, Hello as HelloMsg, Release as ReleaseMsg, Request as ReqMsg, Response as ResponseMsg,
+    UpdateTargets as UpdateMsg,
+};
 
 /// A plaintext control client sending `authorization: <token>` verbatim.
 pub struct TokenClient {
