@@ -21,6 +21,8 @@ pub enum BackendKind {
     Tls,
     /// Plaintext TCP moved with splice(2).
     Splice,
+    /// Plaintext TCP moved inside the kernel by an sk_skb sockmap redirect.
+    Sockmap,
 }
 
 impl FromStr for BackendKind {
@@ -29,9 +31,10 @@ impl FromStr for BackendKind {
         match s.to_ascii_lowercase().as_str() {
             "tls" | "stunnel" | "stunnelsubprocess" => Ok(Self::Tls),
             "splice" | "haproxy" | "haproxysubprocess" | "nginx" => Ok(Self::Splice),
+            "sockmap" => Ok(Self::Sockmap),
             other => Err(format!(
-                "unknown --type {other:?}; choose tls (default; also StunnelSubprocess, Stunnel) \
-                 or splice (also Haproxy, HaproxySubprocess, Nginx)"
+                "unknown --type {other:?}; choose tls (default; also StunnelSubprocess, Stunnel), \
+                 splice (also Haproxy, HaproxySubprocess, Nginx) or sockmap (needs root)"
             )),
         }
     }
@@ -42,6 +45,7 @@ impl BackendKind {
         match self {
             Self::Tls => "tls",
             Self::Splice => "splice",
+            Self::Sockmap => "sockmap",
         }
     }
 }
@@ -96,7 +100,7 @@ pub struct ServerArgs {
     #[arg(long = "port_range", alias = "port-range", default_value = "5100-5200")]
     pub port_range: PortRange,
 
-    /// Data-plane backend: tls | splice (SciStream names StunnelSubprocess, Stunnel,
+    /// Data-plane backend: tls | splice | sockmap (SciStream names StunnelSubprocess, Stunnel,
     /// Haproxy, HaproxySubprocess, Nginx are accepted, case-insensitive).
     #[arg(long = "type", default_value = "tls")]
     pub backend: BackendKind,
@@ -126,6 +130,11 @@ pub struct ServerArgs {
     #[arg(long = "state_dir", alias = "state-dir")]
     pub state_dir: Option<PathBuf>,
 
+    /// Seconds a tunnel peer has for the TLS handshake plus the session proof;
+    /// a slow or silent peer cannot hold a connection slot longer.
+    #[arg(long = "tunnel_timeout", alias = "tunnel-timeout", default_value_t = 10)]
+    pub tunnel_timeout: u64,
+
     /// Seconds a `req` waits for its `hello` before the session is released.
     #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180)]
     pub hello_timeout: u64,
@@ -154,6 +163,19 @@ pub struct ServerArgs {
     #[arg(long = "token_cache_secs", alias = "token-cache-secs", default_value_t = 60)]
     pub token_cache_secs: u64,
 
+    /// `false` turns the XDP guard off. On (the default, as root), only the
+    /// ports of live sessions in --port_range get through the data
+    /// interfaces; the rest is dropped in the driver. Without root or XDP, or
+    /// with a range overlapping the ephemeral ports, s2cs warns and runs unguarded.
+    #[arg(long, default_value = "true", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub guard: bool,
+
+    /// Interfaces the guard attaches to (comma-separated); default: those
+    /// holding --listener_ip (every non-loopback one for 0.0.0.0 / ::).
+    #[arg(long = "data_iface", alias = "data-iface", value_delimiter = ',')]
+    pub data_iface: Option<Vec<String>>,
+
     /// Debug logging.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -162,6 +184,10 @@ pub struct ServerArgs {
 impl ServerArgs {
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_secs(self.hello_timeout)
+    }
+
+    pub fn tunnel_timeout(&self) -> Duration {
+        Duration::from_secs(self.tunnel_timeout.max(1))
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -195,6 +221,7 @@ mod tests {
             ("HaproxySubprocess", BackendKind::Splice),
             ("nginx", BackendKind::Splice),
             ("splice", BackendKind::Splice),
+            ("SockMap", BackendKind::Sockmap),
         ] {
             assert_eq!(name.parse::<BackendKind>().unwrap(), kind, "{name}");
         }
@@ -223,6 +250,12 @@ mod tests {
         .unwrap();
         assert_eq!((c.client_id.as_deref(), c.client_secret.as_deref()), (Some("abc"), Some("s")));
         assert_eq!((c.introspect_url.as_str(), c.required_scope.as_deref(), c.token_cache_secs), ("http://127.0.0.1:1/i", Some("x"), 0));
+        let d = ServerArgs::try_parse_from(["s2cs", "--guard", "false", "--data-iface", "eth0,eth1"]).unwrap();
+        assert!(!d.guard);
+        assert_eq!(d.data_iface, Some(vec!["eth0".to_string(), "eth1".to_string()]));
+        let e = ServerArgs::try_parse_from(["s2cs", "--data_iface=veth0"]).unwrap();
+        assert!(e.guard, "the guard is on by default");
+        assert_eq!(e.data_iface, Some(vec!["veth0".to_string()]));
     }
 
     #[test]

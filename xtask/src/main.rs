@@ -1,8 +1,12 @@
 //! `cargo xtask <command>`: the project's one entry point for setting a machine up,
 //! building, testing and demonstrating scistream-rs (see `cargo xtask --help`).
 
+mod bench;
+mod bench_peers;
+mod bench_report;
 mod bins;
 mod demo;
+mod gateways;
 mod privilege;
 mod setup;
 
@@ -46,6 +50,10 @@ enum Command {
     /// Run the whole tutorial on this machine: a four-namespace path, two s2cs
     /// gateways, s2uc inbound/outbound requests, then verified bulk traffic.
     Demo(demo::Args),
+    /// Throughput of every data-plane backend against kernel routing, HAProxy and
+    /// stunnel on the four-namespace path (iperf3), plus s2uc session set-up
+    /// latency; writes target/bench/bench.json and bench.svg.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +66,7 @@ fn main() -> ExitCode {
         } => run(!debug, &s2cs_args),
         Command::Test { cargo_test_args } => test(&cargo_test_args),
         Command::Demo(args) => demo::main(&args),
+        Command::Bench(args) => bench::main(&args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod ports;
 pub mod server;
 pub mod service;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use tonic::transport::{Identity as TonicIdentity, Server, ServerTlsConfig};
 
 use super::auth::{AuthConfig, Authenticator};
+use super::guard::PortGuard;
 use super::ports::PortAllocator;
 use super::service::ControlService;
 use super::session::Registry;
@@ -43,7 +44,8 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     }
     let backend = dataplane::from_args(&args, &identity).context("starting the data plane")?;
     let ports = PortAllocator::new(args.port_range, args.listener_ip);
-    let registry = Registry::new(ports, backend, args.listener_ip, args.hello_timeout());
+    let guard = PortGuard::start(&args).map(Arc::new);
+    let registry = Registry::with_guard(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone());
 
     let addr = SocketAddr::new(args.control_ip, args.port);
     let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
@@ -74,6 +76,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         .context("control server")?;
     tracing::info!("shutting down: releasing {} sessions", reg.len());
     reg.release_all().await;
+    if let Some(g) = guard {
+        g.detach();
+    }
     Ok(())
 }
 

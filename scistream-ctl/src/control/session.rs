@@ -12,10 +12,12 @@ use tracing::{info, warn};
 
 use super::auth::Identity;
 use super::error::ControlError;
+use super::guard::PortGuard;
 use super::ports::{PortAllocator, Reservation};
 use crate::addr;
 use crate::config::MAX_NUM_CONN;
 use crate::dataplane::{Backend, Forwarder, SessionSpec, Side, StatsSnapshot};
+use crate::ebpf::Counters;
 
 /// How long a `hello` that arrives before its `req` waits for it (capped by
 /// the hello timeout). SciStream clients send both within a second and give
@@ -58,6 +60,10 @@ pub fn parse_uid(uid: &str) -> Result<String, ControlError> {
     uuid::Uuid::try_parse(uid.trim())
         .map(|u| u.hyphenated().to_string())
         .map_err(|_| ControlError::InvalidArgument(format!("uid {uid:?} is not a UUID")))
+}
+
+fn session_ports(s: &Session) -> Vec<u16> {
+    s.listeners.iter().map(SocketAddr::port).collect()
 }
 
 pub fn check_num_conn(n: i32) -> Result<usize, ControlError> {
@@ -109,6 +115,8 @@ pub struct Registry {
     backend: Arc<dyn Backend>,
     listener_ip: IpAddr,
     hello_timeout: Duration,
+    /// Lets each session's ports through the XDP guard while it lives.
+    guard: Option<Arc<PortGuard>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,6 +125,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Registry {
     pub fn new(ports: PortAllocator, backend: Arc<dyn Backend>, listener_ip: IpAddr, hello_timeout: Duration) -> Arc<Self> {
+        Self::with_guard(ports, backend, listener_ip, hello_timeout, None)
+    }
+
+    pub fn with_guard(
+        ports: PortAllocator,
+        backend: Arc<dyn Backend>,
+        listener_ip: IpAddr,
+        hello_timeout: Duration,
+        guard: Option<Arc<PortGuard>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             sessions: Mutex::new(HashMap::new()),
             early_hellos: Mutex::new(HashMap::new()),
@@ -124,6 +142,7 @@ impl Registry {
             backend,
             listener_ip,
             hello_timeout,
+            guard,
         })
     }
 
@@ -196,7 +215,13 @@ impl Registry {
             sessions.insert(uid.clone(), session.clone());
             session
         };
+        if let Some(g) = &self.guard {
+            g.allow(&uid, &session_ports(&session));
+        }
         info!(uid = %uid, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, owner = ?session.owner, "session requested");
+        if crate::dataplane::session_auth::is_time_based_uid(&uid) {
+            warn!(uid = %uid, "time-based (v1) uid: the tunnel's session secret derives from it and is guessable; use random (v4) uids");
+        }
         if let Some(n) = lock(&self.early_hellos).remove(&uid) {
             n.notify_waiters();
         }
@@ -316,7 +341,7 @@ impl Registry {
             Some(f) => f.set_targets(targets.clone()),
             None => {
                 let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
-                let spec = SessionSpec { uid: uid.clone(), side: session.role.side() };
+                let spec = SessionSpec::new(&uid, session.role.side());
                 inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
             }
         }
@@ -355,6 +380,13 @@ impl Registry {
         if let Some(f) = forwarder {
             f.release().await;
         }
+        if let Some(g) = &self.guard {
+            // Before the ports return to the pool, where a new session may
+            // allow them again.
+            let passed = g.deny(&session_ports(&session));
+            let dropped = g.dropped();
+            info!(uid = %uid, passed_packets = passed.packets, passed_bytes = passed.bytes, guard_dropped_packets = dropped.packets, "guard counters at release");
+        }
         // Every listener is closed now, so the ports can go back to the pool.
         drop(reservation);
         info!(uid = %uid, role = session.role.as_str(), "session released");
@@ -366,6 +398,13 @@ impl Registry {
         for uid in uids {
             self.remove(&uid, HelloState::Released).await;
         }
+    }
+
+    /// What the XDP guard let through to the session's ports; `None` when
+    /// the guard is not running.
+    pub fn guard_stats(&self, uid: &str) -> Result<Option<Counters>, ControlError> {
+        let s = self.get(uid)?;
+        Ok(self.guard.as_ref().map(|g| g.passed(&session_ports(&s))))
     }
 
     pub fn stats(&self, uid: &str) -> Result<StatsSnapshot, ControlError> {

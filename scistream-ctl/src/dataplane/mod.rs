@@ -10,6 +10,8 @@ use std::sync::Arc;
 use crate::config::{BackendKind, ServerArgs};
 
 mod relay;
+pub mod sockmap;
+pub mod session_auth;
 pub mod splice;
 pub mod tls;
 
@@ -41,6 +43,14 @@ pub enum DataPlaneError {
 pub struct SessionSpec {
     pub uid: String,
     pub side: Side,
+    /// Both gateways derive it from the uid; the `tls` tunnel proves it.
+    pub secret: session_auth::SessionSecret,
+}
+
+impl SessionSpec {
+    pub fn new(uid: &str, side: Side) -> Self {
+        Self { uid: uid.to_string(), side, secret: session_auth::SessionSecret::derive(uid, None) }
+    }
 }
 
 /// A data-plane implementation (`s2cs --type`).
@@ -77,6 +87,11 @@ pub struct Stats {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
     pub connections_failed: AtomicU64,
+    /// Tunnel connections refused: failed handshake or session proof.
+    pub auth_failures: AtomicU64,
+    /// Connections moved mid-stream to a slower, surer path (a stalled
+    /// sockmap pair handed to splice).
+    pub fallbacks: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,6 +101,8 @@ pub struct StatsSnapshot {
     pub connections_total: u64,
     pub connections_active: u64,
     pub connections_failed: u64,
+    pub auth_failures: u64,
+    pub fallbacks: u64,
 }
 
 impl Stats {
@@ -96,6 +113,8 @@ impl Stats {
             connections_total: self.connections_total.load(Ordering::Relaxed),
             connections_active: self.connections_active.load(Ordering::Relaxed),
             connections_failed: self.connections_failed.load(Ordering::Relaxed),
+            auth_failures: self.auth_failures.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
         }
     }
 }
@@ -103,10 +122,15 @@ impl Stats {
 /// Builds the backend `s2cs` was asked for, checking up front that it can run.
 pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<Arc<dyn Backend>, DataPlaneError> {
     Ok(match args.backend {
-        BackendKind::Tls => Arc::new(TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref())?)),
+        BackendKind::Tls => Arc::new(TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?)),
         BackendKind::Splice => {
             splice::probe()?;
             Arc::new(TcpRelay::new(splice::SplicePump::default()))
+        }
+        BackendKind::Sockmap => {
+            // Falling back to splice mid-stream needs splice too.
+            splice::probe()?;
+            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?))
         }
     })
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{Backend, DataPlaneError, Forwarder, SessionSpec, Side, Stats, StatsSnapshot};
+use super::{Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot};
 
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ pub trait Pump: Send + Sync + 'static {
     const NAME: &'static str;
     fn relay(
         self: Arc<Self>,
-        side: Side,
+        session: Arc<SessionSpec>,
         accepted: TcpStream,
         target: SocketAddr,
         stats: Arc<Stats>,
@@ -58,12 +58,13 @@ impl<P: Pump> Backend for TcpRelay<P> {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
+        let spec = Arc::new(spec);
         for (index, l) in listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
             let listener = TcpListener::from_std(l)?;
             let span = info_span!("listener", uid = %spec.uid, side = ?spec.side, index);
             fwd.tasks.spawn(
-                accept_loop(self.pump.clone(), spec.side, listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone())
+                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone())
                     .instrument(span),
             );
         }
@@ -105,7 +106,7 @@ impl Drop for RelayForwarder {
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop<P: Pump>(
     pump: Arc<P>,
-    side: Side,
+    session: Arc<SessionSpec>,
     listener: TcpListener,
     index: usize,
     targets: Arc<RwLock<Vec<SocketAddr>>>,
@@ -138,14 +139,14 @@ async fn accept_loop<P: Pump>(
         let _ = sock.set_nodelay(true);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
-        let (pump, stats, cancel) = (pump.clone(), stats.clone(), cancel.clone());
+        let (pump, stats, cancel, session) = (pump.clone(), stats.clone(), cancel.clone(), session.clone());
         let span = info_span!("conn", %peer, %target);
         tasks.spawn(
             async move {
                 debug!("accepted");
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Ok(()),
-                    r = pump.relay(side, sock, target, stats.clone()) => r,
+                    r = pump.relay(session, sock, target, stats.clone()) => r,
                 };
                 stats.connections_active.fetch_sub(1, Ordering::Relaxed);
                 match result {

@@ -15,7 +15,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::relay::{connect, Pump};
-use super::{DataPlaneError, Side, Stats};
+use super::{DataPlaneError, SessionSpec, Stats};
 
 /// Bytes one pipe may hold (per direction, per connection). 1 MiB is the
 /// default unprivileged maximum (`/proc/sys/fs/pipe-max-size`) and enough to
@@ -28,7 +28,7 @@ pub struct SplicePump;
 impl Pump for SplicePump {
     const NAME: &'static str = "splice";
 
-    async fn relay(self: Arc<Self>, _side: Side, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
+    async fn relay(self: Arc<Self>, _session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
         let upstream = connect(target).await?;
         splice_bidirectional(&accepted, &upstream, &stats.bytes_forward, &stats.bytes_backward).await
     }

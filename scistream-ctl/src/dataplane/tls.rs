@@ -1,8 +1,10 @@
 //! `tls` backend: TLS 1.3 (AES-GCM) between the outbound and the inbound
 //! gateway, in user space with rustls. The inbound gateway presents its server
-//! certificate; the outbound one verifies it when given `--peer_ca`. The apps
-//! on either side speak plain TCP.
+//! certificate; the outbound one verifies it when given `--peer_ca`. Before a
+//! byte is forwarded, both prove the session secret over the channel
+//! ([`super::session_auth`]). The apps on either side speak plain TCP.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,12 +20,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::relay::{connect, Pump};
-use super::{DataPlaneError, Side, Stats};
+use super::session_auth::{self, Role, SessionSecret};
+use super::{DataPlaneError, SessionSpec, Side, Stats};
 use crate::tls::{tunnel_client_config, tunnel_server_config, Identity};
-
-/// A peer that does not finish the handshake in this time is cut off, so a
-/// silent client cannot hold a connection slot.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Copy buffer per direction; with rustls' own 64 KiB plaintext limit this
 /// bounds a connection's user-space memory to a few hundred KiB.
@@ -32,46 +31,69 @@ const COPY_BUF: usize = 64 * 1024;
 pub struct TlsPump {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
+    /// Handshake plus session proof must finish within this.
+    timeout: Duration,
 }
 
 impl TlsPump {
-    pub fn new(identity: &Identity, peer_ca: Option<&Path>) -> Result<Self, DataPlaneError> {
+    pub fn new(identity: &Identity, peer_ca: Option<&Path>, timeout: Duration) -> Result<Self, DataPlaneError> {
         if peer_ca.is_none() {
             tracing::warn!(
-                "tls backend without --peer_ca: tunnels are encrypted but the inbound gateway's certificate is not verified"
+                "tls backend without --peer_ca: outbound tunnels do not verify the inbound gateway's certificate \
+                 (they still require the session proof)"
             );
         }
         Ok(Self {
             acceptor: TlsAcceptor::from(tunnel_server_config(identity)?),
             connector: TlsConnector::from(tunnel_client_config(peer_ca)?),
+            timeout,
         })
+    }
+
+    /// TLS handshake and session proof as the inbound gateway.
+    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let mut tls = self.acceptor.accept(accepted).await?;
+        session_auth::prove(&mut tls, secret, Role::Server).await?;
+        Ok(tls)
+    }
+
+    /// TLS handshake and session proof as the outbound gateway.
+    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let upstream = connect(target).await?;
+        let name = ServerName::IpAddress(target.ip().into());
+        let mut tls = self.connector.connect(name, upstream).await?;
+        session_auth::prove(&mut tls, secret, Role::Client).await?;
+        Ok(tls)
     }
 }
 
-fn timed_out(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, format!("{what} did not finish within {HANDSHAKE_TIMEOUT:?}"))
+/// Bounds a tunnel set-up step and, when it fails, counts the refusal and
+/// names it so the log line says why the peer was cut off.
+async fn guarded<T>(limit: Duration, stats: &Stats, step: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let r = match tokio::time::timeout(limit, step).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("handshake and session proof took over {limit:?}"))),
+    };
+    r.map_err(|e| {
+        let n = stats.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        io::Error::new(e.kind(), format!("tunnel peer refused ({n} so far in this session): {e}"))
+    })
 }
 
 impl Pump for TlsPump {
     const NAME: &'static str = "tls";
 
-    async fn relay(self: Arc<Self>, side: Side, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
-        match side {
+    async fn relay(self: Arc<Self>, session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
+        match session.side {
             Side::Inbound => {
-                let tunnel = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(accepted))
-                    .await
-                    .map_err(|_| timed_out("TLS handshake with the peer gateway"))?
-                    .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with the peer gateway: {e}")))?;
+                // Nothing is sent to the producer before the peer proved the secret.
+                let tunnel = guarded(self.timeout, &stats, self.admit(accepted, &session.secret)).await?;
                 let app = connect(target).await?;
                 copy_counted(tunnel, app, &stats).await
             }
             Side::Outbound => {
-                let upstream = connect(target).await?;
-                let name = ServerName::IpAddress(target.ip().into());
-                let tunnel = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, upstream))
-                    .await
-                    .map_err(|_| timed_out("TLS handshake with the inbound gateway"))?
-                    .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {target}: {e}")))?;
+                // Nor is anything of the consumer's sent before the inbound gateway proved it.
+                let tunnel = guarded(self.timeout, &stats, self.open(target, &session.secret)).await?;
                 copy_counted(accepted, tunnel, &stats).await
             }
         }

@@ -1,0 +1,419 @@
+//! `cargo xtask bench`: end-to-end throughput of scistream-rs against its peers on
+//! the four-namespace path (consumer -> outbound gw -> inbound gw -> producer),
+//! measured with iperf3, plus the session set-up latency of `s2uc`.
+//!
+//! Every configuration gets its own path, built once and kept for the whole run,
+//! so rounds can interleave the configurations: a burst of load from another
+//! process on this shared machine then hits all of them alike instead of
+//! skewing one. Medians over the rounds are reported, with ratios to `direct`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use testbed::netns::{Link, Node, Topology};
+use testbed::process::{netns_command, run_command, spawn_in, Daemon};
+
+use crate::bench_peers::{self, PeerPair};
+use crate::bench_report::{self, Cell, Latency, Report, Sample};
+use crate::gateways::{self, Gateways};
+use crate::privilege;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=600))]
+    seconds: u32,
+    /// Rounds; each runs every configuration once per stream count (medians reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Parallel streams (iperf3 -P), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    streams: Vec<u32>,
+    /// Configurations, comma-separated: direct (kernel routing), haproxy, stunnel,
+    /// and any `s2cs --type` (tls, splice, sockmap, ...); one the host cannot run is skipped.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,tls,splice,sockmap,haproxy,stunnel"
+    )]
+    configs: Vec<String>,
+    /// Sessions for the set-up latency measurement (0 skips it).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=300))]
+    sessions: u32,
+    /// The `s2cs --type` whose gateways the set-up latency is measured on.
+    #[arg(long, default_value = "tls")]
+    latency_backend: String,
+    /// Where bench.json and bench.svg go; default target/bench in the workspace.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Set when we re-ran ourselves (as root) after building the release binaries.
+const PREBUILT_ENV: &str = "XTASK_BENCH_PREBUILT";
+/// iperf3's default port, on the producer.
+const IPERF_PORT: u16 = 5201;
+/// Debian packages of the peers and the load generator.
+const PACKAGES: &[&str] = &[
+    "iperf3", "haproxy", "stunnel4", "socat", "openssl", "iproute2",
+];
+
+/// What forwards between the gateways in one configuration; dropping it stops it.
+enum Forwarding {
+    /// Kernel routing: nothing runs on the gateways.
+    Kernel,
+    Scistream(Gateways),
+    Peers(PeerPair),
+}
+
+impl Forwarding {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Forwarding::Kernel => Vec::new(),
+            Forwarding::Scistream(g) => g.pids().to_vec(),
+            Forwarding::Peers(p) => p.pids().to_vec(),
+        }
+    }
+}
+
+/// One configuration's own path, ready for iperf3 runs. Fields drop in order:
+/// the forwarding daemons and the iperf3 server before their namespaces.
+struct Bed {
+    label: String,
+    forwarding: Forwarding,
+    iperf_server: Daemon,
+    /// Where the iperf3 client connects.
+    target: SocketAddr,
+    topo: Topology,
+}
+
+pub fn main(args: &Args) -> Result<ExitCode> {
+    if !gateways::is_handed_over(PREBUILT_ENV) {
+        // iperf3 generates the load, so a debug xtask is fine; only s2cs/s2uc
+        // must be release builds.
+        gateways::hand_over(PREBUILT_ENV, PACKAGES, false)?;
+    }
+    if !privilege::is_root() {
+        bail!("the benchmark needs root (network namespaces)");
+    }
+    if args.streams.is_empty() || args.configs.is_empty() {
+        bail!("--streams and --configs must each name at least one value");
+    }
+    let out_dir = match &args.out {
+        Some(dir) => dir.clone(),
+        None => crate::bins::workspace_root().join("target").join("bench"),
+    };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let state = tempfile::Builder::new()
+        .prefix("scistream-bench-")
+        .tempdir()
+        .context("creating a state directory")?;
+    gateways::install_ctrl_c_cleanup(state.path())?;
+
+    let mut report = Report::new(args.seconds, args.rounds, &args.streams);
+    println!(
+        "scistream bench: iperf3 -R (producer sends), {} s per run, {} round(s), streams {:?}; load average at start: {}",
+        args.seconds,
+        args.rounds,
+        args.streams,
+        report.machine.loadavg
+    );
+
+    let mut beds = Vec::new();
+    for label in &args.configs {
+        let label = label.trim().to_ascii_lowercase();
+        match prepare(&label, state.path()) {
+            Ok(bed) => {
+                println!("{label}: ready, iperf3 -> {}", bed.target);
+                beds.push(bed);
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                println!("{label}: SKIPPED: {reason}");
+                report.skip(&label, reason);
+            }
+        }
+    }
+    if beds.is_empty() {
+        bail!("no configuration could be set up");
+    }
+
+    for round in 1..=args.rounds {
+        for &streams in &args.streams {
+            for bed in &mut beds {
+                let outcome = measure_or_reset(bed, streams, args.seconds);
+                match &outcome {
+                    Ok(s) => println!(
+                        "round {round}/{}: {:<8} P{streams}: {:6.2} Gbit/s",
+                        args.rounds, bed.label, s.gbps
+                    ),
+                    Err(e) => println!(
+                        "round {round}/{}: {:<8} P{streams}: FAILED: {e:#}",
+                        args.rounds, bed.label
+                    ),
+                }
+                report.record(&bed.label, streams, outcome.map_err(|e| format!("{e:#}")));
+            }
+        }
+    }
+
+    if args.sessions > 0 {
+        match setup_latency(&beds, &args.latency_backend, args.sessions, state.path()) {
+            Ok(latency) => report.latency = Some(latency),
+            Err(e) => println!("set-up latency: FAILED: {e:#}"),
+        }
+    }
+    drop(beds);
+
+    let cells: Vec<Cell> = report.cells();
+    bench_report::print_table(&report, &cells);
+    let json = out_dir.join("bench.json");
+    let svg = out_dir.join("bench.svg");
+    bench_report::write_json(&report, &cells, &json)?;
+    bench_report::write_svg(&report, &cells, &svg)?;
+    println!("\nwrote {} and {}", json.display(), svg.display());
+    let failed = cells.iter().any(|c| c.samples.is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Builds `label`'s path: a topology, an iperf3 server on the producer, and the
+/// gateways (none for `direct`).
+fn prepare(label: &str, state: &Path) -> Result<Bed> {
+    let topo = Topology::new()?;
+    let producer = topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT);
+    let iperf_server = start_iperf_server(&topo)?;
+    let dir = state.join(label);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (forwarding, target) = match label {
+        "direct" => (Forwarding::Kernel, producer),
+        "haproxy" => {
+            let pair = bench_peers::haproxy(&topo, producer, &dir)?;
+            let entry = pair.entry;
+            (Forwarding::Peers(pair), entry)
+        }
+        "stunnel" => {
+            let pair = bench_peers::stunnel(&topo, producer, &dir)?;
+            let entry = pair.entry;
+            (Forwarding::Peers(pair), entry)
+        }
+        backend => {
+            let gws = Gateways::start(&topo, backend, state, backend)
+                .with_context(|| format!("s2cs --type {backend}"))?;
+            // One listener: iperf3's control and data connections all go to the
+            // same port, and the gateway forwards every connection it accepts.
+            let session = gws.session(producer, 1)?;
+            let entry = *session
+                .outbound_listeners
+                .first()
+                .context("outbound-request returned no listener")?;
+            (Forwarding::Scistream(gws), entry)
+        }
+    };
+    Ok(Bed {
+        label: label.to_owned(),
+        forwarding,
+        iperf_server,
+        target,
+        topo,
+    })
+}
+
+fn start_iperf_server(topo: &Topology) -> Result<Daemon> {
+    let producer = topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT);
+    let prod_ns = topo.ns(Node::Producer);
+    let port = IPERF_PORT.to_string();
+    let mut server = spawn_in(prod_ns, "iperf3", ["-s", "-p", port.as_str()])?;
+    gateways::wait_listening(&mut server, prod_ns, producer, Duration::from_secs(10))
+        .context("iperf3 server")?;
+    Ok(server)
+}
+
+/// [`measure`], and after a failed run a fresh iperf3 server: a killed client
+/// whose close never reached the server leaves it busy with the dead test, which
+/// would fail every later run of this configuration for a reason not its own.
+fn measure_or_reset(bed: &mut Bed, streams: u32, seconds: u32) -> Result<Sample> {
+    let outcome = measure(bed, streams, seconds);
+    if outcome.is_err() {
+        bed.iperf_server.stop();
+        bed.iperf_server = start_iperf_server(&bed.topo).context("restarting the iperf3 server")?;
+    }
+    outcome
+}
+
+/// One iperf3 run through `bed`, with the gateways' CPU time and peak memory.
+fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
+    let pids = bed.forwarding.pids();
+    for &pid in &pids {
+        reset_peak_rss(pid)?;
+    }
+    let cpu_before = cpu_seconds(&pids)?;
+    let mut cmd = netns_command(bed.topo.ns(Node::Consumer), "iperf3");
+    cmd.args(["-c", &bed.target.ip().to_string()])
+        .args(["-p", &bed.target.port().to_string()])
+        .args(["-t", &seconds.to_string()])
+        .args(["-P", &streams.to_string()])
+        // A gateway that accepts but never connects onwards must fail the run, not hang it.
+        .args(["--connect-timeout", "5000"])
+        // -R: the producer sends, as in a science stream; -J: one JSON document.
+        .args(["-R", "-J"]);
+    let started = Instant::now();
+    let out = run_command(cmd, Duration::from_secs(u64::from(seconds) + 15))?;
+    let wall = started.elapsed();
+    let cpu = cpu_seconds(&pids)? - cpu_before;
+    let peak_rss_kib = pids
+        .iter()
+        .map(|&pid| peak_rss_kib(pid))
+        .sum::<Result<u64>>()?;
+    let (bytes, gbps) = parse_iperf(&out.stdout)
+        .with_context(|| format!("iperf3 exited with {} after {wall:?}", out.status))?;
+    Ok(Sample {
+        gbps,
+        bytes,
+        gateway_cpu_s: (!pids.is_empty()).then_some(cpu),
+        peak_rss_kib: (!pids.is_empty()).then_some(peak_rss_kib),
+    })
+}
+
+/// Bytes received and Gbit/s from iperf3's `-J` output (receiver side, so data
+/// still queued in a buffer when the sender stops does not count).
+fn parse_iperf(stdout: &[u8]) -> Result<(u64, f64)> {
+    let doc: serde_json::Value = serde_json::from_slice(stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON: {}",
+            String::from_utf8_lossy(stdout)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        )
+    })?;
+    if let Some(err) = doc["error"].as_str() {
+        bail!("iperf3: {err}");
+    }
+    let sum = &doc["end"]["sum_received"];
+    let bytes = sum["bytes"].as_u64().context("no end.sum_received.bytes")?;
+    let bps = sum["bits_per_second"]
+        .as_f64()
+        .context("no end.sum_received.bits_per_second")?;
+    Ok((bytes, bps / 1e9))
+}
+
+/// /proc reports CPU time in USER_HZ ticks, which the Linux ABI fixes at 100 on
+/// every architecture we run on (it is not the kernel's CONFIG_HZ).
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime of every thread of each process, in seconds.
+fn cpu_seconds(pids: &[u32]) -> Result<f64> {
+    let mut total = 0.0;
+    for pid in pids {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total +=
+            parse_cpu_ticks(&stat).with_context(|| format!("parsing {path}"))? as f64 / USER_HZ;
+    }
+    Ok(total)
+}
+
+/// utime + stime from a /proc/<pid>/stat line. The command name may contain
+/// spaces and parentheses, so fields are counted from the last `)`.
+fn parse_cpu_ticks(stat: &str) -> Result<u64> {
+    let rest = stat
+        .rsplit_once(')')
+        .context("no `)` after the command name")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .context("line too short")?
+            .parse()
+            .with_context(|| format!("field {n} is not a number"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// Writing 5 to clear_refs resets VmHWM to the current RSS, so each run's peak
+/// is its own even though the gateways live through all rounds.
+fn reset_peak_rss(pid: u32) -> Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
+}
+
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmHWM in {path}"))
+}
+
+/// Wall time of `s2uc inbound-request` and `outbound-request` (process start, TLS
+/// handshake and gRPC calls included, as a user sees it), over `n` sessions, each
+/// released (untimed) before the next.
+fn setup_latency(beds: &[Bed], backend: &str, n: u32, state: &Path) -> Result<Latency> {
+    // Reuse the throughput gateways of that backend when there are some; they are
+    // idle now.
+    let own;
+    let (gws, producer) = match beds.iter().find_map(|b| match &b.forwarding {
+        Forwarding::Scistream(g) if g.backend == backend => Some((
+            g,
+            b.topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT),
+        )),
+        _ => None,
+    }) {
+        Some(found) => found,
+        None => {
+            let topo = Topology::new()?;
+            let gws = Gateways::start(&topo, backend, state, &format!("latency-{backend}"))?;
+            let producer = topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT);
+            own = (gws, topo);
+            (&own.0, producer)
+        }
+    };
+    let mut inbound_ms = Vec::new();
+    let mut outbound_ms = Vec::new();
+    for i in 0..n {
+        let t0 = Instant::now();
+        let (uid, inbound) = gws.inbound_request(producer, 1)?;
+        let t1 = Instant::now();
+        gws.outbound_request(&uid, &inbound, 1)?;
+        let t2 = Instant::now();
+        inbound_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        outbound_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        gws.release(&uid)
+            .with_context(|| format!("releasing session {} of {n}", i + 1))?;
+    }
+    Ok(Latency::new(backend, inbound_ms, outbound_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        // A command name with a space and a `)` must not shift the fields.
+        let stat = "4242 (s2cs) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 1 1";
+        assert_eq!(parse_cpu_ticks(stat).expect("parses"), 325);
+        assert!(parse_cpu_ticks("4242 (s2cs) S 1").is_err());
+    }
+
+    #[test]
+    fn iperf_json_gives_received_bytes_and_rate() {
+        let json = br#"{"end":{"sum_received":{"bytes":1250000000,"bits_per_second":2.0e9}}}"#;
+        let (bytes, gbps) = parse_iperf(json).expect("parses");
+        assert_eq!(bytes, 1_250_000_000);
+        assert!((gbps - 2.0).abs() < 1e-9);
+        let err = parse_iperf(br#"{"error":"unable to connect to server"}"#).unwrap_err();
+        assert!(format!("{err:#}").contains("unable to connect"));
+    }
+}

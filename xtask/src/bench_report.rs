@@ -1,0 +1,446 @@
+//! The results of `cargo xtask bench`: medians and ratios per configuration and
+//! stream count, printed as a table and written as JSON and an SVG bar chart.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+/// One iperf3 run.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub gbps: f64,
+    pub bytes: u64,
+    /// utime + stime of both gateway processes during the run; None for kernel routing.
+    pub gateway_cpu_s: Option<f64>,
+    /// VmHWM of the two gateways, summed; None for kernel routing.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Sample {
+    fn cpu_s_per_gb(&self) -> Option<f64> {
+        let gb = self.bytes as f64 / 1e9;
+        self.gateway_cpu_s.filter(|_| gb > 0.0).map(|cpu| cpu / gb)
+    }
+}
+
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    /// /proc/loadavg at the start: other work on a shared machine shows here.
+    pub loadavg: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        Machine {
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            cpu_model: read("/proc/cpuinfo")
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                .unwrap_or_default(),
+            loadavg: read("/proc/loadavg")
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+/// `s2uc` session set-up wall times in milliseconds.
+pub struct Latency {
+    pub backend: String,
+    pub inbound_ms: Vec<f64>,
+    pub outbound_ms: Vec<f64>,
+}
+
+impl Latency {
+    pub fn new(backend: &str, inbound_ms: Vec<f64>, outbound_ms: Vec<f64>) -> Latency {
+        Latency {
+            backend: backend.to_owned(),
+            inbound_ms,
+            outbound_ms,
+        }
+    }
+
+    fn total_ms(&self) -> Vec<f64> {
+        self.inbound_ms
+            .iter()
+            .zip(&self.outbound_ms)
+            .map(|(a, b)| a + b)
+            .collect()
+    }
+}
+
+/// Nearest-rank percentile (`q` in 0..=100); None for no values.
+pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    })
+}
+
+pub struct Report {
+    pub machine: Machine,
+    seconds: u32,
+    rounds: u32,
+    streams: Vec<u32>,
+    /// Configurations in the order they were set up.
+    order: Vec<String>,
+    runs: Vec<(String, u32, Result<Sample, String>)>,
+    skipped: Vec<(String, String)>,
+    pub latency: Option<Latency>,
+    started_unix: u64,
+}
+
+/// The summary of one configuration at one stream count.
+pub struct Cell {
+    pub label: String,
+    pub streams: u32,
+    pub samples: Vec<Sample>,
+    pub errors: Vec<String>,
+    pub median_gbps: Option<f64>,
+    pub ratio_to_direct: Option<f64>,
+    pub cpu_s_per_gb: Option<f64>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Report {
+    pub fn new(seconds: u32, rounds: u32, streams: &[u32]) -> Report {
+        Report {
+            machine: Machine::probe(),
+            seconds,
+            rounds,
+            streams: streams.to_vec(),
+            order: Vec::new(),
+            runs: Vec::new(),
+            skipped: Vec::new(),
+            latency: None,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    pub fn skip(&mut self, label: &str, reason: String) {
+        self.skipped.push((label.to_owned(), reason));
+    }
+
+    pub fn record(&mut self, label: &str, streams: u32, outcome: Result<Sample, String>) {
+        if !self.order.iter().any(|l| l == label) {
+            self.order.push(label.to_owned());
+        }
+        self.runs.push((label.to_owned(), streams, outcome));
+    }
+
+    /// Medians per configuration and stream count; CPU per GB is the median of
+    /// each run's own ratio, peak RSS the largest of the runs.
+    pub fn cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for &streams in &self.streams {
+            let direct = self.summarise("direct", streams).median_gbps;
+            for label in &self.order {
+                let mut cell = self.summarise(label, streams);
+                cell.ratio_to_direct = cell
+                    .median_gbps
+                    .zip(direct)
+                    .filter(|(_, d)| *d > 0.0)
+                    .map(|(g, d)| g / d);
+                cells.push(cell);
+            }
+        }
+        cells
+    }
+
+    fn summarise(&self, label: &str, streams: u32) -> Cell {
+        let mut samples = Vec::new();
+        let mut errors = Vec::new();
+        for (l, s, outcome) in &self.runs {
+            if l == label && *s == streams {
+                match outcome {
+                    Ok(sample) => samples.push(sample.clone()),
+                    Err(e) => errors.push(e.clone()),
+                }
+            }
+        }
+        let gbps: Vec<f64> = samples.iter().map(|s| s.gbps).collect();
+        let cpu: Vec<f64> = samples.iter().filter_map(Sample::cpu_s_per_gb).collect();
+        Cell {
+            label: label.to_owned(),
+            streams,
+            median_gbps: median(&gbps),
+            ratio_to_direct: None,
+            cpu_s_per_gb: median(&cpu),
+            peak_rss_kib: samples.iter().filter_map(|s| s.peak_rss_kib).max(),
+            samples,
+            errors,
+        }
+    }
+}
+
+fn opt(v: Option<f64>, precision: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
+}
+
+pub fn print_table(report: &Report, cells: &[Cell]) {
+    let m = &report.machine;
+    println!(
+        "\n{} CPUs ({}), kernel {}; iperf3 -R, {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes",
+        m.cpus, m.cpu_model, m.kernel, report.seconds, report.rounds
+    );
+    for &streams in &report.streams {
+        println!("\n{streams} stream(s):");
+        println!(
+            "{:<10} {:>8} {:>10} {:>13} {:>14}  runs (Gbit/s)",
+            "config", "Gbit/s", "vs direct", "gw CPU s/GB", "gw peak RSS"
+        );
+        for c in cells.iter().filter(|c| c.streams == streams) {
+            let runs: Vec<String> = c.samples.iter().map(|s| format!("{:.2}", s.gbps)).collect();
+            let failed = if c.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} failed)", c.errors.len())
+            };
+            println!(
+                "{:<10} {:>8} {:>10} {:>13} {:>14}  {}{failed}",
+                c.label,
+                opt(c.median_gbps, 2),
+                c.ratio_to_direct
+                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+                opt(c.cpu_s_per_gb, 2),
+                c.peak_rss_kib.map_or_else(
+                    || "-".to_owned(),
+                    |k| format!("{:.1} MiB", k as f64 / 1024.0)
+                ),
+                runs.join(" ")
+            );
+        }
+    }
+    for c in cells {
+        if let Some(e) = c.errors.first() {
+            println!(
+                "\n{} P{} failed {} time(s); first: {e}",
+                c.label,
+                c.streams,
+                c.errors.len()
+            );
+        }
+    }
+    for (label, reason) in &report.skipped {
+        println!("\n{label}: skipped: {reason}");
+    }
+    if let Some(l) = &report.latency {
+        let total = l.total_ms();
+        println!(
+            "\nsession set-up ({} gateways, {} sessions, wall time of the s2uc commands):",
+            l.backend,
+            total.len()
+        );
+        for (name, v) in [
+            ("inbound-request", &l.inbound_ms),
+            ("outbound-request", &l.outbound_ms),
+            ("both", &total),
+        ] {
+            println!(
+                "  {name:<17} p50 {:>7} ms   p99 {:>7} ms",
+                opt(percentile(v, 50.0), 1),
+                opt(percentile(v, 99.0), 1)
+            );
+        }
+    }
+}
+
+pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
+    let m = &report.machine;
+    let results: Vec<Value> = cells
+        .iter()
+        .map(|c| {
+            json!({
+                "config": c.label,
+                "streams": c.streams,
+                "median_gbit_per_s": c.median_gbps,
+                "ratio_to_direct": c.ratio_to_direct,
+                "gateway_cpu_s_per_gb": c.cpu_s_per_gb,
+                "gateway_peak_rss_kib": c.peak_rss_kib,
+                "runs": c.samples.iter().map(|s| json!({
+                    "gbit_per_s": s.gbps,
+                    "bytes": s.bytes,
+                    "gateway_cpu_s": s.gateway_cpu_s,
+                    "gateway_peak_rss_kib": s.peak_rss_kib,
+                })).collect::<Vec<_>>(),
+                "errors": c.errors,
+            })
+        })
+        .collect();
+    let latency = report.latency.as_ref().map(|l| {
+        let total = l.total_ms();
+        let stats =
+            |v: &[f64]| json!({"p50_ms": percentile(v, 50.0), "p99_ms": percentile(v, 99.0)});
+        json!({
+            "backend": l.backend,
+            "sessions": total.len(),
+            "inbound_request": stats(&l.inbound_ms),
+            "outbound_request": stats(&l.outbound_ms),
+            "both": stats(&total),
+            "both_ms": total,
+        })
+    });
+    let doc = json!({
+        "started_unix": report.started_unix,
+        "machine": {
+            "kernel": m.kernel,
+            "cpus": m.cpus,
+            "cpu_model": m.cpu_model,
+            "loadavg_at_start": m.loadavg,
+        },
+        "method": {
+            "tool": "iperf3 -R -J (producer sends; consumer-side received bytes)",
+            "seconds_per_run": report.seconds,
+            "rounds": report.rounds,
+            "streams": report.streams,
+        },
+        "results": results,
+        "skipped": report.skipped.iter().map(|(l, r)| json!({"config": l, "reason": r})).collect::<Vec<_>>(),
+        "session_setup": latency,
+    });
+    let text = serde_json::to_string_pretty(&doc).context("encoding the results")?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// A grouped bar chart: one group per configuration, one bar per stream count.
+pub fn write_svg(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+
+    let labels = &report.order;
+    let n = labels.len().max(1);
+    let top = cells
+        .iter()
+        .filter_map(|c| c.median_gbps)
+        .fold(1.0_f64, f64::max)
+        * 1.15;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
+
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let caption = format!(
+            "iperf3 through the gateways, median of {} x {} s ({} CPUs, kernel {})",
+            report.rounds, report.seconds, report.machine.cpus, report.machine.kernel
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(-0.5..(n as f64 - 0.5), 0.0..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n + 1)
+            // Only whole numbers are group centres; other tick positions stay blank.
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    labels.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("Gbit/s")
+            .draw()?;
+        let groups = report.streams.len().max(1) as f64;
+        let width = 0.8 / groups;
+        for (k, &streams) in report.streams.iter().enumerate() {
+            let color = palette[k % palette.len()];
+            let bars = labels.iter().enumerate().filter_map(|(i, label)| {
+                let cell = cells
+                    .iter()
+                    .find(|c| c.streams == streams && &c.label == label)?;
+                let x0 = i as f64 - 0.4 + k as f64 * width;
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.95, cell.median_gbps?)],
+                    color.filled(),
+                ))
+            });
+            chart
+                .draw_series(bars)?
+                .label(format!("{streams} stream(s)"))
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(25.0));
+        assert_eq!(percentile(&v, 99.0), Some(50.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn ratios_are_against_direct_at_the_same_stream_count() {
+        let mut r = Report::new(5, 1, &[1, 4]);
+        let s = |gbps| {
+            Ok(Sample {
+                gbps,
+                bytes: 1_000_000_000,
+                gateway_cpu_s: Some(2.0),
+                peak_rss_kib: Some(10),
+            })
+        };
+        r.record("direct", 1, s(20.0));
+        r.record("tls", 1, s(5.0));
+        r.record("direct", 4, s(10.0));
+        r.record("tls", 4, s(5.0));
+        let cells = r.cells();
+        let tls4 = cells
+            .iter()
+            .find(|c| c.label == "tls" && c.streams == 4)
+            .expect("cell");
+        assert_eq!(tls4.ratio_to_direct, Some(0.5));
+        assert_eq!(tls4.cpu_s_per_gb, Some(2.0));
+    }
+}
