@@ -794,7 +794,15 @@ fn stream_reader(mut socket: &TcpStream, seed: u64, shared: &StreamShared) {
     let mut buf = vec![0u8; READ_BUF];
     loop {
         match socket.read(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => {
+                // Before we asked the stream to stop, an EOF means the path
+                // closed it under us (a released session, a dead gateway).
+                if !shared.stop.load(Ordering::SeqCst) {
+                    let at = shared.echoed.load(Ordering::SeqCst);
+                    shared.fail(format!("the other end closed the stream after {at} verified bytes"));
+                }
+                return;
+            }
             Ok(n) => {
                 if !pattern.matches(&buf[..n]) {
                     let at = shared.echoed.load(Ordering::SeqCst);
