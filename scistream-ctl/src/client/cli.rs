@@ -34,6 +34,10 @@ pub enum Command {
     /// Request a producer-side session and wait for the producer app's own hello.
     #[command(name = "prod-req", alias = "prod_req")]
     ProdReq(ProdReqArgs),
+    /// List the sessions of one gateway with their connections and bytes.
+    List(ListArgs),
+    /// Show one session; `--watch` refreshes it in place with live rates.
+    Status(StatusArgs),
     /// Log in (OAuth2 authorization code with PKCE) and store tokens for a scope.
     Login(LoginArgs),
     /// Revoke every stored token at the server and delete them.
@@ -41,6 +45,25 @@ pub enum Command {
     /// Show the stored tokens' scope, identity and expiry.
     #[command(name = "check-auth", alias = "check_auth")]
     CheckAuth(CheckAuthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    pub uid: String,
+    /// Keep refreshing until the session is released (Ctrl-C to stop).
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
 }
 
 #[derive(Args, Debug)]
@@ -223,6 +246,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status_error(&conn.target, "update", &s))?;
             Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+        }
+        Command::List(a) => {
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
+            super::observe::list(&conn, a.conn.json).await?;
+        }
+        Command::Status(a) => {
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
+            let every = Duration::from_secs_f64(a.interval.clamp(0.1, 3600.0));
+            super::observe::status(&conn, &a.uid, a.watch, every, a.conn.json).await?;
         }
         Command::Release(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod observe;
 
 use std::path::Path;
 use std::time::Duration;
@@ -84,6 +85,14 @@ impl Connection {
     pub async fn update(&self, uid: &str, remote_listeners: &[String], role: &str) -> Result<proto::Response, Status> {
         let msg = proto::UpdateTargets { uid: uid.into(), remote_listeners: remote_listeners.to_vec(), role: role.into() };
         Ok(self.client.clone().update(self.with_token(msg)).await?.into_inner())
+    }
+
+    pub async fn list(&self) -> Result<Vec<proto::SessionInfo>, Status> {
+        Ok(self.client.clone().list(self.with_token(proto::ListRequest {})).await?.into_inner().sessions)
+    }
+
+    pub async fn status(&self, uid: &str) -> Result<proto::SessionInfo, Status> {
+        Ok(self.client.clone().status(self.with_token(proto::StatusRequest { uid: uid.into() })).await?.into_inner())
     }
 
     pub async fn release(&self, uid: &str) -> Result<proto::Response, Status> {

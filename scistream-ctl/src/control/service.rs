@@ -9,7 +9,7 @@ use tracing::{info_span, Instrument};
 
 use super::auth::{Authenticator, Identity};
 use super::error::ControlError;
-use super::session::{Registry, Role};
+use super::session::{Registry, Role, SessionView};
 use crate::addr::to_strings;
 use crate::proto;
 use crate::proto::control_server::Control;
@@ -74,5 +74,38 @@ impl Control for ControlService {
             Role::Cons => "Sending listeners...",
         };
         Ok(Response::new(proto::AppResponse { message: message.into(), listeners: to_strings(&listeners) }))
+    }
+
+    async fn list(&self, request: Request<proto::ListRequest>) -> Result<Response<proto::SessionList>, Status> {
+        let who = self.caller(&request).await?;
+        let sessions = self.registry.list(who.as_ref()).iter().map(info).collect();
+        Ok(Response::new(proto::SessionList { sessions }))
+    }
+
+    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::SessionInfo>, Status> {
+        let who = self.caller(&request).await?;
+        let r = request.into_inner();
+        Ok(Response::new(info(&self.registry.view(&r.uid, who.as_ref())?)))
+    }
+}
+
+fn info(v: &SessionView) -> proto::SessionInfo {
+    proto::SessionInfo {
+        uid: v.uid.clone(),
+        role: v.role.as_str().into(),
+        backend: v.backend.into(),
+        listeners: to_strings(&v.listeners),
+        targets: to_strings(&v.targets),
+        hello_received: v.hello_received,
+        rate: v.rate,
+        num_conn: v.num_conn as i32,
+        connections_active: v.stats.connections_active,
+        connections_total: v.stats.connections_total,
+        connections_failed: v.stats.connections_failed,
+        bytes_forward: v.stats.bytes_forward,
+        bytes_backward: v.stats.bytes_backward,
+        auth_failures: v.stats.auth_failures,
+        age_ms: v.age.as_millis() as u64,
+        owner: v.owner.clone().unwrap_or_default(),
     }
 }

@@ -90,6 +90,7 @@ pub struct Session {
     pub listeners: Vec<SocketAddr>,
     /// The identity that created the session; `None` with authentication off.
     pub owner: Option<String>,
+    pub created: std::time::Instant,
     hello: watch::Sender<HelloState>,
     inner: Mutex<Inner>,
 }
@@ -99,6 +100,22 @@ struct Inner {
     reservation: Option<Reservation>,
     forwarder: Option<Box<dyn Forwarder>>,
     targets: Vec<SocketAddr>,
+}
+
+/// What `status` and `list` report of a session.
+#[derive(Clone, Debug)]
+pub struct SessionView {
+    pub uid: String,
+    pub role: Role,
+    pub backend: &'static str,
+    pub listeners: Vec<SocketAddr>,
+    pub targets: Vec<SocketAddr>,
+    pub hello_received: bool,
+    pub rate: i32,
+    pub num_conn: usize,
+    pub stats: StatsSnapshot,
+    pub age: Duration,
+    pub owner: Option<String>,
 }
 
 /// A completed `req`: the session's listeners and, for PROD, the producer
@@ -209,6 +226,7 @@ impl Registry {
                 rate,
                 listeners,
                 owner: owner.map(|o| o.id.clone()),
+                created: std::time::Instant::now(),
                 hello: watch::Sender::new(HelloState::Pending),
                 inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
             });
@@ -405,6 +423,48 @@ impl Registry {
     pub fn guard_stats(&self, uid: &str) -> Result<Option<Counters>, ControlError> {
         let s = self.get(uid)?;
         Ok(self.guard.as_ref().map(|g| g.passed(&session_ports(&s))))
+    }
+
+    /// One session as `status` shows it; only its owner may look.
+    pub fn view(&self, uid: &str, caller: Option<&Identity>) -> Result<SessionView, ControlError> {
+        let uid = parse_uid(uid)?;
+        let session = self.get(&uid)?;
+        Self::check_owner(&session, caller)?;
+        Ok(self.view_of(&session))
+    }
+
+    /// Every session the caller may see (all of them with authentication off).
+    pub fn list(&self, caller: Option<&Identity>) -> Vec<SessionView> {
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        let mut views: Vec<SessionView> = sessions
+            .iter()
+            .filter(|s| match (&s.owner, caller) {
+                (None, _) => true,
+                (Some(owner), Some(who)) => who.is(owner),
+                (Some(_), None) => false,
+            })
+            .map(|s| self.view_of(s))
+            .collect();
+        views.sort_by_key(|v| std::cmp::Reverse(v.age));
+        views
+    }
+
+    fn view_of(&self, s: &Session) -> SessionView {
+        let hello_received = matches!(*s.hello.borrow(), HelloState::Received(_));
+        let inner = lock(&s.inner);
+        SessionView {
+            uid: s.uid.clone(),
+            role: s.role,
+            backend: self.backend.name(),
+            listeners: s.listeners.clone(),
+            targets: inner.targets.clone(),
+            hello_received,
+            rate: s.rate,
+            num_conn: s.num_conn,
+            stats: inner.forwarder.as_ref().map(|f| f.stats()).unwrap_or_default(),
+            age: s.created.elapsed(),
+            owner: s.owner.clone(),
+        }
     }
 
     pub fn stats(&self, uid: &str) -> Result<StatsSnapshot, ControlError> {
