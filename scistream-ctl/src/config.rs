@@ -176,6 +176,14 @@ pub struct ServerArgs {
     #[arg(long = "data_iface", alias = "data-iface", value_delimiter = ',')]
     pub data_iface: Option<Vec<String>>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long = "metrics_addr", alias = "metrics-addr")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Log format: text (default) or json (one object per line).
+    #[arg(long = "log_format", alias = "log-format", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// Debug logging.
     #[arg(short = 'v', long)]
     pub verbose: bool,

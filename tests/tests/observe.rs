@@ -67,3 +67,61 @@ fn status_and_list_show_live_counters_and_watch_ends_at_release() {
     });
     stream.finish().expect("stream intact");
 }
+
+/// Plain HTTP GET from inside a namespace.
+fn http_get(ns: &str, addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    testbed::in_netns(ns, || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    })
+}
+
+#[test]
+fn metrics_endpoint_and_json_logs_carry_each_session() {
+    if !require_root("metrics_endpoint_and_json_logs_carry_each_session") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    let echo = Producer::start_echo(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
+    let metrics: SocketAddr = "10.91.2.2:9100".parse().unwrap();
+    let gin = Gateway::start(
+        topo.ns(Node::InboundGw),
+        addr::INBOUND_GW_WAN.into(),
+        "5100-5199",
+        "splice",
+        &["--metrics_addr", "10.91.2.2:9100", "--log_format", "json"],
+    );
+    let ns = topo.ns(Node::InboundGw);
+    let a = gin.inbound(ns, echo.addr(), 1);
+    let stream = Stream::start(topo.ns(Node::OutboundGw), a.listeners[0]).unwrap();
+    stream.assert_progress(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let page = http_get(ns, metrics, "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("scistream_session_bytes_total{") && l.contains(&a.uid) && l.contains("direction=\"forward\""))
+        .unwrap_or_else(|| panic!("no byte counter for the session:\n{page}"));
+    let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number");
+    assert!(value > 0.0, "{line}");
+    assert!(page.contains("scistream_sessions 1"), "{page}");
+    assert!(page.contains("process_resident_memory_bytes"), "{page}");
+    assert!(page.contains("scistream_session_connections_active{"), "{page}");
+
+    // Every log line is one JSON object; the session's lines carry its uid and role.
+    let log = gin.daemon.log_contents();
+    let session_lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
+        .filter(|v: &serde_json::Value| v.to_string().contains(&a.uid))
+        .collect();
+    assert!(!session_lines.is_empty(), "no JSON log line names the session:\n{log}");
+    assert!(session_lines.iter().any(|v| v.to_string().contains("PROD")), "role missing:\n{log}");
+    stream.finish().expect("stream intact");
+}

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod guard;
+pub mod metrics;
 pub mod ports;
 pub mod server;
 pub mod service;

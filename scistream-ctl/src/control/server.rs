@@ -55,6 +55,19 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     } else {
         tracing::warn!("--ssl false: the control channel is NOT encrypted");
     }
+    let metrics = match args.metrics_addr {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding --metrics_addr {a}"))?;
+            println!("s2cs: metrics at http://{a}/metrics");
+            let reg = registry.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = super::metrics::serve(l, reg).await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let listener = bind_control(addr).with_context(|| format!("binding the control port {addr}"))?;
     println!(
         "s2cs: serving scistream.Control on {addr} ({}), certificate {}, backend {}, listener_ip {}, ports {}",
@@ -75,6 +88,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         .await
         .context("control server")?;
     tracing::info!("shutting down: releasing {} sessions", reg.len());
+    if let Some(m) = metrics {
+        m.abort();
+    }
     reg.release_all().await;
     if let Some(g) = guard {
         g.detach();

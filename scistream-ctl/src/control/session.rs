@@ -420,6 +420,11 @@ impl Registry {
 
     /// What the XDP guard let through to the session's ports; `None` when
     /// the guard is not running.
+    /// Packets the XDP guard dropped (host-wide), when it runs.
+    pub fn guard_dropped(&self) -> Option<Counters> {
+        self.guard.as_ref().map(|g| g.dropped())
+    }
+
     pub fn guard_stats(&self, uid: &str) -> Result<Option<Counters>, ControlError> {
         let s = self.get(uid)?;
         Ok(self.guard.as_ref().map(|g| g.passed(&session_ports(&s))))

@@ -1,0 +1,117 @@
+//! Prometheus `/metrics` (`s2cs --metrics_addr`): per-session bytes and
+//! connections, tunnel refusals, guard drops and process figures. Built
+//! fresh from the registry at each scrape, so a released session's series
+//! disappear with it.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as Prom;
+
+use super::session::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabels {
+    uid: String,
+    role: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    uid: String,
+    role: String,
+    backend: String,
+    direction: &'static str,
+}
+
+/// The exposition text for the current state.
+pub fn render(reg: &Registry) -> String {
+    let mut prom = Prom::default();
+    let bytes = Family::<DirLabels, Counter<u64, AtomicU64>>::default();
+    let active = Family::<SessionLabels, Gauge>::default();
+    let total = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
+    let failed = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
+    let refused = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
+    let sessions = Gauge::<i64>::default();
+    let views = reg.list(None);
+    sessions.set(views.len() as i64);
+    for v in &views {
+        let l = SessionLabels { uid: v.uid.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
+        let d = |direction| DirLabels { uid: l.uid.clone(), role: l.role.clone(), backend: l.backend.clone(), direction };
+        bytes.get_or_create(&d("forward")).inc_by(v.stats.bytes_forward);
+        bytes.get_or_create(&d("backward")).inc_by(v.stats.bytes_backward);
+        active.get_or_create(&l).set(v.stats.connections_active as i64);
+        total.get_or_create(&l).inc_by(v.stats.connections_total);
+        failed.get_or_create(&l).inc_by(v.stats.connections_failed);
+        refused.get_or_create(&l).inc_by(v.stats.auth_failures);
+    }
+    prom.register("scistream_sessions", "Live sessions", sessions);
+    prom.register("scistream_session_bytes", "Bytes moved by a session (forward: from the accepting side)", bytes);
+    prom.register("scistream_session_connections_active", "Open connections of a session", active);
+    prom.register("scistream_session_connections", "Connections a session accepted", total);
+    prom.register("scistream_session_connections_failed", "Connections that ended with an error", failed);
+    prom.register("scistream_tunnel_auth_failures", "Tunnel peers refused (handshake or session proof)", refused);
+    if let Some(d) = reg.guard_dropped() {
+        let packets = Counter::<u64, AtomicU64>::default();
+        packets.inc_by(d.packets);
+        let dropped_bytes = Counter::<u64, AtomicU64>::default();
+        dropped_bytes.inc_by(d.bytes);
+        prom.register("scistream_guard_dropped_packets", "Packets the XDP guard dropped on the data port range", packets);
+        prom.register("scistream_guard_dropped_bytes", "Bytes the XDP guard dropped on the data port range", dropped_bytes);
+    }
+    process_metrics(&mut prom);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &prom);
+    out
+}
+
+/// The usual process_* series, read from /proc/self.
+fn process_metrics(prom: &mut Prom) {
+    let page = 4096i64;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name, which may contain spaces.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let cpu = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            cpu.set((num(11) + num(12)) / ticks);
+            prom.register("process_cpu_seconds", "User and system CPU time", cpu);
+            let threads = Gauge::<i64>::default();
+            threads.set(num(17) as i64);
+            prom.register("process_threads", "Threads", threads);
+            let rss = Gauge::<i64>::default();
+            rss.set(num(21) as i64 * page);
+            prom.register("process_resident_memory_bytes", "Resident memory", rss);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let g = Gauge::<i64>::default();
+        g.set(fds.count() as i64);
+        prom.register("process_open_fds", "Open file descriptors", g);
+    }
+}
+
+/// Serves `/metrics` on an already bound listener (bound by the caller so a
+/// taken port stops s2cs at start with a clear error).
+pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<Registry>) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let reg = reg.clone();
+            async move { ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&reg)).into_response() }
+        }),
+    );
+    axum::serve(listener, app).await
+}
