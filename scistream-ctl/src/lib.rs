@@ -15,3 +15,19 @@ pub mod proto {
     //! Generated from `proto/scistream.proto` (SciStream 1.2 wire contract).
     tonic::include_proto!("scistream");
 }
+
+/// One line with an error and all its sources (many libraries' Display
+/// hides the cause), for logs and one-line CLI errors.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}

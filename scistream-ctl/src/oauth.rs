@@ -110,20 +110,7 @@ pub async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, HttpError
     Ok(body)
 }
 
-/// One line with an error and its sources (reqwest's own Display hides the cause).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        cur = s.source();
-    }
-    out
-}
+pub use crate::error_chain;
 
 /// Refuses every certificate, naming why no real verifier could be built.
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 //! (which interfaces, whether the host can) happens once at start; a host
 //! that cannot run the guard gets a one-line warning and runs unguarded.
 
+use crate::error_chain;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -156,13 +157,3 @@ fn ephemeral_ports() -> Option<(u16, u16)> {
     Some((fields.next()?.ok()?, fields.next()?.ok()?))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}

@@ -12,6 +12,7 @@
 //! over losslessly) or bytes the kernel dropped (the connection is reset, so
 //! no one mistakes a truncated stream for a complete one).
 
+use crate::error_chain;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -311,16 +312,6 @@ fn shut_write(s: &TcpStream) -> io::Result<()> {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 // --- Syscall wrappers (TCP_INFO, SIOCINQ/SIOCOUTQ, SO_RCVLOWAT); nix has none of them.
 

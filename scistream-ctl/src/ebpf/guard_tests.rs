@@ -4,6 +4,7 @@
 //! They need root and BPF. With CI=true they must run and fail otherwise;
 //! elsewhere they skip with one line on stderr.
 
+use crate::error_chain;
 use std::{
     fs::File,
     net::UdpSocket,
@@ -30,16 +31,6 @@ fn cannot_run(why: &str) -> Option<Guard> {
     None
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 fn load_guard() -> Option<Guard> {
     if !nix::unistd::geteuid().is_root() {
