@@ -174,6 +174,8 @@ pub fn tunnel_server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError
         .with_single_cert(certs, key)?;
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    // The data plane hands the traffic keys to kernel TLS when it can.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -197,6 +199,8 @@ pub fn tunnel_client_config(peer_ca: Option<&Path>) -> Result<Arc<ClientConfig>,
             .with_no_client_auth(),
     };
     cfg.resumption = rustls::client::Resumption::disabled();
+    // The data plane hands the traffic keys to kernel TLS when it can.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -59,6 +59,14 @@ pub fn build_bins(release: bool, packages: &[&str]) -> Result<HashMap<String, Pa
     if release {
         cmd.arg("--release");
     }
+    let built = artifacts(cmd)?;
+    Ok(built)
+}
+
+/// Runs a `cargo build --message-format=json...` command; returns every
+/// executable it built, by target name.
+pub fn artifacts(mut cmd: Command) -> Result<HashMap<String, PathBuf>> {
+    let shown = format!("{cmd:?}");
     // Diagnostics and progress go to our stderr as usual; stdout carries the JSON.
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -82,9 +90,23 @@ pub fn build_bins(release: bool, packages: &[&str]) -> Result<HashMap<String, Pa
     }
     let status = child.wait().context("waiting for cargo build")?;
     if !status.success() {
-        bail!("cargo build --bins -p {} failed", packages.join(" -p "));
+        bail!("{shown} failed");
     }
     Ok(built)
+}
+
+/// Cargo's target directory (honours CARGO_TARGET_DIR and config), from `cargo metadata`.
+pub fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata names no target_directory")
 }
 
 /// The host target triple, from `rustc -vV`.

@@ -9,6 +9,8 @@ mod demo;
 mod gateways;
 mod privilege;
 mod setup;
+mod vm;
+mod vm_kernel;
 
 use std::process::ExitCode;
 
@@ -54,6 +56,10 @@ enum Command {
     /// stunnel on the four-namespace path (iperf3), plus s2uc session set-up
     /// latency; writes target/bench/bench.json and bench.svg.
     Bench(bench::Args),
+    /// Prove the kernel-TLS data path in QEMU VMs running Debian's bookworm (6.1)
+    /// and sid cloud kernels: a static test binary streams a whole `tls` session
+    /// inside each VM and checks /proc/net/tls_stat (the host has no kernel TLS).
+    VmTest(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         Command::Test { cargo_test_args } => test(&cargo_test_args),
         Command::Demo(args) => demo::main(&args),
         Command::Bench(args) => bench::main(&args),
+        Command::VmTest(args) => vm::main(&args),
     };
     match result {
         Ok(code) => code,

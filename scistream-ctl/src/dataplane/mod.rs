@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::config::{BackendKind, ServerArgs};
 
 mod relay;
+pub mod ktls;
 pub mod sockmap;
 pub mod session_auth;
 pub mod splice;

@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use nix::libc;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
@@ -45,7 +46,17 @@ pub fn probe() -> Result<(), DataPlaneError> {
 /// keeps flowing. Returns when both are done or on the first error.
 pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<()> {
     let (p1, p2) = (Pipe::new()?, Pipe::new()?);
-    tokio::try_join!(splice_one_way(a, b, &p1, a_to_b), splice_one_way(b, a, &p2, b_to_a))?;
+    tokio::try_join!(splice_one_way(a, b, &p1, a_to_b, Ktls::Neither), splice_one_way(b, a, &p2, b_to_a, Ktls::Neither))?;
+    Ok(())
+}
+
+/// As [`splice_bidirectional`], with `tunnel` a kernel TLS socket: records
+/// other than data stop splice there and are read with recvmsg (a
+/// close_notify ends that direction), and an EOF from `plain` is passed on
+/// as close_notify before the FIN.
+pub async fn splice_ktls(plain: &TcpStream, tunnel: &TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64) -> io::Result<()> {
+    let (p1, p2) = (Pipe::new()?, Pipe::new()?);
+    tokio::try_join!(splice_one_way(plain, tunnel, &p1, to_tunnel, Ktls::Dst), splice_one_way(tunnel, plain, &p2, from_tunnel, Ktls::Src))?;
     Ok(())
 }
 
@@ -72,7 +83,15 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
-async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: &AtomicU64) -> io::Result<()> {
+/// Which end of one direction is a kernel TLS socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ktls {
+    Neither,
+    Src,
+    Dst,
+}
+
+async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: &AtomicU64, ktls: Ktls) -> io::Result<()> {
     loop {
         // Fill: the pipe is empty here, so EAGAIN can only mean "socket not readable".
         let n = loop {
@@ -82,10 +101,23 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // kTLS refuses to splice a record that is not application data
+                // (EINVAL; EIO on some kernels) and leaves it queued.
+                Err(e) if ktls == Ktls::Src && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
+                    match src.try_io(Interest::READABLE, || super::ktls::read_control_record(src)) {
+                        Ok(super::ktls::ControlRecord::CloseNotify) => break 0,
+                        Err(e2) if e2.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e2) => return Err(io::Error::new(e2.kind(), format!("splice: {e}; {e2}"))),
+                    }
+                }
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
+            if ktls == Ktls::Dst {
+                // Best effort: the FIN below ends the direction either way.
+                let _ = super::ktls::send_close_notify(dst);
+            }
             // Peer finished sending: pass the half-close on. ENOTCONN means
             // the other side is already fully closed, which is fine here.
             match shutdown(dst.as_raw_fd(), Shutdown::Write) {

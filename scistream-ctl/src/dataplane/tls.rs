@@ -3,6 +3,8 @@
 //! certificate; the outbound one verifies it when given `--peer_ca`. Before a
 //! byte is forwarded, both prove the session secret over the channel
 //! ([`super::session_auth`]). The apps on either side speak plain TCP.
+//! Where the kernel has TLS offload ([`super::ktls`]), the keys then move to
+//! the kernel and the bytes go by splice(2); otherwise rustls carries them.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::ktls::{self, RecordBounded, Tier};
 use super::relay::{connect, Pump};
 use super::session_auth::{self, Role, SessionSecret};
 use super::{DataPlaneError, SessionSpec, Side, Stats};
@@ -33,7 +36,11 @@ pub struct TlsPump {
     connector: TlsConnector,
     /// Handshake plus session proof must finish within this.
     timeout: Duration,
+    tier: Tier,
 }
+
+/// The tunnel socket as rustls sees it until the session is proven.
+type Tunnel = tokio_rustls::TlsStream<RecordBounded<TcpStream>>;
 
 impl TlsPump {
     pub fn new(identity: &Identity, peer_ca: Option<&Path>, timeout: Duration) -> Result<Self, DataPlaneError> {
@@ -43,28 +50,111 @@ impl TlsPump {
                  (they still require the session proof)"
             );
         }
+        let tier = ktls::detect();
+        match &tier {
+            Tier::Kernel { rekey: true } => tracing::info!("tls backend: kernel TLS offload + splice (the kernel can re-key TLS 1.3)"),
+            Tier::Kernel { rekey: false } => tracing::warn!(
+                "tls backend: kernel TLS offload + splice, forced by {}=on on a kernel that cannot re-key TLS 1.3",
+                ktls::MODE_VAR
+            ),
+            Tier::Rustls { reason } => tracing::info!("tls backend: rustls in user space, not kernel TLS: {reason}"),
+        }
         Ok(Self {
             acceptor: TlsAcceptor::from(tunnel_server_config(identity)?),
             connector: TlsConnector::from(tunnel_client_config(peer_ca)?),
             timeout,
+            tier,
         })
     }
 
     /// TLS handshake and session proof as the inbound gateway.
-    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        let mut tls = self.acceptor.accept(accepted).await?;
+    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<Tunnel> {
+        let mut tls = self.acceptor.accept(RecordBounded::new(accepted)).await?;
         session_auth::prove(&mut tls, secret, Role::Server).await?;
-        Ok(tls)
+        Ok(tls.into())
     }
 
     /// TLS handshake and session proof as the outbound gateway.
-    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<Tunnel> {
         let upstream = connect(target).await?;
         let name = ServerName::IpAddress(target.ip().into());
-        let mut tls = self.connector.connect(name, upstream).await?;
+        let mut tls = self.connector.connect(name, RecordBounded::new(upstream)).await?;
         session_auth::prove(&mut tls, secret, Role::Client).await?;
-        Ok(tls)
+        Ok(tls.into())
     }
+
+    /// Moves a proven tunnel's bytes to and from `plain`: through kernel TLS
+    /// when this host can and the hand-over point is clean, else in rustls.
+    /// `tunnel_first`: the tunnel is the accepting side (inbound gateway), for
+    /// the direction of the counters.
+    async fn carry(&self, mut tunnel: Tunnel, plain: TcpStream, tunnel_first: bool, stats: &Stats) -> io::Result<()> {
+        let (to_tunnel, from_tunnel) =
+            if tunnel_first { (&stats.bytes_backward, &stats.bytes_forward) } else { (&stats.bytes_forward, &stats.bytes_backward) };
+        if matches!(self.tier, Tier::Kernel { .. }) {
+            match ktls_ready(&tunnel) {
+                Ok(()) => return offload(tunnel, plain, to_tunnel, from_tunnel).await,
+                Err(why) => tracing::warn!("staying in rustls for this connection: {why}"),
+            }
+        }
+        tunnel.get_mut().0.unbound();
+        if tunnel_first { copy_counted(tunnel, plain, stats).await } else { copy_counted(plain, tunnel, stats).await }
+    }
+}
+
+/// Whether the keys can leave rustls now without losing a byte: nothing
+/// unread below rustls, nothing unsent in it, a suite the kernel knows.
+fn ktls_ready(tunnel: &Tunnel) -> Result<(), String> {
+    let (io, state) = tunnel.get_ref();
+    if !io.at_boundary() {
+        return Err("the socket is inside a TLS record".into());
+    }
+    if state.wants_write() {
+        return Err("rustls has records left to send".into());
+    }
+    match state.negotiated_cipher_suite().map(|s| s.suite()) {
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256) => Ok(()),
+        other => Err(format!("cipher suite {other:?} has no kernel TLS support")),
+    }
+}
+
+/// Hands the keys to the kernel and splices. Plaintext rustls already
+/// decrypted goes out first, so the order of bytes is kept.
+async fn offload(mut tunnel: Tunnel, mut plain: TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64) -> io::Result<()> {
+    use std::io::Read;
+    use tokio::io::AsyncWriteExt;
+    let mut early = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let r = match &mut tunnel {
+            tokio_rustls::TlsStream::Client(c) => c.get_mut().1.reader().read(&mut chunk),
+            tokio_rustls::TlsStream::Server(s) => s.get_mut().1.reader().read(&mut chunk),
+        };
+        match r {
+            Ok(0) => break,
+            Ok(n) => early.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let (io, secrets) = match tunnel {
+        tokio_rustls::TlsStream::Client(c) => {
+            let (io, conn) = c.into_inner();
+            (io, conn.dangerous_extract_secrets())
+        }
+        tokio_rustls::TlsStream::Server(s) => {
+            let (io, conn) = s.into_inner();
+            (io, conn.dangerous_extract_secrets())
+        }
+    };
+    let secrets = secrets.map_err(|e| io::Error::other(format!("extracting the TLS keys for the kernel: {e}")))?;
+    let sock = io.into_inner();
+    ktls::install(&sock, secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+    if !early.is_empty() {
+        plain.write_all(&early).await?;
+        from_tunnel.fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    tracing::debug!("tunnel offloaded to kernel TLS");
+    super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel).await
 }
 
 /// Bounds a tunnel set-up step and, when it fails, counts the refusal and
@@ -89,12 +179,12 @@ impl Pump for TlsPump {
                 // Nothing is sent to the producer before the peer proved the secret.
                 let tunnel = guarded(self.timeout, &stats, self.admit(accepted, &session.secret)).await?;
                 let app = connect(target).await?;
-                copy_counted(tunnel, app, &stats).await
+                self.carry(tunnel, app, true, &stats).await
             }
             Side::Outbound => {
                 // Nor is anything of the consumer's sent before the inbound gateway proved it.
                 let tunnel = guarded(self.timeout, &stats, self.open(target, &session.secret)).await?;
-                copy_counted(accepted, tunnel, &stats).await
+                self.carry(tunnel, accepted, false, &stats).await
             }
         }
     }

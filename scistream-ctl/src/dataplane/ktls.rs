@@ -1,0 +1,313 @@
+//! Kernel TLS offload of the `tls` backend. rustls does the handshake and the
+//! session proof; then the TLS 1.3 traffic keys go to the kernel (TCP_ULP
+//! "tls", SOL_TLS TLS_TX/TLS_RX) and the bytes move with splice(2), never
+//! copied through user space. [`detect`] decides once per process whether
+//! the kernel can do it; when it cannot, the backend stays in rustls.
+//!
+//! Handing over is only correct at a TLS record boundary with nothing left in
+//! rustls: [`RecordBounded`] keeps rustls from reading past the record it
+//! needs, so after the proof no undecrypted bytes hide in its buffers.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use nix::libc;
+use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
+use nix::sys::socket::{setsockopt, ControlMessageOwned, MsgFlags, TlsGetRecordType};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Where the `tls` backend's bytes are encrypted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Kernel TLS + splice. `rekey`: the kernel accepts new TLS 1.3 keys on a
+    /// live socket (KeyUpdate; Linux 6.14+).
+    Kernel { rekey: bool },
+    /// rustls in user space, and why not the kernel.
+    Rustls { reason: String },
+}
+
+/// `SCISTREAM_KTLS`: `auto` (default: kernel TLS where the kernel can also
+/// re-key TLS 1.3), `on` (kernel TLS whenever the ULP exists, also without
+/// re-keying: for tests and bounded streams), `off` (always rustls).
+pub const MODE_VAR: &str = "SCISTREAM_KTLS";
+
+/// Probes the kernel on a loopback connection and applies `SCISTREAM_KTLS`.
+pub fn detect() -> Tier {
+    let mode = std::env::var(MODE_VAR).unwrap_or_default().to_ascii_lowercase();
+    if mode == "off" {
+        return Tier::Rustls { reason: format!("{MODE_VAR}=off") };
+    }
+    match probe() {
+        Err(reason) => Tier::Rustls { reason },
+        Ok(true) => Tier::Kernel { rekey: true },
+        Ok(false) if mode == "on" => Tier::Kernel { rekey: false },
+        Ok(false) => Tier::Rustls {
+            reason: format!(
+                "the kernel has TLS offload but cannot re-key TLS 1.3 (before Linux 6.14), so long streams would \
+                 outlive their keys; {MODE_VAR}=on uses it anyway"
+            ),
+        },
+    }
+}
+
+/// Ok(re-key supported) when a connected TCP socket takes the TLS ULP and a
+/// TX key; re-keying shows as the kernel accepting a second TX key.
+fn probe() -> Result<bool, String> {
+    let pair = || -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let c = std::net::TcpStream::connect(l.local_addr()?)?;
+        let (s, _) = l.accept()?;
+        Ok((c, s))
+    };
+    let (c, _s) = pair().map_err(|e| format!("loopback probe connection: {e}"))?;
+    setsockopt(&c, TcpUlp::default(), b"tls").map_err(|e| match e {
+        nix::errno::Errno::ENOENT => "the kernel has no TLS ULP (CONFIG_TLS off or the tls module not loaded)".to_string(),
+        e => format!("setsockopt(TCP_ULP, \"tls\"): {e}"),
+    })?;
+    let info = aes128(&[0; 16], &[0; 12], 0);
+    setsockopt(&c, TcpTlsTx, &info).map_err(|e| match e {
+        // The crypto API found no "gcm(aes)": its modules are not loadable.
+        nix::errno::Errno::ENOENT => "the kernel has TLS but no AES-GCM for it (crypto modules gcm/ctr/ghash missing)".to_string(),
+        e => format!("setsockopt(TLS_TX) with AES-128-GCM: {e}"),
+    })?;
+    Ok(setsockopt(&c, TcpTlsTx, &aes128(&[1; 16], &[0; 12], 0)).is_ok())
+}
+
+fn aes128(key: &[u8], iv: &[u8], seq: u64) -> TlsCryptoInfo {
+    let mut i = libc::tls12_crypto_info_aes_gcm_128 {
+        info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_AES_GCM_128 },
+        iv: [0; 8],
+        key: [0; 16],
+        salt: [0; 4],
+        rec_seq: seq.to_be_bytes(),
+    };
+    i.key.copy_from_slice(key);
+    // TLS 1.3's 12-byte IV: the kernel calls the first 4 bytes the salt.
+    i.salt.copy_from_slice(&iv[..4]);
+    i.iv.copy_from_slice(&iv[4..12]);
+    TlsCryptoInfo::Aes128Gcm(i)
+}
+
+fn crypto_info(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<TlsCryptoInfo> {
+    Ok(match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => aes128(key.as_ref(), iv.as_ref(), seq),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            let mut i = libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_AES_GCM_256 },
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq: seq.to_be_bytes(),
+            };
+            i.key.copy_from_slice(key.as_ref());
+            i.salt.copy_from_slice(&iv.as_ref()[..4]);
+            i.iv.copy_from_slice(&iv.as_ref()[4..12]);
+            TlsCryptoInfo::Aes256Gcm(i)
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            let mut i = libc::tls12_crypto_info_chacha20_poly1305 {
+                info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305 },
+                iv: [0; 12],
+                key: [0; 32],
+                salt: [],
+                rec_seq: seq.to_be_bytes(),
+            };
+            i.key.copy_from_slice(key.as_ref());
+            i.iv.copy_from_slice(iv.as_ref());
+            TlsCryptoInfo::Chacha20Poly1305(i)
+        }
+        _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "cipher suite without kernel TLS support")),
+    })
+}
+
+/// Installs the TLS ULP and both directions' keys on `sock`.
+pub fn install<S: AsFd>(sock: &S, secrets: ExtractedSecrets) -> io::Result<()> {
+    let (tx_seq, tx) = secrets.tx;
+    let (rx_seq, rx) = secrets.rx;
+    setsockopt(sock, TcpUlp::default(), b"tls")?;
+    setsockopt(sock, TcpTlsTx, &crypto_info(tx_seq, &tx)?)?;
+    setsockopt(sock, TcpTlsRx, &crypto_info(rx_seq, &rx)?)?;
+    Ok(())
+}
+
+/// What a non-data record at the head of a kTLS socket's receive queue means.
+pub enum ControlRecord {
+    /// close_notify: the peer finished sending, like a TCP FIN.
+    CloseNotify,
+}
+
+/// Reads the record that made splice(2) fail on a kTLS socket (splice only
+/// carries application data; the kernel leaves other records for recvmsg with
+/// their type in a control message).
+pub fn read_control_record<S: AsRawFd>(sock: &S) -> io::Result<ControlRecord> {
+    let mut data = [0u8; 64];
+    let mut iov = [io::IoSliceMut::new(&mut data)];
+    let mut cmsg = nix::cmsg_space!(u8);
+    let msg = nix::sys::socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
+    let n = msg.bytes;
+    let mut kind = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::TlsGetRecordType(t) = c {
+            kind = Some(t);
+        }
+    }
+    match kind {
+        // Alert level, description 0 = close_notify.
+        Some(TlsGetRecordType::Alert) if n >= 2 && data[1] == 0 => Ok(ControlRecord::CloseNotify),
+        Some(TlsGetRecordType::Alert) if n >= 2 => {
+            Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("peer sent TLS alert {}", data[1])))
+        }
+        // TODO: a KeyUpdate (handshake record) could be followed on kernels
+        // that re-key (TLS_RX again with the next traffic secret); today the
+        // connection ends here with a clear error.
+        Some(TlsGetRecordType::Handshake) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "peer sent a TLS handshake record (KeyUpdate?) on a kernel TLS socket; re-keying in kernel TLS is not implemented",
+        )),
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected TLS record on a kernel TLS socket: {other:?}"))),
+    }
+}
+
+/// Sends a TLS close_notify alert through kernel TLS, so a peer still in
+/// rustls sees a clean end of the direction rather than a truncation.
+pub fn send_close_notify<S: AsRawFd>(sock: &S) -> io::Result<()> {
+    let alert = [1u8, 0]; // warning, close_notify
+    const ALERT: u8 = 21;
+    let n = sendmsg_record_type(sock.as_raw_fd(), ALERT, &alert)?;
+    if n != alert.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write of close_notify"));
+    }
+    Ok(())
+}
+
+/// sendmsg(2) with a TLS_SET_RECORD_TYPE control message: kernel TLS sends
+/// `data` as one record of `record_type` (nix has no safe form of this
+/// control message).
+fn sendmsg_record_type(fd: std::os::fd::RawFd, record_type: u8, data: &[u8]) -> io::Result<usize> {
+    // Room for one cmsghdr carrying one byte, aligned as the kernel expects.
+    let mut cbuf = [0u64; 4];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: every pointer refers to a live local buffer of the stated
+    // length for the duration of the call; CMSG_* compute offsets inside
+    // `cbuf`, which is larger than CMSG_SPACE(1) (24 bytes on Linux).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(1) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_TLS;
+        (*c).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*c).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(c) = record_type;
+        let n = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// A reader that never hands rustls bytes past the end of the TLS record it
+/// is in, so when rustls has what it asked for, the socket is at a record
+/// boundary. Writes pass through. [`RecordBounded::unbound`] ends the
+/// bounding once the stream stays in rustls.
+pub struct RecordBounded<S> {
+    inner: S,
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+    bounded: bool,
+}
+
+impl<S> RecordBounded<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, header: [0; 5], header_len: 0, body_left: 0, bounded: true }
+    }
+    pub fn at_boundary(&self) -> bool {
+        self.bounded && self.header_len == 0 && self.body_left == 0
+    }
+    pub fn unbound(&mut self) {
+        self.bounded = false;
+    }
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RecordBounded<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.bounded {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let want = if this.body_left > 0 { this.body_left } else { 5 - this.header_len };
+        let room = buf.initialize_unfilled();
+        let limit = want.min(room.len());
+        let mut part = ReadBuf::new(&mut room[..limit]);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        if this.body_left > 0 {
+            this.body_left -= n;
+        } else {
+            this.header[this.header_len..this.header_len + n].copy_from_slice(part.filled());
+            this.header_len += n;
+            if this.header_len == 5 {
+                this.body_left = u16::from_be_bytes([this.header[3], this.header[4]]) as usize;
+                this.header_len = 0;
+            }
+        }
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RecordBounded<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn record_bounded_reads_stop_at_each_record_end() {
+        // Two records (5-byte headers with lengths 3 and 2) and a stray byte.
+        let wire: &[u8] = &[23, 3, 3, 0, 3, b'a', b'b', b'c', 23, 3, 3, 0, 2, b'd', b'e', 9];
+        let mut r = RecordBounded::new(wire);
+        let mut buf = [0u8; 64];
+        let mut reads = Vec::new();
+        for _ in 0..4 {
+            reads.push(r.read(&mut buf).await.unwrap());
+        }
+        assert_eq!(reads, vec![5, 3, 5, 2]);
+        assert!(r.at_boundary());
+        // The next read starts a new record header.
+        assert_eq!(r.read(&mut buf).await.unwrap(), 1);
+        assert!(!r.at_boundary());
+    }
+
+    #[test]
+    fn detect_never_fails_and_names_a_reason_for_rustls() {
+        match detect() {
+            Tier::Kernel { .. } => {}
+            Tier::Rustls { reason } => assert!(!reason.is_empty()),
+        }
+    }
+}
