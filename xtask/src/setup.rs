@@ -33,7 +33,8 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs a command to completion; a non-zero exit is an error naming it.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("running {shown}"))?;
     if !status.success() {

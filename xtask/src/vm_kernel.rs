@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
+use crate::setup::run;
+
 #[derive(Clone, Copy)]
 pub enum Suite {
     Bookworm,
@@ -242,15 +244,6 @@ fn mirror_from(texts: &[String]) -> Option<String> {
         }
     }
     None
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("running {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub mod sockmap;
 pub mod session_auth;
 pub mod splice;
 pub mod tls;
+#[cfg(test)]
+mod test_support;
 
 pub use relay::TcpRelay;
 

@@ -384,8 +384,8 @@ fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::test_support::{half_close_exchange, pair};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     /// The pump, or None (skip) without root/BPF; CI=true must be able to run it.
     fn pump_or_skip() -> Option<SockmapPump> {
@@ -399,42 +399,18 @@ mod tests {
         }
     }
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
-
     /// app_a <-> relay_a ==kernel== relay_b <-> app_b; app_a sends `data` and
     /// half-closes, app_b reads to EOF, replies "ack" and closes.
     async fn exchange(pump: &SockmapPump, data: Vec<u8>, early: &[u8], kick: bool) -> (Stats, Vec<u8>, Vec<u8>) {
         let (mut app_a, relay_a) = pair().await;
-        let (relay_b, mut app_b) = pair().await;
+        let (relay_b, app_b) = pair().await;
         // Bytes already queued on the relay socket before it is paired.
         app_a.write_all(early).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let stats = Stats::default();
         let expected: Vec<u8> = early.iter().chain(data.iter()).copied().collect();
         let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, kick).await.unwrap() };
-        let ends = async move {
-            let writer = async {
-                app_a.write_all(&data).await.unwrap();
-                app_a.shutdown().await.unwrap();
-                let mut reply = Vec::new();
-                app_a.read_to_end(&mut reply).await.unwrap();
-                reply
-            };
-            let reader = async {
-                let mut got = Vec::new();
-                app_b.read_to_end(&mut got).await.unwrap();
-                // The half-close reached us; our direction still works.
-                app_b.write_all(b"ack").await.unwrap();
-                app_b.shutdown().await.unwrap();
-                got
-            };
-            tokio::join!(writer, reader)
-        };
+        let ends = half_close_exchange(app_a, app_b, data);
         let (_, (reply, got)) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(relay, ends) }).await.expect("relay finished");
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");

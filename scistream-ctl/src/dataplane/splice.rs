@@ -147,43 +147,18 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
+    use crate::dataplane::test_support::{half_close_exchange, pair};
 
     #[tokio::test]
     async fn splice_moves_bytes_both_ways_and_propagates_half_close() {
         // app_a <-> (a_in | a_out) spliced (b_in | b_out) <-> app_b
-        let (mut app_a, relay_a) = pair().await;
-        let (relay_b, mut app_b) = pair().await;
+        let (app_a, relay_a) = pair().await;
+        let (relay_b, app_b) = pair().await;
         let (fwd, back) = (AtomicU64::new(0), AtomicU64::new(0));
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let d2 = data.clone();
         let relay = async { splice_bidirectional(&relay_a, &relay_b, &fwd, &back).await.unwrap() };
-        let ends = async move {
-            let writer = async {
-                app_a.write_all(&d2).await.unwrap();
-                app_a.shutdown().await.unwrap();
-                let mut reply = Vec::new();
-                app_a.read_to_end(&mut reply).await.unwrap();
-                reply
-            };
-            let reader = async {
-                let mut got = Vec::new();
-                app_b.read_to_end(&mut got).await.unwrap();
-                // The half-close reached us; our direction still works.
-                app_b.write_all(b"ack").await.unwrap();
-                app_b.shutdown().await.unwrap();
-                got
-            };
-            tokio::join!(writer, reader)
-        };
+        let ends = half_close_exchange(app_a, app_b, d2);
         let (_, (reply, got)) = tokio::join!(relay, ends);
         assert_eq!(got, data);
         assert_eq!(reply, b"ack");
