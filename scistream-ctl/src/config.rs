@@ -130,6 +130,11 @@ pub struct ServerArgs {
     #[arg(long = "state_dir", alias = "state-dir")]
     pub state_dir: Option<PathBuf>,
 
+    /// Allows backends not yet safe for production (`sockmap`: it has been
+    /// seen to truncate a stream under load).
+    #[arg(long)]
+    pub experimental: bool,
+
     /// Seconds a tunnel peer has for the TLS handshake plus the session proof;
     /// a slow or silent peer cannot hold a connection slot longer.
     #[arg(long = "tunnel_timeout", alias = "tunnel-timeout", default_value_t = 10)]

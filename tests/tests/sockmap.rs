@@ -19,8 +19,8 @@ const RANGE: &str = "5100-5199";
 /// `producer`; returns the gateways and the consumer-side listeners.
 fn sockmap_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> (Gateway, Gateway, Vec<SocketAddr>) {
     let (gin_ip, gout_ip): (IpAddr, IpAddr) = (addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into());
-    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "sockmap", &[]);
-    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "sockmap", &[]);
+    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "sockmap", &["--experimental"]);
+    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "sockmap", &["--experimental"]);
     let inbound = gin.inbound(topo.ns(Node::InboundGw), producer, num_conn);
     let outbound = gout.outbound(topo.ns(Node::OutboundGw), &inbound, num_conn);
     assert_eq!(outbound.listeners.len(), num_conn);
@@ -30,6 +30,7 @@ fn sockmap_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> (G
 }
 
 #[test]
+#[ignore = "sockmap truncated a stream in 1 of ~5 CI runs (received 47841280 of 67108864 bytes); the backend is behind --experimental until that is fixed: run with --ignored"]
 fn sockmap_session_streams_64mib_each_way_on_four_connections() {
     const TEST: &str = "sockmap_session_streams_64mib_each_way_on_four_connections";
     if !require_root(TEST) {

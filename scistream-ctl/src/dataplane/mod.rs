@@ -131,6 +131,12 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
             Arc::new(TcpRelay::new(splice::SplicePump::default()))
         }
         BackendKind::Sockmap => {
+            if !args.experimental {
+                return Err(DataPlaneError::Unsupported {
+                    backend: "sockmap",
+                    reason: "experimental: a stream was seen truncated under load; pass --experimental to use it anyway".into(),
+                });
+            }
             // Falling back to splice mid-stream needs splice too.
             splice::probe()?;
             Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?))
