@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 const EBPF_PACKAGE: &str = "scistream-ebpf";
 /// The binaries of scistream-ebpf: one eBPF object each, copied to OUT_DIR/<name>.
-const EBPF_OBJECTS: &[&str] = &["xdp-guard", "sk-redirect"];
+const EBPF_OBJECTS: &[&str] = &["xdp-guard", "sk-redirect", "xdp-nat"];
 /// aya-build's own switch; honoured here too so the embedded objects exist
 /// (empty) and a build without the eBPF toolchain still compiles.
 const SKIP_VAR: &str = "AYA_BUILD_SKIP";

@@ -3,4 +3,5 @@
 #![no_std]
 
 pub mod guard;
+pub mod nat;
 pub mod sockmap;

@@ -6,9 +6,11 @@
 //! Everything here needs root (or CAP_BPF + CAP_NET_ADMIN) at run time.
 
 mod guard;
+mod nat;
 mod sockmap;
 
 pub use guard::{AttachMode, Guard, Verdict};
+pub use nat::{Action, Nat};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
 
@@ -55,6 +57,12 @@ pub enum EbpfError {
         #[source]
         source: MapError,
     },
+    #[error("eBPF device map {map}")]
+    DevMap {
+        map: &'static str,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
     #[error("invalid data port range {lo}-{hi}: want 1 <= lo <= hi, or 0-0 to disable the guard")]
     InvalidPortRange { lo: u16, hi: u16 },
     #[error("reading a socket's cookie (SO_COOKIE)")]
@@ -78,6 +86,7 @@ impl EbpfError {
             Self::Attach { .. } => "ebpf_attach",
             Self::NotAttached { .. } => "ebpf_not_attached",
             Self::Map { .. } => "ebpf_map",
+            Self::DevMap { .. } => "ebpf_devmap",
             Self::InvalidPortRange { .. } => "ebpf_invalid_port_range",
             Self::Cpus { .. } => "ebpf_cpus",
             Self::SocketCookie(_) => "ebpf_socket_cookie",
@@ -87,3 +96,5 @@ impl EbpfError {
 
 #[cfg(test)]
 mod guard_tests;
+#[cfg(test)]
+mod nat_tests;
