@@ -192,6 +192,20 @@ pub struct ServerArgs {
     /// Debug logging.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+
+    /// TOML file of settings, keys named as these flags (`port_range = "5100-5200"`);
+    /// flags given on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// On SIGTERM/SIGINT keep the stored sessions (their data plane still
+    /// stops), so the next start brings them back; without it they are forgotten.
+    #[arg(long = "keep_sessions", alias = "keep-sessions")]
+    pub keep_sessions: bool,
+
+    /// Seconds a session may move no byte before it is released (0: never).
+    #[arg(long = "session_ttl", alias = "session-ttl", default_value_t = 0)]
+    pub session_ttl: u64,
 }
 
 impl ServerArgs {

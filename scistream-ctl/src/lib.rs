@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod dataplane;
 pub mod ebpf;

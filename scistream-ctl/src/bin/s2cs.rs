@@ -1,11 +1,9 @@
 //! `s2cs`: the scistream-rs control server.
 
-use clap::Parser;
-use scistream_ctl::config::ServerArgs;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let args = ServerArgs::parse();
+    let args = scistream_ctl::config_file::parse_or_exit();
     let default = if args.verbose { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},h2=info,tower=info,hyper=info,rustls=info")));
     use std::io::IsTerminal;

@@ -26,6 +26,8 @@ pub enum ControlError {
     Auth(#[from] AuthError),
     #[error("session {uid} belongs to another identity")]
     NotOwner { uid: String },
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
 }
 
 impl ControlError {
@@ -44,6 +46,7 @@ impl ControlError {
             // fault the client may retry, not as a bad token.
             Self::Auth(AuthError::Unavailable { .. }) => Code::Unavailable,
             Self::NotOwner { .. } => Code::PermissionDenied,
+            Self::Store(_) => Code::Internal,
         }
     }
 }

@@ -4,11 +4,13 @@
 pub mod auth;
 pub mod error;
 pub mod guard;
+pub mod lease;
 pub mod metrics;
 pub mod ports;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod store;
 
 pub use error::ControlError;
 pub use session::Registry;

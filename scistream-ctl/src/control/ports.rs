@@ -92,6 +92,31 @@ impl PortAllocator {
         Ok(Reservation { ports, listeners, pool: self.used.clone() })
     }
 
+    /// Reserves exactly `ports`, all or nothing: a session restored after a
+    /// restart must keep the listeners its peers were told about.
+    pub fn reserve(&self, ports: &[u16]) -> Result<Reservation, ControlError> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listeners = Vec::with_capacity(ports.len());
+        for &port in ports {
+            let why = if !(self.range.start..=self.range.end).contains(&port) {
+                format!("outside --port_range {}", self.range)
+            } else if used.contains(&port) || ports.iter().filter(|p| **p == port).count() > 1 {
+                "held by another session".to_string()
+            } else {
+                match bind(SocketAddr::new(self.bind_ip, port)) {
+                    Ok(l) => {
+                        listeners.push(l);
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
+            return Err(ControlError::FailedPrecondition(format!("port {port} cannot be reserved: {why}")));
+        }
+        used.extend(ports.iter().copied());
+        Ok(Reservation { ports: ports.to_vec(), listeners, pool: self.used.clone() })
+    }
+
     pub fn in_use(&self) -> usize {
         self.used.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -137,6 +162,19 @@ mod tests {
         let a = alloc((47110, 47113));
         let r = a.allocate(3).unwrap();
         assert_eq!(r.ports, vec![47110, 47112, 47113]);
+    }
+
+    #[test]
+    fn exact_ports_are_reserved_or_refused_whole() {
+        let a = alloc((47130, 47135));
+        let r = a.reserve(&[47133, 47131]).unwrap();
+        assert_eq!(r.ports, vec![47133, 47131]);
+        let _other = TcpListener::bind("127.0.0.1:47134").unwrap();
+        for bad in [&[47132, 47134][..], &[47132, 47133], &[47132, 47200]] {
+            assert!(matches!(a.reserve(bad), Err(ControlError::FailedPrecondition(_))), "{bad:?}");
+        }
+        assert_eq!(a.in_use(), 2, "refused calls reserved nothing");
+        assert!(TcpListener::bind("127.0.0.1:47132").is_ok(), "47132 was let go");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::guard::PortGuard;
 use super::ports::PortAllocator;
 use super::service::ControlService;
 use super::session::Registry;
+use super::store::Store;
 use crate::config::ServerArgs;
 use crate::proto::control_server::ControlServer;
 use crate::{dataplane, tls};
@@ -44,8 +45,16 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     }
     let backend = dataplane::from_args(&args, &identity).context("starting the data plane")?;
     let ports = PortAllocator::new(args.port_range, args.listener_ip);
+    let store = Arc::new(Store::open(&state_dir)?);
     let guard = PortGuard::start(&args).map(Arc::new);
-    let registry = Registry::with_guard(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone());
+    let registry = Registry::with_store(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone(), Some(store.clone()));
+    // Before the control port opens: no new session can take a stored one's port.
+    let (restored, failed) = registry.restore()?;
+    if restored + failed > 0 {
+        println!("s2cs: restored {restored} stored sessions from {}{}", store.path().display(),
+            if failed > 0 { format!(", {failed} could not come back (see the log)") } else { String::new() });
+    }
+    let lease = (args.session_ttl > 0).then(|| super::lease::spawn(&registry, std::time::Duration::from_secs(args.session_ttl)));
 
     let addr = SocketAddr::new(args.control_ip, args.port);
     let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
@@ -87,11 +96,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("control server")?;
-    tracing::info!("shutting down: releasing {} sessions", reg.len());
-    if let Some(m) = metrics {
-        m.abort();
+    tracing::info!(keep_sessions = args.keep_sessions, "shutting down: releasing {} sessions", reg.len());
+    for task in [metrics, lease].into_iter().flatten() {
+        task.abort();
     }
-    reg.release_all().await;
+    reg.shutdown(args.keep_sessions).await;
     if let Some(g) = guard {
         g.detach();
     }

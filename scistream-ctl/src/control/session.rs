@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::auth::Identity;
 use super::error::ControlError;
 use super::guard::PortGuard;
 use super::ports::{PortAllocator, Reservation};
+use super::store::{Store, StoredSession, RECORD_VERSION};
 use crate::addr;
 use crate::config::MAX_NUM_CONN;
 use crate::dataplane::{Backend, Forwarder, SessionSpec, Side, StatsSnapshot};
@@ -134,6 +135,8 @@ pub struct Registry {
     hello_timeout: Duration,
     /// Lets each session's ports through the XDP guard while it lives.
     guard: Option<Arc<PortGuard>>,
+    /// Answered sessions, kept across restarts; `None` keeps them in memory only.
+    store: Option<Arc<Store>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,6 +155,17 @@ impl Registry {
         hello_timeout: Duration,
         guard: Option<Arc<PortGuard>>,
     ) -> Arc<Self> {
+        Self::with_store(ports, backend, listener_ip, hello_timeout, guard, None)
+    }
+
+    pub fn with_store(
+        ports: PortAllocator,
+        backend: Arc<dyn Backend>,
+        listener_ip: IpAddr,
+        hello_timeout: Duration,
+        guard: Option<Arc<PortGuard>>,
+        store: Option<Arc<Store>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             sessions: Mutex::new(HashMap::new()),
             early_hellos: Mutex::new(HashMap::new()),
@@ -160,6 +174,7 @@ impl Registry {
             listener_ip,
             hello_timeout,
             guard,
+            store,
         })
     }
 
@@ -248,10 +263,16 @@ impl Registry {
         let mut rx = session.hello.subscribe();
         let state = rx.wait_for(|s| *s != HelloState::Pending).await.map(|s| s.clone()).unwrap_or(HelloState::Released);
         match state {
-            HelloState::Received(prod) => Ok(Granted {
-                listeners: session.listeners.clone(),
-                prod_listeners: if role == Role::Prod { prod } else { Vec::new() },
-            }),
+            HelloState::Received(prod) => {
+                // Stored before the answer: a client told these listeners
+                // finds them again after a restart. A session never answered
+                // is never stored; its client saw the call fail.
+                if let Err(e) = self.persist(&session) {
+                    self.remove(&uid, HelloState::Released, true).await;
+                    return Err(e);
+                }
+                Ok(Granted { listeners: session.listeners.clone(), prod_listeners: if role == Role::Prod { prod } else { Vec::new() } })
+            }
             HelloState::TimedOut => Err(ControlError::HelloTimeout { uid, secs: self.hello_timeout.as_secs() }),
             HelloState::Pending | HelloState::Released => Err(ControlError::Released(uid)),
         }
@@ -267,7 +288,7 @@ impl Registry {
             if timed_out {
                 if let Some(reg) = reg.upgrade() {
                     warn!(uid = %uid, secs = timeout.as_secs(), "no hello in time; releasing the session");
-                    reg.remove(&uid, HelloState::TimedOut).await;
+                    reg.remove(&uid, HelloState::TimedOut, true).await;
                 }
             }
         });
@@ -354,35 +375,152 @@ impl Registry {
         let session = self.get(&uid)?;
         Self::check_owner(&session, caller)?;
         let targets = addr::cycle_to(&remote, session.num_conn);
+        self.forward(&session, targets.clone())?;
+        info!(uid = %uid, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
+        // Stored before the answer. On failure the session keeps forwarding
+        // to the new targets and the client may repeat the update.
+        self.persist(&session)?;
+        Ok((session.listeners.clone(), targets))
+    }
+
+    /// Starts the session's data plane towards `targets`, or retargets it.
+    fn forward(&self, session: &Session, targets: Vec<SocketAddr>) -> Result<(), ControlError> {
+        let uid = &session.uid;
         let mut inner = lock(&session.inner);
         match &inner.forwarder {
             Some(f) => f.set_targets(targets.clone()),
             None => {
                 let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
-                let spec = SessionSpec::new(&uid, session.role.side());
+                let spec = SessionSpec::new(uid, session.role.side());
                 inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
             }
         }
-        inner.targets = targets.clone();
-        info!(uid = %uid, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
-        Ok((session.listeners.clone(), targets))
+        inner.targets = targets;
+        Ok(())
+    }
+
+    /// Writes the session's record (an fsynced commit).
+    fn persist(&self, s: &Session) -> Result<(), ControlError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let prod_listeners = match &*s.hello.borrow() {
+            HelloState::Received(p) => p.clone(),
+            _ => Vec::new(),
+        };
+        let created = std::time::SystemTime::now().checked_sub(s.created.elapsed()).unwrap_or(std::time::UNIX_EPOCH);
+        let record = StoredSession {
+            version: RECORD_VERSION,
+            uid: s.uid.clone(),
+            role: s.role.as_str().into(),
+            num_conn: s.num_conn,
+            rate: s.rate,
+            listeners: s.listeners.clone(),
+            prod_listeners,
+            targets: lock(&s.inner).targets.clone(),
+            owner: s.owner.clone(),
+            created_unix_ms: created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            backend: self.backend.name().into(),
+        };
+        store.put(&record).map_err(|e| {
+            error!(uid = %s.uid, error = %e, "could not store the session");
+            e.into()
+        })
+    }
+
+    /// Brings back the sessions an earlier run stored, with their exact
+    /// ports, hello and targets. A session that cannot come back (port
+    /// taken, backend or --listener_ip changed) is logged, forgotten and
+    /// counted; the others and the server carry on.
+    pub fn restore(self: &Arc<Self>) -> Result<(usize, usize), ControlError> {
+        let Some(store) = &self.store else { return Ok((0, 0)) };
+        let (mut restored, mut failed) = (0, 0);
+        for (uid, record) in store.load_raw()? {
+            let result = match record {
+                Some(r) => self.restore_one(r),
+                None => Err(ControlError::FailedPrecondition("unreadable record".into())),
+            };
+            match result {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    error!(uid = %uid, error = %e, "stored session could not be restored; it is dropped");
+                    failed += 1;
+                    if let Err(e) = store.delete(&uid) {
+                        error!(uid = %uid, error = %e, "could not forget the dropped session");
+                    }
+                }
+            }
+        }
+        Ok((restored, failed))
+    }
+
+    fn restore_one(self: &Arc<Self>, r: StoredSession) -> Result<(), ControlError> {
+        let role = Role::parse(&r.role)?;
+        let uid = parse_uid(&r.uid)?;
+        if r.backend != self.backend.name() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "stored with backend {} but s2cs now runs {}",
+                r.backend,
+                self.backend.name()
+            )));
+        }
+        if let Some(l) = r.listeners.iter().find(|l| l.ip() != self.listener_ip) {
+            return Err(ControlError::FailedPrecondition(format!("listener {l} is not on --listener_ip {}", self.listener_ip)));
+        }
+        if r.listeners.len() != r.num_conn || !(r.targets.is_empty() || r.targets.len() == r.num_conn) {
+            return Err(ControlError::FailedPrecondition("record inconsistent: listeners, targets and num_conn differ".into()));
+        }
+        let ports: Vec<u16> = r.listeners.iter().map(SocketAddr::port).collect();
+        let reservation = self.ports.reserve(&ports)?;
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|now| now.saturating_sub(Duration::from_millis(r.created_unix_ms)))
+            .unwrap_or_default();
+        let session = Arc::new(Session {
+            uid: uid.clone(),
+            role,
+            num_conn: r.num_conn,
+            rate: r.rate,
+            listeners: r.listeners,
+            owner: r.owner,
+            created: std::time::Instant::now().checked_sub(age).unwrap_or_else(std::time::Instant::now),
+            hello: watch::Sender::new(HelloState::Received(r.prod_listeners)),
+            inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+        });
+        if !r.targets.is_empty() {
+            self.forward(&session, r.targets)?;
+        }
+        lock(&self.sessions).insert(uid.clone(), session.clone());
+        if let Some(g) = &self.guard {
+            g.allow(&uid, &session_ports(&session));
+        }
+        let targets = lock(&session.inner).targets.clone();
+        info!(uid = %uid, role = role.as_str(), listeners = ?session.listeners, targets = ?targets, "session restored");
+        Ok(())
     }
 
     /// `release`: stops forwarding, closes live connections, frees the ports.
     pub async fn release(&self, uid: &str, caller: Option<&Identity>) -> Result<(), ControlError> {
         let uid = parse_uid(uid)?;
         Self::check_owner(&*self.get(&uid)?, caller)?;
-        if self.remove(&uid, HelloState::Released).await {
+        if self.remove(&uid, HelloState::Released, true).await {
             Ok(())
         } else {
             Err(ControlError::NotFound(uid))
         }
     }
 
-    async fn remove(&self, uid: &str, why: HelloState) -> bool {
+    /// Takes the session out and frees all it holds; `forget` also deletes
+    /// its stored record (kept only by a `--keep_sessions` shutdown).
+    async fn remove(&self, uid: &str, why: HelloState, forget: bool) -> bool {
         let Some(session) = lock(&self.sessions).remove(uid) else {
             return false;
         };
+        if let (true, Some(store)) = (forget, &self.store) {
+            // Before the answer to `release`. A failure here is logged, not
+            // returned: the session is gone from this run either way.
+            if let Err(e) = store.delete(uid) {
+                error!(uid = %uid, error = %e, "could not delete the stored session; it would come back after a restart");
+            }
+        }
         session.hello.send_if_modified(|s| {
             if *s == HelloState::Pending {
                 *s = why;
@@ -412,10 +550,35 @@ impl Registry {
     }
 
     pub async fn release_all(&self) {
+        self.shutdown(false).await
+    }
+
+    /// Stops every session's data plane; with `keep_stored` their records
+    /// stay, so the next start brings them back.
+    pub async fn shutdown(&self, keep_stored: bool) {
         let uids: Vec<String> = lock(&self.sessions).keys().cloned().collect();
         for uid in uids {
-            self.remove(&uid, HelloState::Released).await;
+            self.remove(&uid, HelloState::Released, !keep_stored).await;
         }
+    }
+
+    /// Each session's traffic so far (bytes both ways plus connections
+    /// accepted), for the lease: a count that moved means the session is used.
+    pub fn activity(&self) -> Vec<(String, u64)> {
+        let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
+        sessions
+            .iter()
+            .map(|s| {
+                let st = lock(&s.inner).forwarder.as_ref().map(|f| f.stats()).unwrap_or_default();
+                (s.uid.clone(), st.bytes_forward + st.bytes_backward + st.connections_total)
+            })
+            .collect()
+    }
+
+    /// Releases a session whose lease ran out.
+    pub async fn expire(&self, uid: &str, idle: Duration) -> bool {
+        warn!(uid = %uid, idle_secs = idle.as_secs(), "session idle past --session_ttl; releasing it");
+        self.remove(uid, HelloState::Released, true).await
     }
 
     /// What the XDP guard let through to the session's ports; `None` when

@@ -44,19 +44,16 @@ impl Gateway {
     /// --state_dir <fresh dir> extra...` inside `ns` and waits until it listens.
     pub fn start(ns: &str, listener_ip: IpAddr, range: &str, backend: &str, extra: &[&str]) -> Gateway {
         let dir = state_dir();
-        let ip = listener_ip.to_string();
-        let port = CONTROL_PORT.to_string();
-        let mut args: Vec<&str> = vec![
-            "--listener_ip", &ip, "--port", &port, "--port_range", range, "--type", backend,
-            "--state_dir", dir.to_str().expect("utf-8 temp dir"),
-        ];
-        args.extend_from_slice(extra);
-        let daemon = spawn_in(ns, bin("s2cs"), &args).expect("starting s2cs");
+        let daemon = spawn_s2cs(ns, listener_ip, range, backend, &dir, extra);
         let control = SocketAddr::new(listener_ip, CONTROL_PORT);
-        if let Err(e) = wait_for_tcp(ns, control, Duration::from_secs(20)) {
-            panic!("s2cs did not come up: {e:#}\nlog:\n{}", daemon.log_contents());
-        }
         Gateway { daemon, ns: ns.to_string(), control, listener_ip, cert: dir.join("server.crt"), state_dir: dir }
+    }
+
+    /// Starts a new `s2cs` on this gateway's state directory, once the old
+    /// one has exited (a restart as an operator would do it).
+    pub fn respawn(&mut self, range: &str, backend: &str, extra: &[&str]) {
+        assert!(!self.daemon.is_running(), "the old s2cs still runs");
+        self.daemon = spawn_s2cs(&self.ns, self.listener_ip, range, backend, &self.state_dir, extra);
     }
 
     pub fn cert_str(&self) -> &str {
@@ -99,6 +96,21 @@ impl Gateway {
     }
 }
 
+fn spawn_s2cs(ns: &str, listener_ip: IpAddr, range: &str, backend: &str, dir: &std::path::Path, extra: &[&str]) -> Daemon {
+    let ip = listener_ip.to_string();
+    let port = CONTROL_PORT.to_string();
+    let mut args: Vec<&str> = vec![
+        "--listener_ip", &ip, "--port", &port, "--port_range", range, "--type", backend,
+        "--state_dir", dir.to_str().expect("utf-8 temp dir"),
+    ];
+    args.extend_from_slice(extra);
+    let daemon = spawn_in(ns, bin("s2cs"), &args).expect("starting s2cs");
+    if let Err(e) = wait_for_tcp(ns, SocketAddr::new(listener_ip, CONTROL_PORT), Duration::from_secs(20)) {
+        panic!("s2cs did not come up: {e:#}\nlog:\n{}", daemon.log_contents());
+    }
+    daemon
+}
+
 /// What `s2uc ... --json` printed.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -124,6 +136,19 @@ impl Outcome {
             prod_listeners: addrs("prod_listeners"),
         }
     }
+}
+
+/// How long after this call the stream's connection was closed under it
+/// (polled every 5 ms), or `None` if it still ran after `within`.
+pub fn closed_within(stream: &testbed::Stream, within: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while stream.error().is_none() {
+        if start.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Some(start.elapsed())
 }
 
 /// The ports of some listener addresses.

@@ -1,0 +1,231 @@
+//! The session store: every answered session, written (and fsynced) before
+//! its `req`, `update` or `release` is answered, so an `s2cs` killed at any
+//! moment comes back with the sessions its clients were told about.
+//!
+//! One redb file, `sessions.redb` in `--state_dir`, one table from uid to a
+//! JSON record. redb holds an exclusive lock on the file, so a second `s2cs`
+//! pointed at the same state directory fails at start instead of corrupting it.
+//!
+//! ```no_run
+//! # use scistream_ctl::control::store::Store;
+//! let store = Store::open(std::path::Path::new("/var/lib/scistream"))?;
+//! for s in store.load()? {
+//!     println!("{} {} {:?}", s.uid, s.role, s.listeners);
+//! }
+//! # Ok::<(), scistream_ctl::control::store::StoreError>(())
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// File name of the store inside `--state_dir`.
+pub const FILE_NAME: &str = "sessions.redb";
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+
+/// Bumped when a record changes shape; records of another version are
+/// reported and skipped rather than misread.
+pub const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store {path}: another s2cs already uses this state directory")]
+    InUse { path: PathBuf },
+    #[error("session store {path}: {source}")]
+    Db { path: PathBuf, source: redb::Error },
+    #[error("session store {path}: creating the directory: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a session needs to come back after a restart: the answers its
+/// clients hold (listeners, targets) and what the data plane was started with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub version: u32,
+    pub uid: String,
+    /// `PROD` or `CONS`.
+    pub role: String,
+    pub num_conn: usize,
+    pub rate: i32,
+    pub listeners: Vec<SocketAddr>,
+    /// The producer addresses a PROD session's hello carried.
+    pub prod_listeners: Vec<SocketAddr>,
+    /// Empty until the session's `update`.
+    pub targets: Vec<SocketAddr>,
+    pub owner: Option<String>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Backend name (`tls`, `splice`, ...) the session was forwarded with.
+    pub backend: String,
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `state_dir/sessions.redb`. A file left by a killed
+    /// process is repaired by redb on open.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+            e => StoreError::Db {
+                path: path.clone(),
+                source: e.into(),
+            },
+        })?;
+        let store = Self { db, path };
+        // The table exists from the start, so reads never meet a missing one.
+        store.write(|_| Ok(()))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source: e.into(),
+        }
+    }
+
+    /// One committed (fsynced) write transaction on the sessions table.
+    fn write(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+            f(&mut table).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Inserts or replaces the session's record.
+    pub fn put(&self, s: &StoredSession) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(s).expect("a StoredSession always serialises");
+        self.write(|t| t.insert(s.uid.as_str(), bytes.as_slice()).map(drop))
+    }
+
+    /// Forgets the session; forgetting an unknown uid is not an error.
+    pub fn delete(&self, uid: &str) -> Result<(), StoreError> {
+        self.write(|t| t.remove(uid).map(drop))
+    }
+
+    /// Every stored session. Records that cannot be read (another version,
+    /// damage) are logged and left out; [`Store::delete`] removes them.
+    pub fn load(&self) -> Result<Vec<StoredSession>, StoreError> {
+        Ok(self
+            .load_raw()?
+            .into_iter()
+            .filter_map(|(_, r)| r)
+            .collect())
+    }
+
+    /// Every stored uid with its record, `None` where the record is unreadable.
+    pub fn load_raw(&self) -> Result<Vec<(String, Option<StoredSession>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let uid = k.value().to_string();
+            let record = match serde_json::from_slice::<StoredSession>(v.value()) {
+                Ok(r) if r.version == RECORD_VERSION && r.uid == uid => Some(r),
+                Ok(r) => {
+                    tracing::error!(uid = %uid, version = r.version, "stored session has another record version; skipped");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(uid = %uid, error = %e, "stored session unreadable; skipped");
+                    None
+                }
+            };
+            out.push((uid, record));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uid: &str) -> StoredSession {
+        StoredSession {
+            version: RECORD_VERSION,
+            uid: uid.into(),
+            role: "PROD".into(),
+            num_conn: 2,
+            rate: 10_000,
+            listeners: vec![
+                "10.0.0.1:5100".parse().unwrap(),
+                "10.0.0.1:5101".parse().unwrap(),
+            ],
+            prod_listeners: vec!["10.0.0.2:80".parse().unwrap()],
+            targets: vec!["10.0.0.2:80".parse().unwrap(); 2],
+            owner: Some("alice".into()),
+            created_unix_ms: 1_700_000_000_000,
+            backend: "tls".into(),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ss-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn records_survive_reopening_and_deletes_stick() {
+        let dir = temp_dir("reopen");
+        {
+            let s = Store::open(&dir).unwrap();
+            s.put(&record("a")).unwrap();
+            s.put(&record("b")).unwrap();
+            let mut b = record("b");
+            b.targets = vec!["10.0.0.3:81".parse().unwrap(); 2];
+            s.put(&b).unwrap();
+            s.delete("a").unwrap();
+            s.delete("never-stored").unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        let all = s.load().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].uid, "b");
+        assert_eq!(
+            all[0].targets[0],
+            "10.0.0.3:81".parse().unwrap(),
+            "the later put replaced the record"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused() {
+        let dir = temp_dir("twice");
+        let _first = Store::open(&dir).unwrap();
+        let second = Store::open(&dir);
+        assert!(
+            matches!(second, Err(StoreError::InUse { .. })),
+            "{:?}",
+            second.err()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
