@@ -256,3 +256,47 @@ fn a_stored_session_whose_port_is_taken_fails_alone() {
     gw.respawn(RANGE, "splice", &[]);
     assert_eq!(sessions(&gw).keys().collect::<Vec<_>>(), vec![&fine.uid]);
 }
+
+#[test]
+fn sigterm_answers_a_req_still_waiting_for_its_hello_and_exits() {
+    if !require_root("sigterm_answers_a_req_still_waiting_for_its_hello_and_exits") {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let ns = topo.ns(Node::InboundGw);
+    let mut gw = Gateway::start(ns, addr::INBOUND_GW_WAN.into(), RANGE, "splice", &[]);
+    // prod-req waits for a hello that never comes (the default hello timeout is 180 s).
+    let control = gw.control.to_string();
+    let args = [
+        "prod-req",
+        "--s2cs",
+        &control,
+        "--server_cert",
+        gw.cert_str(),
+        "--num_conn",
+        "1",
+    ];
+    let mut client = testbed::spawn_in(ns, testbed::bin("s2uc"), args).expect("s2uc prod-req");
+    gw.daemon
+        .wait_for_log("session requested", Duration::from_secs(10))
+        .expect("req arrived");
+    let t0 = std::time::Instant::now();
+    assert!(
+        kill(&mut gw, Signal::SIGTERM).success(),
+        "clean exit on SIGTERM"
+    );
+    eprintln!(
+        "s2cs exited {:?} after SIGTERM with a pending req",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "the pending req did not hold up the shutdown"
+    );
+    let status = client.wait_exit(Duration::from_secs(5)).expect("s2uc ends");
+    assert!(
+        !status.success(),
+        "the pending req failed: {}",
+        client.log_contents()
+    );
+}

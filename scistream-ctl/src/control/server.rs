@@ -90,6 +90,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         println!("s2cs: authentication on: tokens need scope {}, checked at {}", a.required_scope(), a.introspect_url());
     }
     let incoming = tokio_stream_from(listener);
+    let pending = registry.clone();
+    let shutdown = async move {
+        shutdown.await;
+        pending.release_pending().await;
+    };
     let reg = registry.clone();
     builder
         .add_service(ControlServer::new(ControlService::new(registry.clone(), auth)))

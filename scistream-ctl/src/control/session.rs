@@ -562,6 +562,17 @@ impl Registry {
         }
     }
 
+    /// Releases the sessions still waiting for their hello, so their `req`
+    /// calls answer now: a graceful shutdown waits for calls in flight, and
+    /// these would hold it up to --hello_timeout.
+    pub async fn release_pending(&self) {
+        let pending: Vec<String> =
+            lock(&self.sessions).values().filter(|s| *s.hello.borrow() == HelloState::Pending).map(|s| s.uid.clone()).collect();
+        for uid in pending {
+            self.remove(&uid, HelloState::Released, true).await;
+        }
+    }
+
     /// Each session's traffic so far (bytes both ways plus connections
     /// accepted), for the lease: a count that moved means the session is used.
     pub fn activity(&self) -> Vec<(String, u64)> {
