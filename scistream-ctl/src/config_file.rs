@@ -286,6 +286,26 @@ mod tests {
         assert!(e.contains("config file"), "{e}");
     }
 
+    /// The example shipped in deploy/ parses and shows every flag, so it
+    /// cannot fall behind the command line.
+    #[test]
+    fn the_shipped_example_parses_and_names_every_flag() {
+        let text = include_str!("../../deploy/s2cs.toml");
+        let a = with_file("example", text, &[]).unwrap();
+        assert!(a.keep_sessions);
+        for arg in ServerArgs::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["config", "help", "version"].contains(&long) {
+                continue;
+            }
+            let key = format!("{} =", long.replace('-', "_"));
+            let shown = text
+                .lines()
+                .any(|l| l.trim_start_matches(['#', ' ']).starts_with(&key));
+            assert!(shown, "deploy/s2cs.toml does not show {long}");
+        }
+    }
+
     #[test]
     fn without_config_the_command_line_is_all() {
         let a = parse_from(["s2cs", "--port", "5001"]).unwrap();
