@@ -420,6 +420,13 @@ impl Registry {
             created_unix_ms: created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             backend: self.backend.name().into(),
         };
+        // Under the map's lock: a concurrent release has either taken the
+        // session out already (nothing is written, no record outlives it) or
+        // deletes the record after this write.
+        let sessions = lock(&self.sessions);
+        if !sessions.get(&s.uid).is_some_and(|cur| std::ptr::eq(&**cur, s)) {
+            return Err(ControlError::Released(s.uid.clone()));
+        }
         store.put(&record).map_err(|e| {
             error!(uid = %s.uid, error = %e, "could not store the session");
             e.into()
