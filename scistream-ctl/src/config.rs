@@ -23,6 +23,8 @@ pub enum BackendKind {
     Splice,
     /// Plaintext TCP moved inside the kernel by an sk_skb sockmap redirect.
     Sockmap,
+    /// Plaintext, not terminated: an XDP NAT rewrites and redirects frames.
+    Xdp,
 }
 
 impl FromStr for BackendKind {
@@ -32,9 +34,10 @@ impl FromStr for BackendKind {
             "tls" | "stunnel" | "stunnelsubprocess" => Ok(Self::Tls),
             "splice" | "haproxy" | "haproxysubprocess" | "nginx" => Ok(Self::Splice),
             "sockmap" => Ok(Self::Sockmap),
+            "xdp" => Ok(Self::Xdp),
             other => Err(format!(
                 "unknown --type {other:?}; choose tls (default; also StunnelSubprocess, Stunnel), \
-                 splice (also Haproxy, HaproxySubprocess, Nginx) or sockmap (needs root)"
+                 splice (also Haproxy, HaproxySubprocess, Nginx), sockmap or xdp (need root)"
             )),
         }
     }
@@ -46,6 +49,7 @@ impl BackendKind {
             Self::Tls => "tls",
             Self::Splice => "splice",
             Self::Sockmap => "sockmap",
+            Self::Xdp => "xdp",
         }
     }
 }
@@ -100,7 +104,7 @@ pub struct ServerArgs {
     #[arg(long = "port_range", alias = "port-range", default_value = "5100-5200")]
     pub port_range: PortRange,
 
-    /// Data-plane backend: tls | splice | sockmap (SciStream names StunnelSubprocess, Stunnel,
+    /// Data-plane backend: tls | splice | sockmap | xdp (SciStream names StunnelSubprocess, Stunnel,
     /// Haproxy, HaproxySubprocess, Nginx are accepted, case-insensitive).
     #[arg(long = "type", default_value = "tls")]
     pub backend: BackendKind,

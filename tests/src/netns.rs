@@ -310,6 +310,19 @@ impl Topology {
     /// Turns GRO on for every veth end. XDP_REDIRECT into a veth only delivers when
     /// the receiving end has NAPI (GRO or an XDP program), see TOOLCHAIN.md. Needs `ethtool`.
     pub fn enable_gro(&self) -> Result<()> {
+        self.ethtool_all("gro", "on")
+    }
+
+    /// Makes every veth end send complete TCP/UDP checksums, as frames off a real
+    /// wire have. By default a veth passes the sender's checksum unfinished
+    /// (CHECKSUM_PARTIAL): a NAT in XDP, which sees only the bytes, would update
+    /// a value that is not yet the checksum and the receiver would drop the segment.
+    pub fn complete_checksums(&self) -> Result<()> {
+        self.ethtool_all("tx", "off")
+    }
+
+    /// `ethtool -K <veth> <setting> <value>` on both ends of every link.
+    pub fn ethtool_all(&self, setting: &str, value: &str) -> Result<()> {
         for link in Link::ALL {
             let (a, b) = link.ends();
             for node in [a, b] {
@@ -321,14 +334,14 @@ impl Topology {
                         "ethtool",
                         "-K",
                         link.iface(),
-                        "gro",
-                        "on",
+                        setting,
+                        value,
                     ])
                     .output()
                     .context("running ethtool (Debian package `ethtool`)")?;
                 if !out.status.success() {
                     bail!(
-                        "ethtool -K {} gro on in {}: {}",
+                        "ethtool -K {} {setting} {value} in {}: {}",
                         link.iface(),
                         self.ns(node),
                         String::from_utf8_lossy(&out.stderr).trim()

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tracing::{info, warn};
 
-use crate::config::ServerArgs;
+use crate::config::{BackendKind, ServerArgs};
 use crate::ebpf::{AttachMode, Counters, Guard};
 use scistream_common::guard::MAX_ALLOWED_PORTS;
 
@@ -27,6 +27,11 @@ impl PortGuard {
     pub fn start(args: &ServerArgs) -> Option<Self> {
         if !args.guard {
             info!("XDP guard off (--guard false)");
+            return None;
+        }
+        if args.backend == BackendKind::Xdp {
+            // An interface holds one XDP program: the xdp backend's NAT guards the range itself.
+            info!("XDP guard not attached: the xdp backend's program guards the data range");
             return None;
         }
         match Self::try_start(args) {
@@ -124,7 +129,7 @@ impl PortGuard {
 
 /// The interfaces holding `ip`; for an unspecified address, every interface
 /// but loopback that is up (data may come in on any of them).
-fn interfaces_of(ip: IpAddr) -> Result<Vec<String>, String> {
+pub(crate) fn interfaces_of(ip: IpAddr) -> Result<Vec<String>, String> {
     use nix::net::if_::InterfaceFlags;
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
     let mut names: Vec<String> = Vec::new();

@@ -15,6 +15,7 @@ pub mod sockmap;
 pub mod session_auth;
 pub mod splice;
 pub mod tls;
+pub mod xdp;
 #[cfg(test)]
 mod test_support;
 
@@ -141,5 +142,6 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
             splice::probe()?;
             Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?))
         }
+        BackendKind::Xdp => Arc::new(xdp::XdpBackend::new(args)?),
     })
 }

@@ -1,0 +1,262 @@
+//! The `xdp` backend on both gateways, across the four namespaces: the
+//! gateways translate and redirect frames, so each TCP connection runs end to
+//! end from consumer to producer (neither gateway's TCP stack opens one),
+//! bytes arrive intact in parallel, a released session's flows stop being
+//! translated, and s2cs leaves no XDP program behind when it exits.
+//!
+//! Every veth end gets GRO (a veth only takes XDP-redirected frames when the
+//! receiving end has NAPI, see TOOLCHAIN.md) and sends complete checksums, as
+//! a real wire does (see `Topology::complete_checksums`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Gateway, MIB};
+use testbed::netns::addr;
+use testbed::{consume_parallel, in_netns, require_root, Node, Producer, Topology};
+
+const PRODUCER_PORT: u16 = 7000;
+const RANGE: &str = "5100-5199";
+
+struct Session {
+    gin: Gateway,
+    gout: Gateway,
+    uid: String,
+    listeners: Vec<SocketAddr>,
+}
+
+/// Both gateways on `xdp` with a session of `num_conn` connections to `producer`.
+fn xdp_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> Session {
+    let (gin_ip, gout_ip): (IpAddr, IpAddr) =
+        (addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into());
+    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "xdp", &[]);
+    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "xdp", &[]);
+    let inbound = gin.inbound(topo.ns(Node::InboundGw), producer, num_conn);
+    let outbound = gout.outbound(topo.ns(Node::OutboundGw), &inbound, num_conn);
+    assert_eq!(outbound.listeners.len(), num_conn);
+    for gw in [&gin, &gout] {
+        let log = gw.daemon.log_contents();
+        assert!(log.contains("backend xdp"), "{log}");
+        assert!(
+            log.contains("XDP guard not attached"),
+            "the guard must yield the interfaces to the NAT:\n{log}"
+        );
+    }
+    Session {
+        gin,
+        gout,
+        uid: inbound.uid,
+        listeners: outbound.listeners,
+    }
+}
+
+fn topology() -> Topology {
+    let topo = Topology::new().expect("topology");
+    topo.enable_gro().expect("GRO on the veths");
+    topo.complete_checksums()
+        .expect("no checksum offload on the veths");
+    topo
+}
+
+/// TCP connections this namespace's stack accepted so far (`PassiveOpens`).
+fn passive_opens(ns: &str) -> u64 {
+    let snmp = in_netns(ns, || std::fs::read_to_string("/proc/net/snmp")).expect("/proc/net/snmp");
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().expect("Tcp header"),
+        tcp.next().expect("Tcp values"),
+    );
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "PassiveOpens")
+        .expect("PassiveOpens column");
+    values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .expect("a number")
+}
+
+fn xdp_programs(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("prog/xdp"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn logs(s: &Session) -> String {
+    format!(
+        "inbound s2cs:\n{}\noutbound s2cs:\n{}",
+        s.gin.daemon.log_contents(),
+        s.gout.daemon.log_contents()
+    )
+}
+
+#[test]
+fn xdp_session_streams_64mib_each_way_on_four_connections_end_to_end() {
+    const TEST: &str = "xdp_session_streams_64mib_each_way_on_four_connections_end_to_end";
+    if !require_root(TEST) {
+        return;
+    }
+    let (num_conn, bytes) = (4, 64 * MIB);
+    let topo = topology();
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+        bytes,
+    )
+    .expect("producer");
+    let s = xdp_session(&topo, producer.addr(), num_conn);
+    let gateways = [topo.ns(Node::OutboundGw), topo.ns(Node::InboundGw)];
+    let opens_before: Vec<u64> = gateways.iter().map(|ns| passive_opens(ns)).collect();
+
+    let transfers = consume_parallel(topo.ns(Node::Consumer), &s.listeners, bytes, 1)
+        .unwrap_or_else(|e| panic!("transfer failed: {e:#}\n{}", logs(&s)));
+    let seen = producer
+        .wait_for(num_conn, Duration::from_secs(30))
+        .expect("producer records");
+    for t in &transfers {
+        t.verify_with(&seen, bytes).expect("both directions intact");
+        eprintln!(
+            "{TEST}: {} -> {}: {:.2} Gbit/s both ways",
+            t.local,
+            t.peer,
+            t.gbit_per_s()
+        );
+    }
+    let opens_after: Vec<u64> = gateways.iter().map(|ns| passive_opens(ns)).collect();
+    assert_eq!(
+        opens_before,
+        opens_after,
+        "a gateway's TCP stack accepted a data connection: TCP was terminated\n{}",
+        logs(&s)
+    );
+    let mut used: Vec<_> = transfers.iter().map(|t| t.peer).collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), num_conn, "each stream used its own listener");
+}
+
+/// Writes `data` on `c` and reads the echo back within `timeout`.
+fn echo_round(c: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    c.write_all(data)?;
+    let mut back = vec![0; data.len()];
+    c.read_exact(&mut back)?;
+    Ok(back)
+}
+
+#[test]
+fn released_xdp_session_stops_translating_its_flows() {
+    const TEST: &str = "released_xdp_session_stops_translating_its_flows";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+    )
+    .expect("echo producer");
+    let mut s = xdp_session(&topo, echo.addr(), 1);
+    let listener = s.listeners[0];
+    let mut c = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listener, Duration::from_secs(5))
+    })
+    .expect("connect through both gateways");
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert_eq!(
+        echo_round(&mut c, b"before release").expect("echo while live"),
+        b"before release"
+    );
+
+    for (gw, ns) in [
+        (&mut s.gout, topo.ns(Node::OutboundGw)),
+        (&mut s.gin, topo.ns(Node::InboundGw)),
+    ] {
+        let out = gw.s2uc(ns, "release", &[&s.uid]);
+        assert!(
+            out.status.success(),
+            "release: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        gw.daemon
+            .wait_for_log("xdp session released", Duration::from_secs(5))
+            .expect("release logged");
+    }
+    // The live connection's next bytes are not translated any more: they
+    // never reach the producer, so no echo comes back.
+    let after = echo_round(&mut c, b"after release");
+    assert!(
+        after.is_err(),
+        "bytes crossed a released session: {after:?}\n{}",
+        logs(&s)
+    );
+    // Nor does a new connection get through.
+    let fresh = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listener, Duration::from_millis(500))
+    });
+    assert!(
+        fresh.is_err(),
+        "a new connection crossed a released session\n{}",
+        logs(&s)
+    );
+}
+
+#[test]
+fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
+    const TEST: &str = "xdp_gateway_restart_leaves_no_program_behind_and_streams_again";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let bytes = 4 * MIB;
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+        bytes,
+    )
+    .expect("producer");
+    let gw_ns = topo.ns(Node::InboundGw);
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let mut gin = Gateway::start(gw_ns, addr::INBOUND_GW_WAN.into(), RANGE, "xdp", &[]);
+        let attached = xdp_programs(gw_ns);
+        assert_eq!(
+            attached.lines().count(),
+            2,
+            "the NAT on both of the gateway's veths:\n{attached}"
+        );
+        gin.daemon.signal(signal).expect("signal");
+        gin.daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("s2cs exits");
+        let left = xdp_programs(gw_ns);
+        assert!(
+            left.is_empty(),
+            "XDP program left after {signal:?}:\n{left}\n{}",
+            gin.daemon.log_contents()
+        );
+    }
+    // A fresh pair of gateways carries a session as before.
+    let s = xdp_session(&topo, producer.addr(), 1);
+    let transfers = consume_parallel(topo.ns(Node::Consumer), &s.listeners, bytes, 7)
+        .unwrap_or_else(|e| panic!("transfer failed: {e:#}\n{}", logs(&s)));
+    let seen = producer
+        .wait_for(1, Duration::from_secs(30))
+        .expect("producer records");
+    transfers[0]
+        .verify_with(&seen, bytes)
+        .expect("intact after restart");
+}
