@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
+use common::raw::{block_on, new_uid, RawClient};
 use common::{closed_within, Gateway, MIB};
 use testbed::netns::addr;
 use testbed::process::Signal;
@@ -18,7 +19,11 @@ const RANGE: &str = "5100-5199";
 
 /// uid -> (listeners, targets) as `s2uc list --json` reports them.
 fn sessions(gw: &Gateway) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
-    let out = gw.s2uc(&gw.ns, "list", &["--json"]);
+    sessions_with(gw, &[])
+}
+
+fn sessions_with(gw: &Gateway, extra: &[&str]) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+    let out = gw.s2uc(&gw.ns, "list", &[&["--json"], extra].concat());
     assert!(
         out.status.success(),
         "s2uc list: {}\ns2cs log:\n{}",
@@ -299,4 +304,83 @@ fn sigterm_answers_a_req_still_waiting_for_its_hello_and_exits() {
         "the pending req failed: {}",
         client.log_contents()
     );
+}
+
+#[test]
+fn an_answered_session_waits_for_its_update_across_a_restart_and_an_unanswered_req_is_dropped() {
+    if !require_root("an_answered_session_waits_for_its_update_across_a_restart_and_an_unanswered_req_is_dropped") {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+    )
+    .expect("echo");
+    let ns = topo.ns(Node::InboundGw);
+    let mut gw = Gateway::start(
+        ns,
+        addr::INBOUND_GW_WAN.into(),
+        RANGE,
+        "splice",
+        &["--ssl", "false"],
+    );
+    let (control, producer) = (gw.control, echo.addr().to_string());
+    let (answered, unanswered) = (new_uid(), new_uid());
+    let listeners = in_netns(ns, || {
+        block_on(async {
+            let c = RawClient::connect(control).await;
+            let req = tokio::spawn({
+                let (c, uid) = (c.clone(), answered.clone());
+                async move { c.req(&uid, "PROD", 1, 1).await }
+            });
+            c.hello(&answered, &[&producer], "PROD")
+                .await
+                .expect("hello");
+            let granted = req.await.expect("join").expect("req answered");
+            // This one never gets its hello: s2cs dies while it waits.
+            let c2 = c.clone();
+            let uid = unanswered.clone();
+            tokio::spawn(async move { c2.req(&uid, "PROD", 1, 1).await });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            granted.listeners
+        })
+    });
+    gw.daemon
+        .wait_for_log(&format!("uid={unanswered}"), Duration::from_secs(5))
+        .expect("the second req arrived");
+    kill(&mut gw, Signal::SIGKILL);
+    gw.respawn(RANGE, "splice", &["--ssl", "false"]);
+    let now = sessions_with(&gw, &["--ssl", "false"]);
+    assert_eq!(
+        now.keys().collect::<Vec<_>>(),
+        vec![&answered],
+        "only the answered session is back"
+    );
+    assert_eq!(
+        now[&answered],
+        (listeners.clone(), vec![]),
+        "same listeners, no targets yet"
+    );
+    // The dropped req's port (the next one) is free; the update completes the kept session.
+    in_netns(ns, || {
+        std::net::TcpListener::bind((addr::INBOUND_GW_WAN, 5101))
+    })
+    .expect("the unanswered req's port is free");
+    in_netns(ns, || {
+        block_on(async {
+            RawClient::connect(control)
+                .await
+                .update(&answered, &[&producer], "PROD")
+                .await
+        })
+    })
+    .expect("update after the restart");
+    let stream = Stream::start(
+        topo.ns(Node::OutboundGw),
+        listeners[0].parse().expect("an address"),
+    )
+    .expect("stream");
+    stream.assert_progress(Duration::from_secs(5));
+    stream.finish().expect("echo intact");
 }
