@@ -13,8 +13,8 @@ use clap::{ArgAction, Parser};
 /// take from the port range in a single call.
 pub const MAX_NUM_CONN: i32 = 128;
 
-/// The data-plane backend (`--type`). SciStream 1.2 names map onto the native
-/// backends until real compatibility backends exist.
+/// The data-plane backend (`--type`). SciStream 1.2's subprocess names run the
+/// real programs; its Docker names map onto the native backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     /// TLS 1.3 between the gateways (default).
@@ -23,6 +23,10 @@ pub enum BackendKind {
     Splice,
     /// Plaintext TCP moved inside the kernel by an sk_skb sockmap redirect.
     Sockmap,
+    /// The real stunnel per session (PSK, AEAD only), pairs with SciStream 1.2.
+    StunnelSubprocess,
+    /// The real HAProxy per session (plaintext TCP), as SciStream 1.2.
+    HaproxySubprocess,
     /// Plaintext, not terminated: an XDP NAT rewrites and redirects frames.
     Xdp,
 }
@@ -31,13 +35,15 @@ impl FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "tls" | "stunnel" | "stunnelsubprocess" => Ok(Self::Tls),
-            "splice" | "haproxy" | "haproxysubprocess" | "nginx" => Ok(Self::Splice),
+            "tls" | "stunnel" => Ok(Self::Tls),
+            "splice" | "haproxy" | "nginx" => Ok(Self::Splice),
+            "stunnelsubprocess" => Ok(Self::StunnelSubprocess),
+            "haproxysubprocess" => Ok(Self::HaproxySubprocess),
             "sockmap" => Ok(Self::Sockmap),
             "xdp" => Ok(Self::Xdp),
             other => Err(format!(
-                "unknown --type {other:?}; choose tls (default; also StunnelSubprocess, Stunnel), \
-                 splice (also Haproxy, HaproxySubprocess, Nginx), sockmap or xdp (need root)"
+                "unknown --type {other:?}; choose tls (default; also Stunnel), splice (also Haproxy, Nginx), \
+                 sockmap or xdp (need root), StunnelSubprocess or HaproxySubprocess (run the real programs)"
             )),
         }
     }
@@ -49,6 +55,8 @@ impl BackendKind {
             Self::Tls => "tls",
             Self::Splice => "splice",
             Self::Sockmap => "sockmap",
+            Self::StunnelSubprocess => "StunnelSubprocess",
+            Self::HaproxySubprocess => "HaproxySubprocess",
             Self::Xdp => "xdp",
         }
     }
@@ -104,8 +112,8 @@ pub struct ServerArgs {
     #[arg(long = "port_range", alias = "port-range", default_value = "5100-5200")]
     pub port_range: PortRange,
 
-    /// Data-plane backend: tls | splice | sockmap | xdp (SciStream names StunnelSubprocess, Stunnel,
-    /// Haproxy, HaproxySubprocess, Nginx are accepted, case-insensitive).
+    /// Data-plane backend: tls | splice | sockmap | xdp | StunnelSubprocess | HaproxySubprocess (the
+    /// last two run the real programs; SciStream's Stunnel, Haproxy, Nginx map to tls/splice).
     #[arg(long = "type", default_value = "tls")]
     pub backend: BackendKind,
 
@@ -138,6 +146,11 @@ pub struct ServerArgs {
     /// seen to truncate a stream under load).
     #[arg(long)]
     pub experimental: bool,
+
+    /// Caps each session at the `rate` (kbit/s) of its request, by pacing the
+    /// sockets s2cs writes to; without it the rate is only recorded and shown.
+    #[arg(long = "enforce_rate", alias = "enforce-rate")]
+    pub enforce_rate: bool,
 
     /// Seconds a tunnel peer has for the TLS handshake plus the session proof;
     /// a slow or silent peer cannot hold a connection slot longer.
@@ -243,13 +256,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scistream_type_names_map_to_native_backends() {
+    fn scistream_type_names_select_their_backends() {
         for (name, kind) in [
-            ("StunnelSubprocess", BackendKind::Tls),
+            ("StunnelSubprocess", BackendKind::StunnelSubprocess),
             ("stunnel", BackendKind::Tls),
             ("TLS", BackendKind::Tls),
             ("Haproxy", BackendKind::Splice),
-            ("HaproxySubprocess", BackendKind::Splice),
+            ("haproxysubprocess", BackendKind::HaproxySubprocess),
             ("nginx", BackendKind::Splice),
             ("splice", BackendKind::Splice),
             ("SockMap", BackendKind::Sockmap),
@@ -270,7 +283,7 @@ mod tests {
         assert_eq!(a.server_key.unwrap().to_str(), Some("/a.key"));
         assert!(a.listener_ip.is_ipv6());
         assert_eq!(a.port_range, PortRange { start: 6000, end: 6010 });
-        assert_eq!(a.backend, BackendKind::Tls);
+        assert_eq!(a.backend, BackendKind::StunnelSubprocess);
         assert!(a.verbose && !a.ssl);
         let b = ServerArgs::try_parse_from(["s2cs", "-v", "--ssl=False", "--port_range=1-2"]).unwrap();
         assert!(b.verbose && !b.ssl);

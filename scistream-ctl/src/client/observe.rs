@@ -21,6 +21,12 @@ pub fn info_json(s: &SessionInfo) -> serde_json::Value {
     })
 }
 
+/// The compat backends (`StunnelSubprocess`, `HaproxySubprocess`) run another
+/// program, whose byte counts s2cs cannot see: their zeros mean "unknown".
+fn counters_observable(backend: &str) -> bool {
+    !backend.ends_with("Subprocess")
+}
+
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -55,8 +61,8 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
             s.role,
             s.backend,
             s.connections_active,
-            bytes(s.bytes_forward),
-            bytes(s.bytes_backward),
+            if counters_observable(&s.backend) { bytes(s.bytes_forward) } else { "-".into() },
+            if counters_observable(&s.backend) { bytes(s.bytes_backward) } else { "-".into() },
             s.age_ms / 1000,
             s.listeners.join(","),
             if s.targets.is_empty() { "(not set)".to_string() } else { s.targets.join(",") },
@@ -71,9 +77,13 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     println!("listeners:   {}", s.listeners.join(", "));
     println!("targets:     {}", if s.targets.is_empty() { "(not set yet)".into() } else { s.targets.join(", ") });
     println!("hello:       {}", if s.hello_received { "received" } else { "waiting" });
-    println!("connections: {} active, {} total, {} failed", s.connections_active, s.connections_total, s.connections_failed);
-    println!("forward:     {}", bytes(s.bytes_forward));
-    println!("back:        {}", bytes(s.bytes_backward));
+    if counters_observable(&s.backend) {
+        println!("connections: {} active, {} total, {} failed", s.connections_active, s.connections_total, s.connections_failed);
+        println!("forward:     {}", bytes(s.bytes_forward));
+        println!("back:        {}", bytes(s.bytes_backward));
+    } else {
+        println!("counters:    not observable: the {} backend's program moves the bytes outside s2cs", s.backend);
+    }
     if let Some((f, b)) = rates {
         println!("rate:        {f} forward, {b} back");
     }

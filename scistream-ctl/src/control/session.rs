@@ -391,7 +391,7 @@ impl Registry {
             Some(f) => f.set_targets(targets.clone()),
             None => {
                 let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
-                let spec = SessionSpec::new(uid, session.role.side());
+                let spec = SessionSpec::new(uid, session.role.side()).with_rate(session.rate);
                 inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
             }
         }

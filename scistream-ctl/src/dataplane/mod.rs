@@ -10,10 +10,14 @@ use std::sync::Arc;
 use crate::config::{BackendKind, ServerArgs};
 
 mod relay;
+pub mod haproxy;
 pub mod ktls;
+pub mod pacing;
 pub mod sockmap;
 pub mod session_auth;
 pub mod splice;
+pub mod stunnel;
+pub mod subprocess;
 pub mod tls;
 pub mod xdp;
 #[cfg(test)]
@@ -49,11 +53,18 @@ pub struct SessionSpec {
     pub side: Side,
     /// Both gateways derive it from the uid; the `tls` tunnel proves it.
     pub secret: session_auth::SessionSecret,
+    /// The request's `rate` in kbit/s (0: none); enforced only with `--enforce_rate`.
+    pub rate_kbps: u64,
 }
 
 impl SessionSpec {
     pub fn new(uid: &str, side: Side) -> Self {
-        Self { uid: uid.to_string(), side, secret: session_auth::SessionSecret::derive(uid, None) }
+        Self { uid: uid.to_string(), side, secret: session_auth::SessionSecret::derive(uid, None), rate_kbps: 0 }
+    }
+
+    pub fn with_rate(mut self, rate_kbps: i32) -> Self {
+        self.rate_kbps = rate_kbps.max(0) as u64;
+        self
     }
 }
 
@@ -126,22 +137,32 @@ impl Stats {
 /// Builds the backend `s2cs` was asked for, checking up front that it can run.
 pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<Arc<dyn Backend>, DataPlaneError> {
     Ok(match args.backend {
-        BackendKind::Tls => Arc::new(TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?)),
+        BackendKind::Tls => Arc::new(
+            TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?).enforce_rate(args.enforce_rate),
+        ),
         BackendKind::Splice => {
             splice::probe()?;
-            Arc::new(TcpRelay::new(splice::SplicePump::default()))
+            Arc::new(TcpRelay::new(splice::SplicePump::default()).enforce_rate(args.enforce_rate))
         }
         BackendKind::Sockmap => {
             if !args.experimental {
                 return Err(DataPlaneError::Unsupported {
                     backend: "sockmap",
-                    reason: "experimental: a stream was seen truncated under load; pass --experimental to use it anyway".into(),
+                    reason: "experimental: on Linux 6.18 the kernel's redirect was seen sending bytes twice under load (detected, the connection is reset) and it has no backpressure; pass --experimental to use it anyway".into(),
                 });
             }
             // Falling back to splice mid-stream needs splice too.
             splice::probe()?;
-            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?))
+            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?).enforce_rate(args.enforce_rate))
         }
+        BackendKind::StunnelSubprocess | BackendKind::HaproxySubprocess if args.enforce_rate => {
+            return Err(DataPlaneError::Unsupported {
+                backend: args.backend.name(),
+                reason: "--enforce_rate paces sockets inside s2cs; this backend's bytes move in another program".into(),
+            });
+        }
+        BackendKind::StunnelSubprocess => Arc::new(subprocess::SubprocessBackend::new(stunnel::Stunnel, &args.state_dir())?),
+        BackendKind::HaproxySubprocess => Arc::new(subprocess::SubprocessBackend::new(haproxy::Haproxy, &args.state_dir())?),
         BackendKind::Xdp => Arc::new(xdp::XdpBackend::new(args)?),
     })
 }

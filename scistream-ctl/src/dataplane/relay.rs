@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot};
+use super::{pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot};
 
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,11 +33,18 @@ pub trait Pump: Send + Sync + 'static {
 
 pub struct TcpRelay<P> {
     pump: Arc<P>,
+    /// `--enforce_rate`: pace each session's sockets at its `rate`.
+    enforce_rate: bool,
 }
 
 impl<P: Pump> TcpRelay<P> {
     pub fn new(pump: P) -> Self {
-        Self { pump: Arc::new(pump) }
+        Self { pump: Arc::new(pump), enforce_rate: false }
+    }
+
+    pub fn enforce_rate(mut self, on: bool) -> Self {
+        self.enforce_rate = on;
+        self
     }
 }
 
@@ -58,13 +65,14 @@ impl<P: Pump> Backend for TcpRelay<P> {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
+        let pacing = if self.enforce_rate { pacing::per_connection(spec.rate_kbps, listeners.len()) } else { None };
         let spec = Arc::new(spec);
         for (index, l) in listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
             let listener = TcpListener::from_std(l)?;
             let span = info_span!("listener", uid = %spec.uid, side = ?spec.side, index);
             fwd.tasks.spawn(
-                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone())
+                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone(), pacing)
                     .instrument(span),
             );
         }
@@ -113,6 +121,7 @@ async fn accept_loop<P: Pump>(
     stats: Arc<Stats>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    pacing: Option<u64>,
 ) {
     loop {
         let (sock, peer) = tokio::select! {
@@ -137,12 +146,18 @@ async fn accept_loop<P: Pump>(
             continue;
         };
         let _ = sock.set_nodelay(true);
+        if let Some(rate) = pacing {
+            if let Err(e) = pacing::set_max_pacing_rate(&sock, rate) {
+                warn!(error = %e, "cannot pace the connection; closing it rather than exceed the session's rate");
+                continue;
+            }
+        }
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
         let (pump, stats, cancel, session) = (pump.clone(), stats.clone(), cancel.clone(), session.clone());
         let span = info_span!("conn", %peer, %target);
         tasks.spawn(
-            async move {
+            pacing::CONNECTION_PACING.scope(pacing, async move {
                 debug!("accepted");
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Ok(()),
@@ -156,7 +171,7 @@ async fn accept_loop<P: Pump>(
                         warn!(error = %e, "connection ended with an error");
                     }
                 }
-            }
+            })
             .instrument(span),
         );
     }
@@ -169,5 +184,6 @@ pub async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {target} timed out")))?
         .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {target}: {e}")))?;
     let _ = s.set_nodelay(true);
+    pacing::apply_task_pacing(&s).map_err(|e| std::io::Error::new(e.kind(), format!("pacing the connection to {target}: {e}")))?;
     Ok(s)
 }

@@ -1,0 +1,98 @@
+//! `HaproxySubprocess`: the real HAProxy in TCP mode, one process per
+//! session, as SciStream 1.2 runs it (plaintext between the gateways), but in
+//! the foreground under s2cs instead of daemonised out of reach. HAProxy
+//! serves the session's reserved listening sockets themselves (`bind fd@N`),
+//! so the ports never leave our hands; a retarget starts a new HAProxy on the
+//! same sockets that soft-stops the old one (`-sf`), whose live connections
+//! finish on their old targets.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use nix::unistd::Pid;
+
+use super::subprocess::{Compat, Listeners, Retarget};
+use super::SessionSpec;
+
+pub struct Haproxy;
+
+/// HAProxy's server address; `ipv6@` says which colon ends the address.
+fn server(a: SocketAddr) -> String {
+    match a {
+        SocketAddr::V4(_) => a.to_string(),
+        SocketAddr::V6(v6) => format!("ipv6@{}:{}", v6.ip(), v6.port()),
+    }
+}
+
+/// The config of a session whose listening sockets are the inherited `fds`.
+pub fn config(uid: &str, fds: &[i32], targets: &[SocketAddr]) -> String {
+    // No maxconn: HAProxy derives it from the fd limit it inherits from s2cs.
+    // Idle timeouts long enough for a quiet stream; SciStream 1.2's 50 s cut
+    // off streams that paused.
+    let mut c = format!(
+        "# scistream-rs HaproxySubprocess, session {uid}\n\
+         global\n\n\
+         defaults\n    mode tcp\n    timeout connect 10s\n    timeout client 1h\n    timeout server 1h\n"
+    );
+    for (i, (fd, t)) in fds.iter().zip(targets.iter().cycle()).enumerate() {
+        let _ = write!(c, "\nfrontend f{i}\n    bind fd@{fd}\n    default_backend b{i}\n\nbackend b{i}\n    server s{i} {}\n", server(*t));
+    }
+    c
+}
+
+impl Compat for Haproxy {
+    const NAME: &'static str = "HaproxySubprocess";
+    const PROGRAM: &'static str = "haproxy";
+    const PACKAGE: &'static str = "haproxy";
+
+    fn files(
+        &self,
+        spec: &SessionSpec,
+        listeners: &Listeners,
+        targets: &[SocketAddr],
+        _config: &Path,
+    ) -> Vec<(&'static str, String)> {
+        vec![("cfg", config(&spec.uid, &listeners.fds(), targets))]
+    }
+
+    fn args(&self, config: &Path) -> Vec<OsString> {
+        vec!["-db".into(), "-f".into(), config.into()]
+    }
+
+    fn check_args(&self, config: &Path) -> Option<Vec<OsString>> {
+        // The sockets are already listening when HAProxy starts, so only a
+        // dry run tells whether it will accept the config.
+        Some(vec!["-c".into(), "-q".into(), "-f".into(), config.into()])
+    }
+
+    fn inherits_listeners(&self) -> bool {
+        true
+    }
+
+    fn is_error_line(line: &str) -> bool {
+        line.contains("[ALERT]") || line.contains("[WARNING]")
+    }
+
+    fn retarget(&self, config: &Path, pid: Pid) -> Retarget {
+        let mut args = self.args(config);
+        args.extend(["-sf".into(), pid.as_raw().to_string().into()]);
+        Retarget::Respawn(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haproxy_config_binds_inherited_fds_and_cycles_targets() {
+        let c = config("u", &[7, 8], &["10.0.0.2:7000".parse().unwrap()]);
+        assert!(c.contains("bind fd@7") && c.contains("bind fd@8"), "{c}");
+        assert_eq!(c.matches("server s").count(), 2);
+        assert!(c.contains("server s1 10.0.0.2:7000"), "{c}");
+        assert!(!c.contains("daemon"), "{c}");
+        assert!(config("u", &[3], &["[::1]:7000".parse().unwrap()]).contains("ipv6@::1:7000"));
+    }
+}
