@@ -16,6 +16,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -36,8 +37,8 @@ pub enum StoreError {
     InUse { path: PathBuf },
     #[error("session store {path}: {source}")]
     Db { path: PathBuf, source: redb::Error },
-    #[error("session store {path}: creating the directory: {source}")]
-    Dir {
+    #[error("session store {path}: {source}")]
+    Io {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -74,11 +75,22 @@ impl Store {
     /// Opens (or creates) `state_dir/sessions.redb`. A file left by a killed
     /// process is repaired by redb on open.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
         let path = state_dir.join(FILE_NAME);
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        // The uids in it are what the tunnel's session secrets derive from:
+        // readable by root only, also when an older file was made otherwise.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+            .map_err(io)?;
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
             e => StoreError::Db {
@@ -205,6 +217,8 @@ mod tests {
             s.delete("never-stored").unwrap();
         }
         let s = Store::open(&dir).unwrap();
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the uids in it derive tunnel secrets");
         let all = s.load().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].uid, "b");
