@@ -30,7 +30,7 @@ fn sockmap_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> (G
 }
 
 #[test]
-#[ignore = "sockmap truncated a stream in 1 of ~5 CI runs (received 47841280 of 67108864 bytes); the backend is behind --experimental until that is fixed: run with --ignored"]
+#[ignore = "Linux 6.18's sk_skb redirect sometimes sends bytes twice (1448 to 65160 extra bytes in about 1 of 12 runs of this test); the backend detects it and resets the connection, so the test cannot pass reliably: run with --ignored"]
 fn sockmap_session_streams_64mib_each_way_on_four_connections() {
     const TEST: &str = "sockmap_session_streams_64mib_each_way_on_four_connections";
     if !require_root(TEST) {

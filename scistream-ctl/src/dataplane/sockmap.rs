@@ -31,8 +31,19 @@ use super::{DataPlaneError, SessionSpec, Stats};
 use crate::ebpf::{Pair, SockRedirect};
 
 /// A direction with bytes pending, a writable destination and no byte moved
-/// for this long counts as stalled.
-pub const STALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// for this long is stuck, and the connection goes to splice. Not shorter:
+/// bytes the program already redirected sit in the kernel's per-socket queue
+/// until a worker thread sends them, and taking the sockets out of the map
+/// throws that queue away (the loss check then resets the connection). On a
+/// loaded 2-core machine that worker was seen idle for more than 500 ms with
+/// 40 MiB queued, and every byte still arrived.
+///
+/// Two remedies that look obvious corrupt streams on Linux 6.18 and are not
+/// used: re-running the verdict on a paired socket mid-stream (raising
+/// SO_RCVLOWAT, which makes TCP re-announce its queue) and shrinking a
+/// source's receive buffer to hold it back (backpressure). With either, the
+/// kernel sent segments twice (1448 and 10136 extra bytes in 64 MiB streams).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the watcher reads the counters and socket states.
 const WATCH_TICK: Duration = Duration::from_millis(10);
 /// How often it looks while an EOF waits for the bytes before it to go out.
@@ -67,13 +78,28 @@ impl Pump for SockmapPump {
 
     async fn relay(self: Arc<Self>, _session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
         let upstream = connect(target).await?;
-        relay_pair(&self, &accepted, &upstream, &stats, true).await
+        relay_pair(&self, &accepted, &upstream, &stats, Watchdog::default()).await
     }
 }
 
-/// Relays `a` <-> `b` in the kernel until both directions have ended. `kick`
-/// is false only in tests that need a stall.
-async fn relay_pair(pump: &SockmapPump, a: &TcpStream, b: &TcpStream, stats: &Stats, kick: bool) -> io::Result<()> {
+/// When the watcher acts on a connection whose bytes stopped moving.
+#[derive(Clone, Copy, Debug)]
+struct Watchdog {
+    /// Hand the queues to the program once both sockets are in the map;
+    /// false only in tests that need a stall.
+    kick: bool,
+    stall_timeout: Duration,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Self { kick: true, stall_timeout: STALL_TIMEOUT }
+    }
+}
+
+/// Relays `a` <-> `b` in the kernel until both directions have ended.
+async fn relay_pair(pump: &SockmapPump, a: &TcpStream, b: &TcpStream, stats: &Stats, dog: Watchdog) -> io::Result<()> {
+    let kick = dog.kick;
     let base = (written_raw(a)?, written_raw(b)?);
     let mut dirs = (Direction::default(), Direction::default());
     let paired = match Paired::new(pump, a, b, kick) {
@@ -85,11 +111,11 @@ async fn relay_pair(pump: &SockmapPump, a: &TcpStream, b: &TcpStream, stats: &St
             return fall_back(a, b, base, &mut dirs, stats).await;
         }
     };
-    match watch(a, b, base, &mut dirs, stats).await {
+    match watch(a, b, base, &mut dirs, stats, dog).await {
         Ok(Watch::Done) => Ok(()),
         Ok(Watch::Stalled) => {
             drop(paired);
-            warn!(timeout_ms = STALL_TIMEOUT.as_millis() as u64, "sockmap stalled with bytes pending; moving the connection to splice");
+            warn!(timeout_ms = dog.stall_timeout.as_millis() as u64, "sockmap stalled with bytes pending; moving the connection to splice");
             fall_back(a, b, base, &mut dirs, stats).await
         }
         Err(e) => Err(e),
@@ -149,14 +175,26 @@ struct Direction {
     counted: u64,
     /// The sink's write side is shut down (the source's EOF was passed on).
     ended: bool,
+    /// Most bytes seen in flight inside the kernel (received, not yet sent).
+    peak_pending: u64,
 }
 
 impl Direction {
     /// Counts what moved and passes the source's EOF on once every byte
-    /// before it has been written to the sink. Returns whether bytes are pending.
-    fn step(&mut self, source_eof: bool, received: u64, written: u64, sink: &TcpStream, counter: &AtomicU64) -> io::Result<bool> {
+    /// before it has been written to the sink. Returns the bytes pending.
+    fn step(&mut self, source_eof: bool, received: u64, written: u64, sink: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
         if self.ended {
-            return Ok(false);
+            return Ok(0);
+        }
+        if written > received {
+            // The redirect sent bytes twice: seen on Linux 6.18 when socket
+            // options were changed mid-stream (see STALL_TIMEOUT), kept as a
+            // guard. The stream is corrupt; the relay resets both ends so no
+            // one takes it for a whole one.
+            return Err(io::Error::other(format!(
+                "the kernel sent {} bytes more than it received: sockmap duplicated data",
+                written - received
+            )));
         }
         let moved = written.min(received);
         counter.fetch_add(moved.saturating_sub(self.counted), Ordering::Relaxed);
@@ -165,11 +203,13 @@ impl Direction {
             shut_write(sink)?;
             self.ended = true;
         }
-        Ok(received > written)
+        let pending = received.saturating_sub(written);
+        self.peak_pending = self.peak_pending.max(pending);
+        Ok(pending)
     }
 }
 
-async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direction, Direction), stats: &Stats) -> io::Result<Watch> {
+async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direction, Direction), stats: &Stats, dog: Watchdog) -> io::Result<Watch> {
     let (ab, ba) = (&mut dirs.0, &mut dirs.1);
     let mut last_moved = u64::MAX;
     let mut still_since = Instant::now();
@@ -188,22 +228,27 @@ async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direc
                 }
             }
         }
-        let (ca, cb) = (Counts::read(a.as_fd(), base.0, sa.eof)?, Counts::read(b.as_fd(), base.1, sb.eof)?);
-        let pending_ab = ab.step(sa.eof, ca.received, cb.written, b, &stats.bytes_forward)?;
+        // Each sink's count is read before its source's: bytes arriving
+        // between the two reads then make `received` larger, never `written`,
+        // so written > received can only mean bytes sent twice.
+        let cb_first = Counts::read(b.as_fd(), base.1, sb.eof)?;
+        let ca = Counts::read(a.as_fd(), base.0, sa.eof)?;
+        let cb = Counts::read(b.as_fd(), base.1, sb.eof)?;
+        let pending_ab = ab.step(sa.eof, ca.received, cb_first.written, b, &stats.bytes_forward)?;
         let pending_ba = ba.step(sb.eof, cb.received, ca.written, a, &stats.bytes_backward)?;
         if ab.ended && ba.ended {
-            debug!(forward = ab.counted, backward = ba.counted, "both directions ended");
+            debug!(forward = ab.counted, backward = ba.counted, peak_pending_forward = ab.peak_pending, peak_pending_backward = ba.peak_pending, "both directions ended");
             return Ok(Watch::Done);
         }
 
         // Bytes that should move and could (the sink has room) but do not:
         // the kernel path stalled. A full sink is a slow reader, not a stall.
         let moved = ca.written + cb.written;
-        let stuck = (pending_ab && sb.writable) || (pending_ba && sa.writable);
+        let stuck = (pending_ab > 0 && sb.writable) || (pending_ba > 0 && sa.writable);
         if moved != last_moved || !stuck {
             last_moved = moved;
             still_since = Instant::now();
-        } else if still_since.elapsed() >= STALL_TIMEOUT {
+        } else if still_since.elapsed() >= dog.stall_timeout {
             return Ok(Watch::Stalled);
         }
 
@@ -401,7 +446,7 @@ mod tests {
 
     /// app_a <-> relay_a ==kernel== relay_b <-> app_b; app_a sends `data` and
     /// half-closes, app_b reads to EOF, replies "ack" and closes.
-    async fn exchange(pump: &SockmapPump, data: Vec<u8>, early: &[u8], kick: bool) -> (Stats, Vec<u8>, Vec<u8>) {
+    async fn exchange(pump: &SockmapPump, data: Vec<u8>, early: &[u8], dog: Watchdog) -> (Stats, Vec<u8>, Vec<u8>) {
         let (mut app_a, relay_a) = pair().await;
         let (relay_b, app_b) = pair().await;
         // Bytes already queued on the relay socket before it is paired.
@@ -409,7 +454,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let stats = Stats::default();
         let expected: Vec<u8> = early.iter().chain(data.iter()).copied().collect();
-        let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, kick).await.unwrap() };
+        let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, dog).await.unwrap() };
         let ends = half_close_exchange(app_a, app_b, data);
         let (_, (reply, got)) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(relay, ends) }).await.expect("relay finished");
         assert_eq!(got.len(), expected.len());
@@ -421,7 +466,7 @@ mod tests {
     async fn sockmap_moves_bytes_both_ways_and_propagates_half_close() {
         let Some(pump) = pump_or_skip() else { return };
         let data: Vec<u8> = (0..8_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let (stats, got, reply) = exchange(&pump, data, b"early bytes", true).await;
+        let (stats, got, reply) = exchange(&pump, data, b"early bytes", Watchdog::default()).await;
         assert_eq!(reply, b"ack");
         let s = stats.snapshot();
         assert_eq!(s.bytes_forward, got.len() as u64);
@@ -429,18 +474,16 @@ mod tests {
         assert_eq!(s.fallbacks, 0, "no stall expected");
     }
 
-    #[tokio::test]
-    async fn stalled_pair_falls_back_to_splice_without_losing_bytes() {
-        let Some(pump) = pump_or_skip() else { return };
-        // Without the kick, the early bytes sit in the receive queue where the
-        // verdict program never sees them: the classic sockmap stall. The
-        // rest of the stream waits behind them (the app sends after a pause).
+    /// The classic sockmap stall: bytes queued before pairing sit in the
+    /// receive queue where the verdict program never sees them, and the rest
+    /// of the stream waits behind them (the app sends after they arrive).
+    async fn stalled_exchange(pump: &SockmapPump, dog: Watchdog) -> (Stats, Vec<u8>) {
         let (mut app_a, relay_a) = pair().await;
         let (relay_b, mut app_b) = pair().await;
         app_a.write_all(b"stuck").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let stats = Stats::default();
-        let relay = async { relay_pair(&pump, &relay_a, &relay_b, &stats, false).await.unwrap() };
+        let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, dog).await.unwrap() };
         let ends = async move {
             let mut first = [0u8; 5];
             app_b.read_exact(&mut first).await.unwrap();
@@ -455,8 +498,17 @@ mod tests {
         };
         let (_, got) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) }).await.expect("relay finished");
         assert_eq!(got, b"stuck and the rest");
+        (stats, got)
+    }
+
+    #[tokio::test]
+    async fn stalled_pair_falls_back_to_splice_without_losing_bytes() {
+        let Some(pump) = pump_or_skip() else { return };
+        let dog = Watchdog { kick: false, stall_timeout: Duration::from_millis(500) };
+        let (stats, got) = stalled_exchange(&pump, dog).await;
         let s = stats.snapshot();
         assert_eq!(s.fallbacks, 1);
         assert_eq!(s.bytes_forward, got.len() as u64);
     }
+
 }
