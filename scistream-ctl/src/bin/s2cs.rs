@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -26,6 +27,20 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("s2cs: error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Each relayed connection holds 2 sockets, and up to 2 pipes with splice;
+/// the usual soft limit of 1024 descriptors would cap a gateway at ~150
+/// connections, so the soft limit goes up to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("s2cs: warning: cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
         }
     }
 }

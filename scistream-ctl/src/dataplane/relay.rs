@@ -156,8 +156,10 @@ async fn accept_loop<P: Pump>(
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
         let (pump, stats, cancel, session) = (pump.clone(), stats.clone(), cancel.clone(), session.clone());
         let span = info_span!("conn", %peer, %target);
+        let sockets = ConnSockets::default();
+        sockets.hold(&sock);
         tasks.spawn(
-            pacing::CONNECTION_PACING.scope(pacing, async move {
+            pacing::CONNECTION_PACING.scope(pacing, CONN_SOCKETS.scope(sockets.clone(), async move {
                 debug!("accepted");
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Ok(()),
@@ -168,10 +170,11 @@ async fn accept_loop<P: Pump>(
                     Ok(()) => debug!("closed"),
                     Err(e) => {
                         stats.connections_failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, "connection ended with an error");
+                        sockets.abort();
+                        warn!(error = %e, "connection ended with an error; both ends reset");
                     }
                 }
-            })
+            }))
             .instrument(span),
         );
     }
@@ -185,5 +188,87 @@ pub async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {target}: {e}")))?;
     let _ = s.set_nodelay(true);
     pacing::apply_task_pacing(&s).map_err(|e| std::io::Error::new(e.kind(), format!("pacing the connection to {target}: {e}")))?;
+    if let Ok(held) = CONN_SOCKETS.try_with(Clone::clone) {
+        held.hold(&s);
+    }
     Ok(s)
+}
+
+tokio::task_local! {
+    /// The sockets of the connection task running now (see [`ConnSockets`]).
+    static CONN_SOCKETS: ConnSockets;
+}
+
+/// Both ends of one relayed connection, held past the pump so a failure can
+/// reset them. A pump that fails mid-stream drops its sockets, and a plain
+/// close sends FIN: the consumer or producer would take a cut stream for a
+/// complete one. After an error every end is closed with RST instead. The
+/// duplicates only keep the sockets alive until the task ends.
+#[derive(Clone, Default)]
+struct ConnSockets(Arc<std::sync::Mutex<Vec<std::os::fd::OwnedFd>>>);
+
+impl ConnSockets {
+    fn hold(&self, s: &TcpStream) {
+        use std::os::fd::AsFd;
+        if let Ok(fd) = s.as_fd().try_clone_to_owned() {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+        }
+    }
+
+    /// Linger 0 on every end: their last close, when this task drops the
+    /// duplicates, sends RST.
+    fn abort(&self) {
+        for fd in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::splice::SplicePump;
+    use crate::dataplane::{SessionSpec, Side};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A target that sends part of a stream and then dies (RST): the client
+    /// of the gateway must see an error, never a clean EOF after the part.
+    #[tokio::test]
+    async fn a_target_reset_mid_stream_reaches_the_client_as_a_reset() {
+        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_addr = target.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = target.accept().await.unwrap();
+            s.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+        });
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = TcpRelay::new(SplicePump);
+        let uid = "5b0c2d5e-6a43-4f0e-9d55-0b1c7c1e2a10";
+        let fwd = backend.start(SessionSpec::new(uid, Side::Inbound), vec![listener], vec![target_addr]).unwrap();
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => got += n,
+                    Err(e) => break Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the client learns the stream's fate");
+        server.await.unwrap();
+        let e = end.expect_err("a clean EOF after a cut stream");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert!(got <= 1 << 20);
+        assert_eq!(fwd.stats().connections_failed, 1);
+        fwd.release().await;
+    }
 }
