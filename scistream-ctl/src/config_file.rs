@@ -142,7 +142,7 @@ where
     Ok(ServerArgs::from_arg_matches(&matches)?)
 }
 
-fn names<'a>(arg: &'a Arg) -> impl Iterator<Item = &'a str> {
+fn names(arg: &Arg) -> impl Iterator<Item = &str> {
     arg.get_long()
         .into_iter()
         .chain(arg.get_all_aliases().unwrap_or_default())
