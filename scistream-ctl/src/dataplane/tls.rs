@@ -37,7 +37,18 @@ pub struct TlsPump {
     /// Handshake plus session proof must finish within this.
     timeout: Duration,
     tier: Tier,
+    /// Forced re-key interval in bytes sent ([`REKEY_VAR`]); None: rustls
+    /// re-keys on its own before a key's record limit.
+    rekey_every: Option<u64>,
+    /// KeyUpdates this gateway initiated through `rekey_every`.
+    rekeys: AtomicU64,
 }
+
+/// `SCISTREAM_REKEY_BYTES=N`: a test knob; each tunnel connection sends a
+/// TLS 1.3 KeyUpdate (asking the peer to update too) after every N bytes, so
+/// tests can force many re-keys in a short stream. AES-GCM's real limit is
+/// 2^24 records (about 256 GiB), which rustls enforces by itself.
+pub const REKEY_VAR: &str = "SCISTREAM_REKEY_BYTES";
 
 /// The tunnel socket as rustls sees it until the session is proven.
 type Tunnel = tokio_rustls::TlsStream<RecordBounded<TcpStream>>;
@@ -59,11 +70,17 @@ impl TlsPump {
             ),
             Tier::Rustls { reason } => tracing::info!("tls backend: rustls in user space, not kernel TLS: {reason}"),
         }
+        let rekey_every = std::env::var(REKEY_VAR).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|n| *n > 0);
+        if let Some(n) = rekey_every {
+            tracing::warn!("{REKEY_VAR}={n}: tunnels re-key after every {n} bytes (a test setting)");
+        }
         Ok(Self {
             acceptor: TlsAcceptor::from(tunnel_server_config(identity)?),
             connector: TlsConnector::from(tunnel_client_config(peer_ca)?),
             timeout,
             tier,
+            rekey_every,
+            rekeys: AtomicU64::new(0),
         })
     }
 
@@ -97,6 +114,7 @@ impl TlsPump {
             }
         }
         tunnel.get_mut().0.unbound();
+        let tunnel = Rekeying { inner: tunnel, every: self.rekey_every.unwrap_or(u64::MAX), since: 0, rekeys: &self.rekeys };
         if tunnel_first { copy_counted(tunnel, plain, stats).await } else { copy_counted(plain, tunnel, stats).await }
     }
 }
@@ -204,6 +222,46 @@ where
     Ok(())
 }
 
+/// A tunnel in rustls that starts a KeyUpdate after every `every` bytes it
+/// sends (see [`REKEY_VAR`]).
+struct Rekeying<'a> {
+    inner: Tunnel,
+    every: u64,
+    since: u64,
+    rekeys: &'a AtomicU64,
+}
+
+impl AsyncRead for Rekeying<'_> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rekeying<'_> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.since += n as u64;
+        if this.since >= this.every {
+            this.since = 0;
+            // Queued now, sent with the next write or flush.
+            let r = match &mut this.inner {
+                tokio_rustls::TlsStream::Client(c) => c.get_mut().1.refresh_traffic_keys(),
+                tokio_rustls::TlsStream::Server(s) => s.get_mut().1.refresh_traffic_keys(),
+            };
+            r.map_err(|e| io::Error::other(format!("starting a TLS key update: {e}")))?;
+            this.rekeys.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(n))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Counts bytes read from `inner`, so a session's stats move while it streams.
 struct Counted<'a, S> {
     inner: S,
@@ -233,3 +291,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;
