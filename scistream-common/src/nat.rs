@@ -60,6 +60,11 @@ impl NatConfig {
         self.is_enabled() && self.data_lo <= port && port <= self.data_hi
     }
 
+    /// Whether `port` is one the NAT hands out as a source port.
+    pub const fn is_nat_port(&self, port: u16) -> bool {
+        self.is_enabled() && self.nat_lo <= port && port <= self.nat_hi
+    }
+
     /// Number of source ports the NAT may hand out (0 when disabled).
     pub const fn nat_span(&self) -> u32 {
         if self.is_enabled() {

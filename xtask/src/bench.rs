@@ -33,12 +33,13 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,4",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     streams: Vec<u32>,
-    /// Configurations, comma-separated: direct (kernel routing), haproxy, stunnel,
-    /// and any `s2cs --type` (tls, splice, sockmap, ...); one the host cannot run is skipped.
+    /// Configurations, comma-separated: direct (kernel routing), direct-xdp-path
+    /// (kernel routing with the veth settings `xdp` needs), haproxy, stunnel, and any
+    /// `s2cs --type` (tls, splice, sockmap, xdp, ...); one the host cannot run is skipped.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,tls,splice,sockmap,haproxy,stunnel"
+        default_value = "direct,tls,splice,sockmap,haproxy,stunnel,xdp"
     )]
     configs: Vec<String>,
     /// Sessions for the set-up latency measurement (0 skips it).
@@ -191,8 +192,14 @@ fn prepare(label: &str, state: &Path) -> Result<Bed> {
     let iperf_server = start_iperf_server(&topo)?;
     let dir = state.join(label);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if label == "xdp" || label == "direct-xdp-path" {
+        // Redirected frames need NAPI on the receiving veth, and the NAT needs
+        // complete checksums (see Topology::complete_checksums): no TSO then.
+        topo.enable_gro()?;
+        topo.complete_checksums()?;
+    }
     let (forwarding, target) = match label {
-        "direct" => (Forwarding::Kernel, producer),
+        "direct" | "direct-xdp-path" => (Forwarding::Kernel, producer),
         "haproxy" => {
             let pair = bench_peers::haproxy(&topo, producer, &dir)?;
             let entry = pair.entry;

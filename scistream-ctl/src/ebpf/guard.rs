@@ -238,6 +238,14 @@ impl Guard {
         Ok(per_cpu.iter().copied().sum())
     }
 
+    /// Runs the program `repeat` times on `frame` in the kernel and returns
+    /// the kernel's mean time per run; for benchmarks.
+    pub fn time_per_frame(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, EbpfError> {
+        let program: &Xdp = self.ebpf.program(layout::PROGRAM).ok_or(missing("program", layout::PROGRAM))?.try_into().map_err(program_error)?;
+        let options = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() };
+        Ok(program.test_run(options).map_err(program_error)?.duration)
+    }
+
     /// Runs the program once on `frame` inside the kernel (BPF_PROG_TEST_RUN),
     /// with no interface involved; maps and counters change as for a received
     /// frame. For tests and start-up self checks.

@@ -132,6 +132,11 @@ fn ipv4(ctx: &XdpContext, config: &NatConfig) -> Result<u32, Event> {
         return Ok(XDP_PASS);
     }
 
+    // Every flow's key has a session port (data range) or a NAT source port
+    // as its destination: anything else is not ours, without a lookup.
+    if !config.guards(dport) && !config.is_nat_port(dport) {
+        return Ok(XDP_PASS);
+    }
     let key = FlowKey {
         saddr,
         daddr,
@@ -310,10 +315,19 @@ fn forward(ctx: &XdpContext, ip: &mut [u8; IPV4_HLEN], total_len: u16) -> u32 {
             0,
         )
     };
-    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || NAT_TX_PORTS.get(fib.ifindex).is_none() {
+    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         count_event(ctx, Event::PassedToStack);
         return XDP_PASS;
     }
+    // An egress interface missing from the devmap gives the fallback action
+    // (the flags' low bits) instead of a redirect.
+    let action = match NAT_TX_PORTS.redirect(fib.ifindex, u64::from(XDP_PASS)) {
+        Ok(action) => action,
+        Err(fallback) => {
+            count_event(ctx, Event::PassedToStack);
+            return fallback;
+        }
+    };
     // A router's duty on the fast path; RFC 1624 again for the checksum.
     let mut diff = Diff::default();
     diff.replace2(
@@ -327,13 +341,8 @@ fn forward(ctx: &XdpContext, ip: &mut [u8; IPV4_HLEN], total_len: u16) -> u32 {
         eth[0..6].copy_from_slice(&fib.dmac);
         eth[6..12].copy_from_slice(&fib.smac);
     }
-    match NAT_TX_PORTS.redirect(fib.ifindex, u64::from(XDP_PASS)) {
-        Ok(action) => {
-            count_event(ctx, Event::Redirected);
-            action
-        }
-        Err(fallback) => fallback,
-    }
+    count_event(ctx, Event::Redirected);
+    action
 }
 
 /// A checksum update in progress: the one's complement sum of the old words
