@@ -2,14 +2,15 @@
 //! session, as SciStream 1.2 runs it (plaintext between the gateways), but in
 //! the foreground under s2cs instead of daemonised out of reach. HAProxy
 //! serves the session's reserved listening sockets themselves (`bind fd@N`),
-//! so the ports never leave our hands; a retarget starts a new HAProxy on the
-//! same sockets that soft-stops the old one (`-sf`), whose live connections
-//! finish on their old targets.
+//! so the ports never leave our hands. A retarget changes each server's
+//! address through HAProxy's runtime API on a private unix socket: new
+//! connections go to the new targets, live ones keep theirs, and the
+//! process stays the same.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
 
@@ -26,14 +27,21 @@ fn server(a: SocketAddr) -> String {
     }
 }
 
-/// The config of a session whose listening sockets are the inherited `fds`.
-pub fn config(uid: &str, fds: &[i32], targets: &[SocketAddr]) -> String {
+/// The runtime API socket next to a session's config.
+pub fn control_socket(config: &Path) -> PathBuf {
+    config.with_extension("sock")
+}
+
+/// The config of a session whose listening sockets are the inherited `fds`;
+/// `socket` is its runtime API (mode 0600, admin level, for retargets).
+pub fn config(uid: &str, fds: &[i32], targets: &[SocketAddr], socket: &Path) -> String {
     // No maxconn: HAProxy derives it from the fd limit it inherits from s2cs.
     // Idle timeouts long enough for a quiet stream; SciStream 1.2's 50 s cut
     // off streams that paused.
+    let socket = socket.display();
     let mut c = format!(
         "# scistream-rs HaproxySubprocess, session {uid}\n\
-         global\n\n\
+         global\n    stats socket {socket} mode 600 level admin\n\n\
          defaults\n    mode tcp\n    timeout connect 10s\n    timeout client 1h\n    timeout server 1h\n"
     );
     for (i, (fd, t)) in fds.iter().zip(targets.iter().cycle()).enumerate() {
@@ -52,9 +60,15 @@ impl Compat for Haproxy {
         spec: &SessionSpec,
         listeners: &Listeners,
         targets: &[SocketAddr],
-        _config: &Path,
+        config_path: &Path,
     ) -> Vec<(&'static str, String)> {
-        vec![("cfg", config(&spec.uid, &listeners.fds(), targets))]
+        let socket = control_socket(config_path);
+        vec![
+            ("cfg", config(&spec.uid, &listeners.fds(), targets, &socket)),
+            // Holds the socket's path: HAProxy renames its socket over it,
+            // and release deletes it with the other files.
+            ("sock", String::new()),
+        ]
     }
 
     fn args(&self, config: &Path) -> Vec<OsString> {
@@ -75,10 +89,25 @@ impl Compat for Haproxy {
         line.contains("[ALERT]") || line.contains("[WARNING]")
     }
 
-    fn retarget(&self, config: &Path, pid: Pid) -> Retarget {
-        let mut args = self.args(config);
-        args.extend(["-sf".into(), pid.as_raw().to_string().into()]);
-        Retarget::Respawn(args)
+    fn is_loaded_line(_line: &str) -> bool {
+        // A new HAProxy takes over instead; its epoll set shows when it serves.
+        false
+    }
+
+    fn retarget(&self, config: &Path, _pid: Pid, targets: &[SocketAddr]) -> Retarget {
+        let lines = (0..targets.len())
+            .map(|i| {
+                let t = targets[i];
+                format!("set server b{i}/s{i} addr {} port {}", t.ip(), t.port())
+            })
+            .collect();
+        Retarget::Commands {
+            socket: control_socket(config),
+            lines,
+            refusals: &[
+                "No such", "Unknown", "Require", "Invalid", "invalid", "failed",
+            ],
+        }
     }
 }
 
@@ -88,11 +117,25 @@ mod tests {
 
     #[test]
     fn haproxy_config_binds_inherited_fds_and_cycles_targets() {
-        let c = config("u", &[7, 8], &["10.0.0.2:7000".parse().unwrap()]);
+        let c = config(
+            "u",
+            &[7, 8],
+            &["10.0.0.2:7000".parse().unwrap()],
+            Path::new("/s.sock"),
+        );
         assert!(c.contains("bind fd@7") && c.contains("bind fd@8"), "{c}");
         assert_eq!(c.matches("server s").count(), 2);
         assert!(c.contains("server s1 10.0.0.2:7000"), "{c}");
-        assert!(!c.contains("daemon"), "{c}");
-        assert!(config("u", &[3], &["[::1]:7000".parse().unwrap()]).contains("ipv6@::1:7000"));
+        assert!(
+            !c.contains("daemon") && c.contains("stats socket /s.sock mode 600 level admin"),
+            "{c}"
+        );
+        assert!(config(
+            "u",
+            &[3],
+            &["[::1]:7000".parse().unwrap()],
+            Path::new("/s.sock")
+        )
+        .contains("ipv6@::1:7000"));
     }
 }

@@ -121,7 +121,11 @@ impl Compat for Stunnel {
             && !line.contains("No trusted certificates")
     }
 
-    fn retarget(&self, _config: &Path, _pid: Pid) -> Retarget {
+    fn is_loaded_line(line: &str) -> bool {
+        line.contains("Configuration successful")
+    }
+
+    fn retarget(&self, _config: &Path, _pid: Pid, _targets: &[SocketAddr]) -> Retarget {
         // stunnel re-reads its config on SIGHUP; live connections go on.
         Retarget::Signal(Signal::SIGHUP)
     }

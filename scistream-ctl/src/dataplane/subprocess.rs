@@ -65,18 +65,26 @@ pub trait Compat: Send + Sync + 'static {
     /// a warning; everything else goes to debug).
     fn is_error_line(line: &str) -> bool;
 
+    /// Whether a line says the program has (re)loaded its config and serves
+    /// it, so a reload by signal can be waited for.
+    fn is_loaded_line(line: &str) -> bool;
+
     /// How the running program `pid` takes new targets once its files were
     /// rewritten.
-    fn retarget(&self, config: &Path, pid: Pid) -> Retarget;
+    fn retarget(&self, config: &Path, pid: Pid, targets: &[SocketAddr]) -> Retarget;
 }
 
 /// How a program picks up a rewritten config.
 pub enum Retarget {
     /// Send it this signal (it reloads in place).
     Signal(Signal),
-    /// Start a new process with these arguments, which takes over the
-    /// listeners and lets the old one finish its live connections.
-    Respawn(Vec<OsString>),
+    /// Send these lines to the program's control socket, one connection
+    /// each; an answer containing any of `refusals` is a failure.
+    Commands {
+        socket: PathBuf,
+        lines: Vec<String>,
+        refusals: &'static [&'static str],
+    },
 }
 
 /// The session's listening sockets: kept open (inherited fds) or closed so
@@ -160,6 +168,9 @@ pub struct SpawnContext {
     /// Last lines of output of the session's programs.
     pub tail: Arc<Mutex<VecDeque<String>>>,
     pub error_line: fn(&str) -> bool,
+    pub loaded_line: fn(&str) -> bool,
+    /// How many "config loaded" lines the programs have printed.
+    pub loads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One running program, killed and reaped by [`Supervised::stop`] (or killed
@@ -213,6 +224,33 @@ impl Supervised {
     /// The exit status, if the program has ended (reaping it).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits (blocking) up to [`READY_TIMEOUT`] for `done`, failing early
+    /// if the program exits.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        ctx: &SpawnContext,
+        mut done: impl FnMut() -> bool,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !done() {
+            if let Some(status) = self.exited() {
+                return Err(io::Error::other(format!(
+                    "exited ({status}) during {what}: {}",
+                    last_lines(ctx)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no {what} within {READY_TIMEOUT:?}: {}", last_lines(ctx)),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// Waits (blocking) up to `limit` for the program to exit.
@@ -297,6 +335,22 @@ impl Supervised {
     }
 }
 
+/// One command over a program's unix control socket; returns its answer.
+fn control_command(socket: &Path, line: &str) -> io::Result<String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("control socket {}: {e}", socket.display()),
+        )
+    })?;
+    s.set_read_timeout(Some(READY_TIMEOUT))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// Runs in the forked child before exec.
 fn child_setup(parent: Pid, inherit: &[i32]) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
@@ -317,6 +371,9 @@ fn child_setup(parent: Pid, inherit: &[i32]) -> io::Result<()> {
 async fn drain<R: tokio::io::AsyncRead + Unpin>(r: R, ctx: SpawnContext) {
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if (ctx.loaded_line)(&line) {
+            ctx.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if (ctx.error_line)(&line) {
             warn!("{line}");
         } else {
@@ -467,6 +524,8 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
             uid: spec.uid.clone(),
             tail: Arc::default(),
             error_line: C::is_error_line,
+            loaded_line: C::is_loaded_line,
+            loads: Arc::default(),
         };
         let config = self.dir.join(format!("{}.{}", spec.uid, C::PROGRAM));
         let files = write_files(&*self.compat, &spec, &listeners, &targets, &config)?;
@@ -499,7 +558,6 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
         info!(uid = %spec.uid, pid = proc.pid().as_raw(), "{} serving {:?} -> {:?}", C::PROGRAM, listeners.addrs(), targets);
         Ok(Box::new(SubprocessForwarder {
             compat: self.compat.clone(),
-            exe: self.exe.clone(),
             spec,
             config,
             ctx,
@@ -545,7 +603,6 @@ struct State {
 
 struct SubprocessForwarder<C> {
     compat: Arc<C>,
-    exe: PathBuf,
     spec: SessionSpec,
     config: PathBuf,
     ctx: SpawnContext,
@@ -569,23 +626,39 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
             warn!(uid = %self.spec.uid, "{} is not running; targets not applied", C::PROGRAM);
             return;
         };
-        let result = write_files(&*self.compat, &self.spec, listeners, &targets, &self.config)
-            .and_then(|new| {
-                *files = new;
-                match self.compat.retarget(&self.config, current.pid()) {
-                    Retarget::Signal(sig) => current.signal(sig).map(|()| None),
-                    Retarget::Respawn(args) => {
-                        Supervised::spawn(&self.exe, &args, &listeners.fds(), &self.ctx).map(Some)
-                    }
-                }
-            });
-        match result {
-            Ok(Some(next)) => procs.push(next),
-            Ok(None) => {}
-            Err(e) => {
-                warn!(uid = %self.spec.uid, error = %e, "{}: retargeting failed; the old targets stay", C::PROGRAM);
-                return;
+        // Retargeting returns once new connections go to the new targets, so
+        // a client told "updated" is not sent to the old ones.
+        let result = match self.compat.retarget(&self.config, current.pid(), &targets) {
+            Retarget::Signal(sig) => {
+                // The new files take the same paths: the old ones must be gone
+                // (their drop deletes the path) before the new ones are written.
+                files.clear();
+                write_files(&*self.compat, &self.spec, listeners, &targets, &self.config).and_then(
+                    |new| {
+                        *files = new;
+                        let before = self.ctx.loads.load(std::sync::atomic::Ordering::SeqCst);
+                        current.signal(sig)?;
+                        current.wait_until("reload", &self.ctx, || {
+                            self.ctx.loads.load(std::sync::atomic::Ordering::SeqCst) > before
+                        })
+                    },
+                )
             }
+            Retarget::Commands {
+                socket,
+                lines,
+                refusals,
+            } => lines.iter().try_for_each(|line| {
+                let answer = control_command(&socket, line)?;
+                if refusals.iter().any(|r| answer.contains(r)) {
+                    return Err(io::Error::other(format!("{line:?}: {}", answer.trim())));
+                }
+                Ok(())
+            }),
+        };
+        if let Err(e) = result {
+            warn!(uid = %self.spec.uid, error = %e, "{}: retargeting failed; the old targets stay", C::PROGRAM);
+            return;
         }
         info!(uid = %self.spec.uid, ?targets, "{} retargeted", C::PROGRAM);
     }
