@@ -487,144 +487,155 @@ fn missing_program_is_a_one_line_error() {
     );
 }
 
+/// A PROD session on an inbound gateway of `backend` (plaintext control,
+/// driven by the raw gRPC client) forwarding to an echo producer A, with a
+/// producer B (sending `RETARGET_BYTES`) ready to be switched to.
+struct Retargetable {
+    topo: Topology,
+    echo_a: Producer,
+    b: Producer,
+    gin: Gateway,
+    uid: String,
+    listener: SocketAddr,
+}
+
+const RETARGET_BYTES: u64 = 4 * MIB;
+
+impl Retargetable {
+    fn start(backend: &str) -> Retargetable {
+        use common::raw::{block_on, new_uid, RawClient};
+        let topo = Topology::new().expect("topology");
+        let ns_p = topo.ns(Node::Producer);
+        let echo_a =
+            Producer::start_echo(ns_p, SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
+        let b = Producer::start(
+            ns_p,
+            SocketAddr::new(addr::PRODUCER.into(), 7001),
+            RETARGET_BYTES,
+        )
+        .unwrap();
+        let ns_in = topo.ns(Node::InboundGw);
+        let gin = Gateway::start(
+            ns_in,
+            addr::INBOUND_GW_WAN.into(),
+            "5100-5199",
+            backend,
+            &["--ssl", "false"],
+        );
+        let (uid, control, a) = (new_uid(), gin.control, echo_a.addr().to_string());
+        let listener = testbed::in_netns(ns_in, || {
+            block_on(async {
+                let c = RawClient::connect(control).await;
+                let pending = tokio::spawn({
+                    let (c, uid) = (c.clone(), uid.clone());
+                    async move { c.req(&uid, "PROD", 1, 0).await }
+                });
+                c.hello(&uid, &[&a], "PROD").await.expect("hello");
+                pending.await.expect("join").expect("req").listeners[0]
+                    .parse::<SocketAddr>()
+                    .expect("listener")
+            })
+        });
+        let r = Retargetable {
+            topo,
+            echo_a,
+            b,
+            gin,
+            uid,
+            listener,
+        };
+        r.update(r.echo_a.addr());
+        r
+    }
+
+    /// The `update` call: (re)targets the session.
+    fn update(&self, to: SocketAddr) {
+        use common::raw::{block_on, RawClient};
+        let (control, to) = (self.gin.control, to.to_string());
+        testbed::in_netns(&self.gin.ns, || {
+            block_on(async {
+                RawClient::connect(control)
+                    .await
+                    .update(&self.uid, &[&to], "PROD")
+                    .await
+                    .expect("update")
+            })
+        });
+    }
+
+    fn release(&self) {
+        use common::raw::{block_on, RawClient};
+        let control = self.gin.control;
+        testbed::in_netns(&self.gin.ns, || {
+            block_on(async {
+                RawClient::connect(control)
+                    .await
+                    .release(&self.uid)
+                    .await
+                    .expect("release")
+            })
+        });
+    }
+}
+
 #[test]
 fn haproxy_subprocess_retarget_keeps_live_connections_and_sends_new_ones_to_the_new_target() {
-    use common::raw::{block_on, new_uid, RawClient};
     if !require_root(
         "haproxy_subprocess_retarget_keeps_live_connections_and_sends_new_ones_to_the_new_target",
     ) {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let ns_p = topo.ns(Node::Producer);
-    let echo_a = Producer::start_echo(ns_p, SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
-    let bytes = 4 * MIB;
-    let b = Producer::start(ns_p, SocketAddr::new(addr::PRODUCER.into(), 7001), bytes).unwrap();
-    let ns_in = topo.ns(Node::InboundGw);
-    let gin = Gateway::start(
-        ns_in,
-        addr::INBOUND_GW_WAN.into(),
-        "5100-5199",
-        "HaproxySubprocess",
-        &["--ssl", "false"],
-    );
-    let uid = new_uid();
-    let (a_addr, b_addr) = (echo_a.addr().to_string(), b.addr().to_string());
-    let control = gin.control;
-    let listener = testbed::in_netns(ns_in, || {
-        block_on(async {
-            let c = RawClient::connect(control).await;
-            let pending = tokio::spawn({
-                let (c, uid) = (c.clone(), uid.clone());
-                async move { c.req(&uid, "PROD", 1, 0).await }
-            });
-            c.hello(&uid, &[&a_addr], "PROD").await.expect("hello");
-            let r = pending.await.expect("join").expect("req");
-            c.update(&uid, &[&a_addr], "PROD").await.expect("update");
-            r.listeners[0].parse::<SocketAddr>().expect("listener")
-        })
-    });
+    let r = Retargetable::start("HaproxySubprocess");
     // The client side of the inbound gateway is the other gateway's namespace.
-    let ns_client = topo.ns(Node::OutboundGw);
-    let live = testbed::Stream::start(ns_client, listener).expect("stream to A");
+    let ns_client = r.topo.ns(Node::OutboundGw);
+    let live = testbed::Stream::start(ns_client, r.listener).expect("stream to A");
     live.assert_progress(Duration::from_secs(5));
-    let first = children_named(gin.daemon.pid(), "haproxy");
+    let first = children_named(r.gin.daemon.pid(), "haproxy");
     assert_eq!(first.len(), 1);
 
-    testbed::in_netns(ns_in, || {
-        block_on(async {
-            RawClient::connect(control)
-                .await
-                .update(&uid, &[&b_addr], "PROD")
-                .await
-                .expect("retarget")
-        })
-    });
+    r.update(r.b.addr());
     // A new connection goes to B, every byte checked; the old one still flows to A.
-    let t = consume(ns_client, listener, MIB, 3).expect("new connection after retarget");
-    let seen = b.wait_for(1, Duration::from_secs(30)).unwrap();
-    t.verify_with(&seen, bytes)
+    let t = consume(ns_client, r.listener, MIB, 3).expect("new connection after retarget");
+    let seen = r.b.wait_for(1, Duration::from_secs(30)).unwrap();
+    t.verify_with(&seen, RETARGET_BYTES)
         .expect("the new connection reached B intact");
     live.assert_progress(Duration::from_secs(5));
     live.finish()
         .expect("the live connection to A carried on intact");
     // One HAProxy all along: its servers were re-pointed in place.
-    assert_eq!(children_named(gin.daemon.pid(), "haproxy"), first);
+    assert_eq!(children_named(r.gin.daemon.pid(), "haproxy"), first);
 
-    testbed::in_netns(ns_in, || {
-        block_on(async {
-            RawClient::connect(control)
-                .await
-                .release(&uid)
-                .await
-                .expect("release")
-        })
-    });
+    r.release();
     assert!(
-        children_named(gin.daemon.pid(), "haproxy").is_empty(),
+        children_named(r.gin.daemon.pid(), "haproxy").is_empty(),
         "haproxy outlived its session"
     );
-    assert!(compat_files(&gin.state_dir).is_empty());
+    assert!(compat_files(&r.gin.state_dir).is_empty());
 }
 
 #[test]
 fn stunnel_subprocess_retarget_keeps_live_connections_and_sends_new_ones_to_the_new_target() {
-    use common::raw::{block_on, new_uid, RawClient};
     if !require_root(
         "stunnel_subprocess_retarget_keeps_live_connections_and_sends_new_ones_to_the_new_target",
     ) {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let ns_p = topo.ns(Node::Producer);
-    let echo_a = Producer::start_echo(ns_p, SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
-    let bytes = 4 * MIB;
-    let b = Producer::start(ns_p, SocketAddr::new(addr::PRODUCER.into(), 7001), bytes).unwrap();
-    let ns_in = topo.ns(Node::InboundGw);
-    let gin = Gateway::start(
-        ns_in,
-        addr::INBOUND_GW_WAN.into(),
-        "5100-5199",
-        "StunnelSubprocess",
-        &["--ssl", "false"],
+    let r = Retargetable::start("StunnelSubprocess");
+    let _peer = scistream12_stunnel(
+        r.topo.ns(Node::OutboundGw),
+        true,
+        r.listener,
+        &psk(&r.uid),
+        "PSK",
     );
-    let uid = new_uid();
-    let (a_addr, b_addr) = (echo_a.addr().to_string(), b.addr().to_string());
-    let control = gin.control;
-    let update = |to: &str| {
-        testbed::in_netns(ns_in, || {
-            block_on(async {
-                RawClient::connect(control)
-                    .await
-                    .update(&uid, &[to], "PROD")
-                    .await
-                    .expect("update")
-            })
-        })
-    };
-    let listener = testbed::in_netns(ns_in, || {
-        block_on(async {
-            let c = RawClient::connect(control).await;
-            let pending = tokio::spawn({
-                let (c, uid) = (c.clone(), uid.clone());
-                async move { c.req(&uid, "PROD", 1, 0).await }
-            });
-            c.hello(&uid, &[&a_addr], "PROD").await.expect("hello");
-            pending.await.expect("join").expect("req").listeners[0]
-                .parse::<SocketAddr>()
-                .expect("listener")
-        })
-    });
-    update(&a_addr);
-    let _peer = scistream12_stunnel(topo.ns(Node::OutboundGw), true, listener, &psk(&uid), "PSK");
     let via_peer = SocketAddr::new(addr::OUTBOUND_GW_LAN.into(), PEER_PORT);
-    let live = testbed::Stream::start(topo.ns(Node::Consumer), via_peer).expect("stream to A");
+    let live = testbed::Stream::start(r.topo.ns(Node::Consumer), via_peer).expect("stream to A");
     live.assert_progress(Duration::from_secs(5));
 
-    update(&b_addr);
-    let got = consume_then_close(topo.ns(Node::Consumer), via_peer, 5)
+    r.update(r.b.addr());
+    let got = consume_then_close(r.topo.ns(Node::Consumer), via_peer, 5)
         .expect("new connection after retarget");
-    verify_one_way(got, &b, 5, bytes, 1);
+    verify_one_way(got, &r.b, 5, RETARGET_BYTES, 1);
     live.assert_progress(Duration::from_secs(5));
     live.finish()
         .expect("the live connection to A carried on intact");
