@@ -424,6 +424,9 @@ fn stunnel_subprocess_gateways_set_up_by_s2uc_stream_to_each_other() {
         text.contains("StunnelSubprocess") && text.contains("not observable"),
         "{text}"
     );
+    let json = gout.s2uc(ns_out, "status", &[&inbound.uid, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
+    assert_eq!(v["counters_observable"], false, "{v}");
 }
 
 #[test]

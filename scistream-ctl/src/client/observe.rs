@@ -18,6 +18,7 @@ pub fn info_json(s: &SessionInfo) -> serde_json::Value {
         "connections_failed": s.connections_failed,
         "bytes_forward": s.bytes_forward, "bytes_backward": s.bytes_backward,
         "auth_failures": s.auth_failures, "age_ms": s.age_ms, "owner": s.owner,
+        "counters_observable": counters_observable(&s.backend),
     })
 }
 

@@ -195,6 +195,10 @@ impl Supervised {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // PR_SET_PDEATHSIG fires when the *thread* that forked exits, not
+        // only the process: spawns come from tokio's worker threads (gRPC
+        // handlers) or the main thread (restore at start), which live as long
+        // as s2cs. Never spawn from spawn_blocking, whose threads time out.
         let parent = nix::unistd::getpid();
         let fds = inherit.to_vec();
         // SAFETY: between fork and exec only async-signal-safe calls are made
