@@ -17,7 +17,8 @@ use testbed::netns::{Link, Node, Topology};
 use testbed::process::{netns_command, run_command, spawn_in, Daemon};
 
 use crate::bench_peers::{self, PeerPair};
-use crate::bench_report::{self, Cell, Latency, Report, Sample};
+use crate::bench_control;
+use crate::bench_report::{self, Cell, Report, Sample};
 use crate::gateways::{self, Gateways};
 use crate::privilege;
 
@@ -45,7 +46,11 @@ pub struct Args {
     /// Sessions for the set-up latency measurement (0 skips it).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=300))]
     sessions: u32,
-    /// The `s2cs --type` whose gateways the set-up latency is measured on.
+    /// Idle sessions opened on one gateway to measure memory per session (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    idle_sessions: u32,
+    /// The `s2cs --type` whose gateways the set-up latency and idle memory are
+    /// measured on (two gateways on 127.0.0.1).
     #[arg(long, default_value = "tls")]
     latency_backend: String,
     /// Where bench.json and bench.svg go; default target/bench in the workspace.
@@ -161,13 +166,19 @@ pub fn main(args: &Args) -> Result<ExitCode> {
         }
     }
 
+    drop(beds);
     if args.sessions > 0 {
-        match setup_latency(&beds, &args.latency_backend, args.sessions, state.path()) {
+        match bench_control::setup_latency(&args.latency_backend, args.sessions, state.path()) {
             Ok(latency) => report.latency = Some(latency),
             Err(e) => println!("set-up latency: FAILED: {e:#}"),
         }
     }
-    drop(beds);
+    if args.idle_sessions > 0 {
+        match bench_control::idle_memory(&args.latency_backend, args.idle_sessions, state.path()) {
+            Ok(idle) => report.idle = Some(idle),
+            Err(e) => println!("idle-session memory: FAILED: {e:#}"),
+        }
+    }
 
     let cells: Vec<Cell> = report.cells();
     bench_report::print_table(&report, &cells);
@@ -361,45 +372,6 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmHWM in {path}"))
-}
-
-/// Wall time of `s2uc inbound-request` and `outbound-request` (process start, TLS
-/// handshake and gRPC calls included, as a user sees it), over `n` sessions, each
-/// released (untimed) before the next.
-fn setup_latency(beds: &[Bed], backend: &str, n: u32, state: &Path) -> Result<Latency> {
-    // Reuse the throughput gateways of that backend when there are some; they are
-    // idle now.
-    let own;
-    let (gws, producer) = match beds.iter().find_map(|b| match &b.forwarding {
-        Forwarding::Scistream(g) if g.backend == backend => Some((
-            g,
-            b.topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT),
-        )),
-        _ => None,
-    }) {
-        Some(found) => found,
-        None => {
-            let topo = Topology::new()?;
-            let gws = Gateways::start(&topo, backend, state, &format!("latency-{backend}"))?;
-            let producer = topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT);
-            own = (gws, topo);
-            (&own.0, producer)
-        }
-    };
-    let mut inbound_ms = Vec::new();
-    let mut outbound_ms = Vec::new();
-    for i in 0..n {
-        let t0 = Instant::now();
-        let (uid, inbound) = gws.inbound_request(producer, 1)?;
-        let t1 = Instant::now();
-        gws.outbound_request(&uid, &inbound, 1)?;
-        let t2 = Instant::now();
-        inbound_ms.push((t1 - t0).as_secs_f64() * 1e3);
-        outbound_ms.push((t2 - t1).as_secs_f64() * 1e3);
-        gws.release(&uid)
-            .with_context(|| format!("releasing session {} of {n}", i + 1))?;
-    }
-    Ok(Latency::new(backend, inbound_ms, outbound_ms))
 }
 
 #[cfg(test)]

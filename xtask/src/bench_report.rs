@@ -112,6 +112,7 @@ pub struct Report {
     runs: Vec<(String, u32, Result<Sample, String>)>,
     skipped: Vec<(String, String)>,
     pub latency: Option<Latency>,
+    pub idle: Option<crate::bench_control::IdleMemory>,
     started_unix: u64,
 }
 
@@ -138,6 +139,7 @@ impl Report {
             runs: Vec::new(),
             skipped: Vec::new(),
             latency: None,
+            idle: None,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -270,6 +272,18 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
             );
         }
     }
+    if let Some(m) = &report.idle {
+        println!(
+            "\nidle sessions ({} gateway, {} sessions open): RSS {} -> {} KiB, {:.1} KiB per session; threads {} -> {}",
+            m.backend,
+            m.sessions,
+            m.rss_before_kib,
+            m.rss_after_kib,
+            m.per_session_kib(),
+            m.threads_before,
+            m.threads_after
+        );
+    }
 }
 
 pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
@@ -324,6 +338,15 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
         "results": results,
         "skipped": report.skipped.iter().map(|(l, r)| json!({"config": l, "reason": r})).collect::<Vec<_>>(),
         "session_setup": latency,
+        "idle_sessions": report.idle.as_ref().map(|m| json!({
+            "backend": m.backend,
+            "sessions": m.sessions,
+            "rss_before_kib": m.rss_before_kib,
+            "rss_after_kib": m.rss_after_kib,
+            "rss_per_session_kib": m.per_session_kib(),
+            "threads_before": m.threads_before,
+            "threads_after": m.threads_after,
+        })),
     });
     let text = serde_json::to_string_pretty(&doc).context("encoding the results")?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))

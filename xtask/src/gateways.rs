@@ -121,7 +121,6 @@ pub fn wait_listening(
 /// Two `s2cs` of one backend: the inbound gateway (PROD role) and the outbound
 /// gateway (CONS role), which trusts the inbound one's certificate for the tunnel.
 pub struct Gateways {
-    pub backend: String,
     pub inbound: Daemon,
     pub outbound: Daemon,
     inbound_ip: Ipv4Addr,
@@ -216,7 +215,6 @@ impl Gateways {
         )
         .context("outbound s2cs")?;
         Ok(Gateways {
-            backend: backend.to_owned(),
             inbound,
             outbound,
             inbound_ip,
@@ -311,35 +309,6 @@ impl Gateways {
             );
         }
         Ok(listeners)
-    }
-
-    /// `s2uc release` of `uid` on both gateways, so its ports return to the pool.
-    pub fn release(&self, uid: &str) -> Result<()> {
-        for (ns, ip, cert) in [
-            (&self.outbound_ns, self.outbound_ip, &self.outbound_cert),
-            (&self.inbound_ns, self.inbound_ip, &self.inbound_cert),
-        ] {
-            let out = run_in(
-                ns,
-                &self.s2uc,
-                [
-                    "release",
-                    "--s2cs",
-                    &format!("{ip}:{CONTROL_PORT}"),
-                    "--server_cert",
-                    &path_str(cert)?,
-                    uid,
-                ],
-            )?;
-            if !out.status.success() {
-                bail!(
-                    "s2uc release {uid} on {ip} exited with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Process ids of the two gateways, for CPU and memory accounting.
