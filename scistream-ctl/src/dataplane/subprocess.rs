@@ -69,14 +69,14 @@ pub trait Compat: Send + Sync + 'static {
     /// it, so a reload by signal can be waited for.
     fn is_loaded_line(line: &str) -> bool;
 
-    /// How the running program `pid` takes new targets once its files were
-    /// rewritten.
+    /// How the running program `pid` takes new targets while it keeps its
+    /// live connections.
     fn retarget(&self, config: &Path, pid: Pid, targets: &[SocketAddr]) -> Retarget;
 }
 
-/// How a program picks up a rewritten config.
+/// How a program takes new targets.
 pub enum Retarget {
-    /// Send it this signal (it reloads in place).
+    /// Rewrite its files, then send it this signal (it reloads in place).
     Signal(Signal),
     /// Send these lines to the program's control socket, one connection
     /// each; an answer containing any of `refusals` is a failure.
