@@ -142,7 +142,7 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
         ),
         BackendKind::Splice => {
             splice::probe()?;
-            Arc::new(TcpRelay::new(splice::SplicePump::default()).enforce_rate(args.enforce_rate))
+            Arc::new(TcpRelay::new(splice::SplicePump).enforce_rate(args.enforce_rate))
         }
         BackendKind::Sockmap => {
             if !args.experimental {
