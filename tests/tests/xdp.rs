@@ -213,6 +213,57 @@ fn released_xdp_session_stops_translating_its_flows() {
 }
 
 #[test]
+fn xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding() {
+    const TEST: &str = "xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+    )
+    .expect("echo producer");
+    let s = xdp_session(&topo, echo.addr(), 1);
+    // No neighbour on either gateway: bpf_fib_lookup cannot give a MAC, so the
+    // program hands the translated frames to the kernel, which resolves the
+    // neighbour and forwards them (a local source address: accept_local).
+    for gw in [Node::OutboundGw, Node::InboundGw] {
+        let out = Command::new("ip")
+            .args(["-n", topo.ns(gw), "neigh", "flush", "all"])
+            .output()
+            .expect("ip neigh flush");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let listener = s.listeners[0];
+    // Well under the first SYN retransmission (1 s): the first SYN made it.
+    let mut c = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listener, Duration::from_millis(800))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "connect through both gateways without neighbours: {e}\n{}",
+            logs(&s)
+        )
+    });
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert_eq!(
+        echo_round(&mut c, b"via the kernel").expect("echo"),
+        b"via the kernel"
+    );
+    assert!(
+        s.gout.daemon.log_contents().contains("accept_local=1"),
+        "{}",
+        logs(&s)
+    );
+}
+
+#[test]
 fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
     const TEST: &str = "xdp_gateway_restart_leaves_no_program_behind_and_streams_again";
     if !require_root(TEST) {
@@ -242,6 +293,17 @@ fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
         gin.daemon
             .wait_exit(Duration::from_secs(10))
             .expect("s2cs exits");
+        if signal == nix::sys::signal::Signal::SIGTERM {
+            let accept_local = in_netns(gw_ns, || {
+                std::fs::read_to_string("/proc/sys/net/ipv4/conf/veth-wan/accept_local")
+            })
+            .expect("sysctl");
+            assert_eq!(
+                accept_local.trim(),
+                "0",
+                "accept_local not restored at exit"
+            );
+        }
         let left = xdp_programs(gw_ns);
         assert!(
             left.is_empty(),
@@ -259,4 +321,80 @@ fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
     transfers[0]
         .verify_with(&seen, bytes)
         .expect("intact after restart");
+}
+
+#[test]
+fn xdp_refuses_to_start_without_root_with_a_one_line_reason_while_splice_starts() {
+    const TEST: &str =
+        "xdp_refuses_to_start_without_root_with_a_one_line_reason_while_splice_starts";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let ns = topo.ns(Node::InboundGw);
+    // An unprivileged user needs a binary and a state directory it can reach.
+    let dir = TempDir(std::env::temp_dir().join(format!("ss-xdp-noroot-{}", std::process::id())));
+    std::fs::create_dir_all(dir.path()).expect("temp dir");
+    let s2cs = dir.path().join("s2cs");
+    std::fs::copy(testbed::bin("s2cs"), &s2cs).expect("copy s2cs");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    for path in [dir.path(), state.as_path()] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
+    }
+    let as_nobody = |backend: &str| {
+        let mut cmd = testbed::process::netns_command(ns, "setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&s2cs);
+        cmd.args([
+            "--listener_ip",
+            &addr::INBOUND_GW_WAN.to_string(),
+            "--port_range",
+            RANGE,
+            "--type",
+            backend,
+        ]);
+        cmd.args(["--ssl", "false", "--state_dir"]).arg(&state);
+        cmd
+    };
+    let out = testbed::process::run_command(as_nobody("xdp"), Duration::from_secs(20))
+        .expect("running s2cs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "xdp started without root:\n{stderr}");
+    let reason: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("backend xdp cannot run here"))
+        .collect();
+    assert_eq!(reason.len(), 1, "one line with the reason:\n{stderr}");
+    assert!(reason[0].contains("needs root"), "{}", reason[0]);
+    assert!(
+        xdp_programs(ns).is_empty(),
+        "a refused start attached a program"
+    );
+
+    let mut splice = testbed::Daemon::spawn(as_nobody("splice")).expect("spawn splice");
+    let control = SocketAddr::new(addr::INBOUND_GW_WAN.into(), common::CONTROL_PORT);
+    testbed::wait_for_tcp(ns, control, Duration::from_secs(20)).unwrap_or_else(|e| {
+        panic!(
+            "splice did not start without root: {e:#}\n{}",
+            splice.log_contents()
+        )
+    });
+    assert!(splice.is_running());
+}
+
+/// A directory removed on drop, also when the test fails.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

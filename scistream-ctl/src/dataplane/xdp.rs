@@ -7,17 +7,18 @@
 //!
 //! What the host needs: root (BPF, XDP), IPv4 targets, and for frames the
 //! program cannot redirect (no neighbour entry yet, an egress interface it is
-//! not attached to) the kernel's forwarding: `net.ipv4.ip_forward=1` and
+//! not attached to) the kernel's forwarding: `net.ipv4.ip_forward=1`,
 //! `accept_local=1` on the data interfaces (a translated frame carries this
-//! host's address as its source). A veth only takes redirected frames when its
-//! peer has NAPI (GRO on, or an XDP program attached).
+//! host's address as its source; set here and restored at exit) and no strict
+//! rp_filter. A veth only takes redirected frames when its peer has NAPI (GRO
+//! on, or an XDP program attached).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use scistream_common::nat::{Service, SessionCounters};
+use scistream_common::nat::{Event, Service, SessionCounters};
 use tracing::{info, warn};
 
 use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot};
@@ -34,6 +35,8 @@ const MIN_NAT_PORTS: u32 = 1024;
 pub struct XdpBackend {
     nat: Arc<Mutex<Nat>>,
     next_tag: AtomicU32,
+    /// sysctl files changed at start, with their old values.
+    accept_local: Vec<(String, String)>,
 }
 
 fn unsupported(reason: impl Into<String>) -> DataPlaneError {
@@ -71,6 +74,7 @@ impl XdpBackend {
         for iface in &ifaces {
             attach(&mut nat, iface).map_err(unsupported)?;
         }
+        let accept_local = allow_local_sources(&ifaces);
         if !ip_forwarding() {
             warn!("net.ipv4.ip_forward is 0: frames the XDP program cannot redirect itself (no neighbour entry yet) are dropped by the kernel");
         }
@@ -78,8 +82,52 @@ impl XdpBackend {
         Ok(Self {
             nat: Arc::new(Mutex::new(nat)),
             next_tag: AtomicU32::new(1),
+            accept_local,
         })
     }
+}
+
+impl Drop for XdpBackend {
+    fn drop(&mut self) {
+        for (path, old) in &self.accept_local {
+            let _ = std::fs::write(path, old);
+        }
+    }
+}
+
+/// A translated frame the program hands to the kernel carries this host's
+/// own address as its source, which the kernel drops as a martian unless the
+/// interface has accept_local (strict rp_filter drops it too). Sets
+/// accept_local=1 where it is off and returns what to restore at exit.
+fn allow_local_sources(ifaces: &[String]) -> Vec<(String, String)> {
+    let mut changed = Vec::new();
+    for iface in ifaces {
+        let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
+        let read = |knob: &str| {
+            std::fs::read_to_string(format!("{conf}/{knob}")).map(|v| v.trim().to_owned())
+        };
+        let all_rp = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+            .map(|v| v.trim().to_owned());
+        // The kernel applies the larger of `all` and the interface's value.
+        if read("rp_filter").is_ok_and(|v| v == "1") || all_rp.is_ok_and(|v| v == "1") {
+            warn!(iface, "rp_filter is strict (1): frames the XDP program hands to the kernel are dropped there; loose (2) works");
+        }
+        let path = format!("{conf}/accept_local");
+        match read("accept_local") {
+            Ok(old) if old == "0" => match std::fs::write(&path, "1") {
+                Ok(()) => changed.push((path, old)),
+                Err(e) => {
+                    warn!(iface, error = %e, "cannot set accept_local=1: frames without a neighbour entry yet will be dropped")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => warn!(iface, error = %e, "cannot read accept_local"),
+        }
+    }
+    if !changed.is_empty() {
+        info!(set = ?changed.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), "accept_local=1 for frames the XDP program hands to the kernel (restored at exit)");
+    }
+    changed
 }
 
 fn attach(nat: &mut Nat, iface: &str) -> Result<(), String> {
@@ -222,6 +270,23 @@ impl XdpForwarder {
             .sum()
     }
 
+    /// The program's rare events since start (host-wide, all sessions), for
+    /// the logs: aya-log would cost per packet, counters do not.
+    fn log_host_events(&self) {
+        let nat = lock(&self.nat);
+        let count = |e: Event| nat.events(e).map(|c| c.packets).unwrap_or(0);
+        info!(
+            not_allowed = count(Event::NotAllowed),
+            malformed = count(Event::Malformed),
+            fragments = count(Event::Fragment),
+            ports_exhausted = count(Event::PortsExhausted),
+            passed_to_stack = count(Event::PassedToStack),
+            stale_flows = count(Event::StaleFlow),
+            redirected = count(Event::Redirected),
+            "xdp NAT frames since start"
+        );
+    }
+
     fn remove(&self) -> SessionCounters {
         let mut nat = lock(&self.nat);
         self.ports
@@ -269,6 +334,7 @@ impl Forwarder for XdpForwarder {
             let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
             if released.is_none() {
                 let last = self.remove();
+                self.log_host_events();
                 info!(uid = %self.uid, forward_bytes = last.forward_bytes, backward_bytes = last.backward_bytes, flows = last.flows, "xdp session released; its flows are no longer translated");
                 *released = Some(last);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clear();
