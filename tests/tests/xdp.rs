@@ -146,7 +146,16 @@ fn xdp_session_streams_64mib_each_way_on_four_connections_end_to_end() {
     assert_eq!(used.len(), num_conn, "each stream used its own listener");
 }
 
-/// Writes `data` on `c` and reads the echo back within `timeout`.
+/// A path with an echo producer and a one-connection xdp session to it.
+fn echo_session() -> (Topology, Producer, Session) {
+    let topo = topology();
+    let bind = SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT);
+    let echo = Producer::start_echo(topo.ns(Node::Producer), bind).expect("echo producer");
+    let session = xdp_session(&topo, echo.addr(), 1);
+    (topo, echo, session)
+}
+
+/// Writes `data` on `c` and reads the echo back (the socket's read timeout applies).
 fn echo_round(c: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
     c.write_all(data)?;
     let mut back = vec![0; data.len()];
@@ -155,28 +164,35 @@ fn echo_round(c: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 #[test]
-fn released_xdp_session_stops_translating_its_flows() {
-    const TEST: &str = "released_xdp_session_stops_translating_its_flows";
+fn released_xdp_session_stops_translating_its_flows_while_another_goes_on() {
+    const TEST: &str = "released_xdp_session_stops_translating_its_flows_while_another_goes_on";
     if !require_root(TEST) {
         return;
     }
-    let topo = topology();
-    let echo = Producer::start_echo(
-        topo.ns(Node::Producer),
-        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
-    )
-    .expect("echo producer");
-    let mut s = xdp_session(&topo, echo.addr(), 1);
-    let listener = s.listeners[0];
-    let mut c = in_netns(topo.ns(Node::Consumer), || {
-        TcpStream::connect_timeout(&listener, Duration::from_secs(5))
-    })
-    .expect("connect through both gateways");
-    c.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
+    let (topo, echo, mut s) = echo_session();
+    // A second session on the same gateways, to the same producer.
+    let inbound = s.gin.inbound(topo.ns(Node::InboundGw), echo.addr(), 1);
+    let other = s
+        .gout
+        .outbound(topo.ns(Node::OutboundGw), &inbound, 1)
+        .listeners[0];
+    let connect = |to: SocketAddr| {
+        let c = in_netns(topo.ns(Node::Consumer), || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        });
+        let c = c.unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        c
+    };
+    let (mut c, mut d) = (connect(s.listeners[0]), connect(other));
     assert_eq!(
         echo_round(&mut c, b"before release").expect("echo while live"),
         b"before release"
+    );
+    assert_eq!(
+        echo_round(&mut d, b"other session").expect("echo on the other session"),
+        b"other session"
     );
 
     for (gw, ns) in [
@@ -202,6 +218,7 @@ fn released_xdp_session_stops_translating_its_flows() {
         logs(&s)
     );
     // Nor does a new connection get through.
+    let listener = s.listeners[0];
     let fresh = in_netns(topo.ns(Node::Consumer), || {
         TcpStream::connect_timeout(&listener, Duration::from_millis(500))
     });
@@ -209,6 +226,15 @@ fn released_xdp_session_stops_translating_its_flows() {
         fresh.is_err(),
         "a new connection crossed a released session\n{}",
         logs(&s)
+    );
+    // The other session streams on.
+    assert_eq!(
+        echo_round(&mut d, b"still here").expect("echo after the other release"),
+        b"still here"
+    );
+    assert_eq!(
+        echo_round(&mut connect(other), b"new one").expect("new connection"),
+        b"new one"
     );
 }
 
@@ -218,13 +244,7 @@ fn xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding() {
     if !require_root(TEST) {
         return;
     }
-    let topo = topology();
-    let echo = Producer::start_echo(
-        topo.ns(Node::Producer),
-        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
-    )
-    .expect("echo producer");
-    let s = xdp_session(&topo, echo.addr(), 1);
+    let (topo, _echo, s) = echo_session();
     // No neighbour on either gateway: bpf_fib_lookup cannot give a MAC, so the
     // program hands the translated frames to the kernel, which resolves the
     // neighbour and forwards them (a local source address: accept_local).

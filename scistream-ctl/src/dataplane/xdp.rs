@@ -52,6 +52,11 @@ impl XdpBackend {
     /// interfaces than the listeners'). Refuses with the reason when this host
     /// cannot run it.
     pub fn new(args: &ServerArgs) -> Result<Self, DataPlaneError> {
+        if args.enforce_rate {
+            return Err(unsupported(
+                "--enforce_rate paces sockets; xdp forwards frames and holds none to pace",
+            ));
+        }
         if !nix::unistd::geteuid().is_root() {
             return Err(unsupported(
                 "needs root (CAP_BPF and CAP_NET_ADMIN) to attach its XDP program",
@@ -416,6 +421,14 @@ mod tests {
             nat_port_range(range(1024, 30000), Some((30001, 65535))),
             None
         );
+    }
+
+    #[test]
+    fn enforce_rate_is_refused_before_anything_is_attached() {
+        use clap::Parser;
+        let args = ServerArgs::try_parse_from(["s2cs", "--type", "xdp", "--enforce_rate"]).unwrap();
+        let err = XdpBackend::new(&args).err().expect("refused");
+        assert!(err.to_string().contains("--enforce_rate"), "{err}");
     }
 
     #[test]

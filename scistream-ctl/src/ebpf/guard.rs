@@ -21,7 +21,7 @@ use aya::{
 };
 use scistream_common::guard::{self as layout, Counters, DropReason, GuardConfig};
 
-use super::EbpfError;
+use super::{map_error, EbpfError};
 
 const OBJECT: &str = "xdp-guard";
 /// Built by build.rs; empty when the build skipped the eBPF programs.
@@ -86,15 +86,7 @@ impl Guard {
     /// starts disabled (0-0): it passes everything until
     /// [`set_port_range`](Self::set_port_range).
     pub fn load() -> Result<Self, EbpfError> {
-        if OBJECT_BYTES.is_empty() {
-            return Err(EbpfError::NotBuilt);
-        }
-        let possible_cpus =
-            aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
-        let mut ebpf = Ebpf::load(OBJECT_BYTES).map_err(|source| EbpfError::Load {
-            object: OBJECT,
-            source,
-        })?;
+        let (mut ebpf, possible_cpus) = super::load_object(OBJECT_BYTES, OBJECT)?;
         program_mut(&mut ebpf)?.load().map_err(program_error)?;
         Ok(Self {
             config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
@@ -240,9 +232,17 @@ impl Guard {
 
     /// Runs the program `repeat` times on `frame` in the kernel and returns
     /// the kernel's mean time per run; for benchmarks.
-    pub fn time_per_frame(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, EbpfError> {
-        let program: &Xdp = self.ebpf.program(layout::PROGRAM).ok_or(missing("program", layout::PROGRAM))?.try_into().map_err(program_error)?;
-        let options = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() };
+    pub fn time_per_frame(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, EbpfError> {
+        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
         Ok(program.test_run(options).map_err(program_error)?.duration)
     }
 
@@ -250,12 +250,7 @@ impl Guard {
     /// with no interface involved; maps and counters change as for a received
     /// frame. For tests and start-up self checks.
     pub fn run_on_frame(&self, frame: &[u8]) -> Result<Verdict, EbpfError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(layout::PROGRAM)
-            .ok_or(missing("program", layout::PROGRAM))?
-            .try_into()
-            .map_err(program_error)?;
+        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
         let options = TestRunOptions {
             data_in: Some(frame),
             ..TestRunOptions::new()
@@ -270,27 +265,14 @@ impl Guard {
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
-    ebpf.program_mut(layout::PROGRAM)
-        .ok_or(missing("program", layout::PROGRAM))?
-        .try_into()
-        .map_err(program_error)
+    super::xdp_program_mut(ebpf, OBJECT, layout::PROGRAM)
 }
 
-/// Takes the map out of `ebpf` so the guard can hold it typed, with no borrow.
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
     M: TryFrom<Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(missing("map", name))?;
-    M::try_from(map).map_err(map_error(name))
-}
-
-fn missing(kind: &'static str, name: &'static str) -> EbpfError {
-    EbpfError::Missing {
-        object: OBJECT,
-        kind,
-        name,
-    }
+    super::take_map(ebpf, OBJECT, name)
 }
 
 fn program_error(source: aya::programs::ProgramError) -> EbpfError {
@@ -298,10 +280,6 @@ fn program_error(source: aya::programs::ProgramError) -> EbpfError {
         program: layout::PROGRAM,
         source,
     }
-}
-
-fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
-    move |source| EbpfError::Map { map, source }
 }
 
 fn ephemeral_port_range() -> Option<(u16, u16)> {

@@ -14,7 +14,11 @@ pub use nat::{Action, Nat};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
 
-use aya::{maps::MapError, programs::ProgramError};
+use aya::{
+    maps::MapError,
+    programs::{ProgramError, Xdp},
+    Ebpf,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -92,6 +96,53 @@ impl EbpfError {
             Self::SocketCookie(_) => "ebpf_socket_cookie",
         }
     }
+}
+
+/// Parses an embedded object (empty when the build skipped the programs)
+/// and counts the possible CPUs its per-CPU maps are sized for.
+fn load_object(bytes: &[u8], object: &'static str) -> Result<(Ebpf, usize), EbpfError> {
+    if bytes.is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
+    let possible_cpus =
+        aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
+    let ebpf = Ebpf::load(bytes).map_err(|source| EbpfError::Load { object, source })?;
+    Ok((ebpf, possible_cpus))
+}
+
+/// The XDP program `name` of a loaded object.
+fn xdp_program<'a>(
+    ebpf: &'a Ebpf,
+    object: &'static str,
+    name: &'static str,
+) -> Result<&'a Xdp, EbpfError> {
+    let missing = EbpfError::Missing { object, kind: "program", name };
+    let program = ebpf.program(name).ok_or(missing)?;
+    program.try_into().map_err(|source| EbpfError::Program { program: name, source })
+}
+
+fn xdp_program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    object: &'static str,
+    name: &'static str,
+) -> Result<&'a mut Xdp, EbpfError> {
+    let missing = EbpfError::Missing { object, kind: "program", name };
+    let program = ebpf.program_mut(name).ok_or(missing)?;
+    program.try_into().map_err(|source| EbpfError::Program { program: name, source })
+}
+
+/// Takes map `name` out of `ebpf`, typed, so a loader can hold it with no borrow.
+fn take_map<M>(ebpf: &mut Ebpf, object: &'static str, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let missing = EbpfError::Missing { object, kind: "map", name };
+    let map = ebpf.take_map(name).ok_or(missing)?;
+    M::try_from(map).map_err(map_error(name))
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::Map { map, source }
 }
 
 #[cfg(test)]

@@ -20,8 +20,7 @@
 
 use aya::{
     maps::{
-        Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
-        PerCpuValues,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
     programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp},
     Ebpf,
@@ -31,7 +30,7 @@ use scistream_common::nat::{
     self as layout, Event, FlowKey, NatConfig, Rewrite, Service, SessionCounters,
 };
 
-use super::{AttachMode, EbpfError};
+use super::{map_error, take_map, AttachMode, EbpfError};
 
 const OBJECT: &str = "xdp-nat";
 /// Built by build.rs; empty when the build skipped the eBPF programs.
@@ -82,23 +81,15 @@ impl Nat {
     /// Loads the program, not yet attached; it passes everything untouched
     /// until [`set_ranges`](Self::set_ranges).
     pub fn load() -> Result<Self, EbpfError> {
-        if OBJECT_BYTES.is_empty() {
-            return Err(EbpfError::NotBuilt);
-        }
-        let possible_cpus =
-            aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
-        let mut ebpf = Ebpf::load(OBJECT_BYTES).map_err(|source| EbpfError::Load {
-            object: OBJECT,
-            source,
-        })?;
+        let (mut ebpf, possible_cpus) = super::load_object(OBJECT_BYTES, OBJECT)?;
         program_mut(&mut ebpf)?.load().map_err(program_error)?;
         Ok(Self {
-            config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
-            services: take_map(&mut ebpf, layout::SERVICES_MAP)?,
-            flows: take_map(&mut ebpf, layout::FLOWS_MAP)?,
-            stats: take_map(&mut ebpf, layout::STATS_MAP)?,
-            events: take_map(&mut ebpf, layout::EVENTS_MAP)?,
-            tx_ports: take_map(&mut ebpf, layout::TX_PORTS_MAP)?,
+            config: take_map(&mut ebpf, OBJECT, layout::CONFIG_MAP)?,
+            services: take_map(&mut ebpf, OBJECT, layout::SERVICES_MAP)?,
+            flows: take_map(&mut ebpf, OBJECT, layout::FLOWS_MAP)?,
+            stats: take_map(&mut ebpf, OBJECT, layout::STATS_MAP)?,
+            events: take_map(&mut ebpf, OBJECT, layout::EVENTS_MAP)?,
+            tx_ports: take_map(&mut ebpf, OBJECT, layout::TX_PORTS_MAP)?,
             ebpf,
             attached: Vec::new(),
             possible_cpus,
@@ -310,12 +301,7 @@ impl Nat {
         data_out: Option<&mut [u8]>,
         repeat: u32,
     ) -> Result<aya::programs::TestRunResult, EbpfError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(layout::PROGRAM)
-            .ok_or(missing("program", layout::PROGRAM))?
-            .try_into()
-            .map_err(program_error)?;
+        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
         let options = TestRunOptions {
             data_in: Some(frame),
             data_out,
@@ -336,26 +322,7 @@ fn action(code: u32) -> Action {
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
-    ebpf.program_mut(layout::PROGRAM)
-        .ok_or(missing("program", layout::PROGRAM))?
-        .try_into()
-        .map_err(program_error)
-}
-
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
-where
-    M: TryFrom<Map, Error = MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(missing("map", name))?;
-    M::try_from(map).map_err(map_error(name))
-}
-
-fn missing(kind: &'static str, name: &'static str) -> EbpfError {
-    EbpfError::Missing {
-        object: OBJECT,
-        kind,
-        name,
-    }
+    super::xdp_program_mut(ebpf, OBJECT, layout::PROGRAM)
 }
 
 fn program_error(source: aya::programs::ProgramError) -> EbpfError {
@@ -363,8 +330,4 @@ fn program_error(source: aya::programs::ProgramError) -> EbpfError {
         program: layout::PROGRAM,
         source,
     }
-}
-
-fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
-    move |source| EbpfError::Map { map, source }
 }
