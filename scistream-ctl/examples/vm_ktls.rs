@@ -1,21 +1,38 @@
 //! The test `cargo xtask vm-test` runs inside a VM (static musl build, started
-//! by the initramfs' /init): checks that the kernel takes the TLS ULP, then
-//! runs a whole `tls`-backend session through two in-process s2cs gateways on
-//! loopback (127.0.0.1 outbound, 127.0.0.2 inbound, producer on 127.0.0.3),
-//! streams data both ways with SHA-256 checked, and reads /proc/net/tls_stat
-//! to prove the tunnel ran in kernel TLS. Its last line is the marker the
-//! xtask looks for: `SCISTREAM-VM-TEST: PASS` or `SCISTREAM-VM-TEST: FAIL ...`.
+//! by the initramfs' /init). It runs a whole `tls`-backend session through two
+//! in-process s2cs gateways on loopback (127.0.0.1 outbound, 127.0.0.2
+//! inbound, producer on 127.0.0.3), streams data both ways with SHA-256
+//! checked, and reads /proc/net/tls_stat to prove where the tunnel ran:
 //!
-//! On a host without kernel TLS it runs too (the tunnel then stays in rustls):
-//! `cargo run --release --example vm_ktls -- --size-mib 16`.
+//! - `--expect kernel`: kernel TLS sessions in use on both gateways during the
+//!   stream; with `SCISTREAM_REKEY_BYTES` set, the kernel's re-key counters
+//!   show every forced KeyUpdate installed on both ends.
+//! - `--expect rustls`: no kernel TLS session (a kernel that cannot re-key
+//!   keeps the tunnel in rustls under `SCISTREAM_KTLS=auto`).
+//!
+//! Then a peer that knows the session secret floods KeyUpdates: it must be
+//! cut off, nothing may reach the producer, and the session's failed
+//! connection counter must move. With `--compare-mib`, child processes time
+//! the same exchange over plain loopback, through kernel TLS and through
+//! rustls, and print throughput and CPU per GB (under TCG only the ratios
+//! mean anything). The last line is the marker the xtask looks for:
+//! `SCISTREAM-VM-TEST: PASS` or `SCISTREAM-VM-TEST: FAIL ...`.
+//!
+//! On a host without kernel TLS it runs too (the tunnel stays in rustls):
+//! `cargo run --release --example vm_ktls -- --size-mib 16 --expect rustls`.
 
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use scistream_ctl::client::Connection;
 use scistream_ctl::config::ServerArgs;
+use scistream_ctl::dataplane::ktls::{self, Tier};
+use scistream_ctl::dataplane::session_auth::{self, Role, SessionSecret};
+use scistream_ctl::dataplane::tls::REKEY_VAR;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,18 +42,45 @@ struct Args {
     /// MiB streamed in each direction.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
-    /// Fail unless the tunnel sockets ran in kernel TLS (set inside the VM).
+    /// Where the tunnel must run: `kernel` or `rustls`; `any` checks only the data.
+    #[arg(long, default_value = "any")]
+    expect: String,
+    /// MiB each way for the kernel TLS vs rustls comparison (0: none).
+    #[arg(long, default_value_t = 0)]
+    compare_mib: u64,
+    /// Internal: time one exchange (`direct` or `tunnel`) and print a MEASURE line.
     #[arg(long)]
-    require_ktls: bool,
+    measure: Option<String>,
 }
 
 const PRODUCER: &str = "127.0.0.3:7000";
 const CHUNK: usize = 256 * 1024;
+/// KeyUpdates the flooding peer sends (the gateway allows 32 in a row).
+const FLOOD: usize = 200;
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter("info").with_writer(std::io::stderr).with_ansi(false).init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let filter = if args.measure.is_some() {
+        "warn"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Some(what) = &args.measure {
+        match rt.block_on(measure(what, args.size_mib << 20)) {
+            Ok((secs, cpu)) => println!("MEASURE {secs:.3} {cpu:.3}"),
+            Err(e) => println!("MEASURE-FAIL {e:#}"),
+        }
+        std::process::exit(0);
+    }
     match rt.block_on(run(&args)) {
         Ok(()) => println!("SCISTREAM-VM-TEST: PASS"),
         Err(e) => println!("SCISTREAM-VM-TEST: FAIL {e:#}"),
@@ -48,27 +92,255 @@ fn main() {
 }
 
 async fn run(args: &Args) -> Result<()> {
-    println!("kernel: {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    println!(
+        "kernel: {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
     let ulp = ulp_probe();
-    println!("TCP_ULP tls: {}", match &ulp { Ok(()) => "ok".to_string(), Err(e) => format!("unavailable ({e})") });
-    if args.require_ktls {
-        ulp.context("setsockopt(TCP_ULP, \"tls\")")?;
+    println!(
+        "TCP_ULP tls: {}",
+        match &ulp {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("unavailable ({e})"),
+        }
+    );
+    let tier = ktls::detect();
+    println!("tier the gateways choose: {tier:?}");
+    let rekey_every: Option<u64> = std::env::var(REKEY_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0);
+    match args.expect.as_str() {
+        "kernel" => {
+            ulp.context("setsockopt(TCP_ULP, \"tls\")")?;
+            ensure!(
+                matches!(tier, Tier::Kernel { .. }),
+                "expected kernel TLS, the gateways would use {tier:?}"
+            );
+        }
+        "rustls" => ensure!(
+            matches!(tier, Tier::Rustls { .. }),
+            "expected rustls, the gateways would use {tier:?}"
+        ),
+        "any" => {}
+        other => bail!("--expect {other}: kernel, rustls or any"),
     }
-    // Taken once both gateways are up: their start-up probes count too.
-    let before = session(args.size_mib << 20).await?;
-    let after = tls_stat();
-    for (name, v) in &after {
-        println!("tls_stat {name} {v}");
+
+    let size = args.size_mib << 20;
+    let report = with_gateways(|| session(size)).await?;
+    let d = |name: &str| report.after.get(name) - report.before.get(name);
+    println!(
+        "streamed {} MiB each way in {:.1} s ({:.2} MB/s per direction), SHA-256 equal both ways",
+        size >> 20,
+        report.secs,
+        size as f64 / report.secs / 1e6
+    );
+    println!(
+        "tls_stat during the stream: TlsCurrTxSw up to {}, TlsCurrRxSw up to {}; over it: TlsTxSw +{}, TlsRxSw +{}, \
+         TlsTxRekeyOk +{}, TlsRxRekeyOk +{}, TlsRxRekeyReceived +{}",
+        report.max_curr_tx,
+        report.max_curr_rx,
+        d("TlsTxSw"),
+        d("TlsRxSw"),
+        d("TlsTxRekeyOk"),
+        d("TlsRxRekeyOk"),
+        d("TlsRxRekeyReceived")
+    );
+    println!(
+        "KeyUpdate flood ({FLOOD} sent): the gateway hung up after {:.1} s; {} bytes reached the producer; \
+         the session's failed connections {} -> {}; TlsRxRekeyReceived +{}",
+        report.flood.secs,
+        report.flood.producer_bytes,
+        report.flood.failed_before,
+        report.flood.failed_after,
+        report.flood.after.get("TlsRxRekeyReceived") - report.after.get("TlsRxRekeyReceived"),
+    );
+    ensure!(
+        report.flood.producer_bytes == 0,
+        "the KeyUpdate flooder's connection delivered bytes to the producer"
+    );
+    ensure!(
+        report.flood.failed_after > report.flood.failed_before,
+        "the flooder's connection was not counted as failed"
+    );
+
+    match args.expect.as_str() {
+        "kernel" => {
+            // One tunnel connection: the outbound and the inbound end each hold a TX and an RX key.
+            ensure!(
+                report.max_curr_tx >= 2 && report.max_curr_rx >= 2,
+                "kernel TLS was not in use during the stream (TlsCurrTxSw {}, TlsCurrRxSw {})",
+                report.max_curr_tx,
+                report.max_curr_rx
+            );
+            if let (Some(every), Tier::Kernel { rekey: true }) = (rekey_every, &tier) {
+                // Each gateway's sending key may carry at most `every` bytes,
+                // so each changes it at least (size - 1) / every times (any
+                // change, its own or an answer to the peer's, restarts the
+                // count); each change is installed for sending on one end and
+                // for receiving on the other.
+                let forced = 2 * ((size - 1) / every);
+                let (tx, rx) = (d("TlsTxRekeyOk"), d("TlsRxRekeyOk"));
+                ensure!(
+                    tx >= forced && rx >= forced,
+                    "expected at least {forced} re-keys each way, kernel counted TX {tx}, RX {rx}"
+                );
+                ensure!(tx == rx, "every key sent with must be a key received with: TX re-keys {tx}, RX re-keys {rx}");
+                ensure!(
+                    d("TlsTxRekeyError") == 0 && d("TlsRxRekeyError") == 0,
+                    "the kernel refused a re-key"
+                );
+                println!("forced re-keys: {tx} sending keys and {rx} receiving keys installed mid-stream, data intact");
+                let received = report.flood.after.get("TlsRxRekeyReceived")
+                    - report.after.get("TlsRxRekeyReceived");
+                ensure!(
+                    received > 0,
+                    "the flood's KeyUpdates never reached kernel TLS"
+                );
+            }
+        }
+        "rustls" => {
+            ensure!(
+                d("TlsTxSw") == 0 && d("TlsRxSw") == 0 && report.max_curr_tx == 0,
+                "the tunnel used kernel TLS although the kernel cannot re-key (TlsTxSw +{})",
+                d("TlsTxSw")
+            );
+            println!("fallback: the tunnel stayed in rustls (no kernel TLS session opened)");
+        }
+        _ => {}
     }
-    let grew = |name: &str| after.iter().find(|(n, _)| n == name).map(|x| x.1).unwrap_or(0)
-        - before.iter().find(|(n, _)| n == name).map(|x| x.1).unwrap_or(0);
-    // One tunnel connection: the outbound and the inbound end each install TX and RX.
-    let (tx, rx) = (grew("TlsTxSw"), grew("TlsRxSw"));
-    println!("kernel TLS sessions opened by this run: TX {tx}, RX {rx}");
-    if args.require_ktls {
-        ensure!(tx >= 2 && rx >= 2, "the tunnel did not run in kernel TLS (TlsTxSw +{tx}, TlsRxSw +{rx})");
+
+    if args.compare_mib > 0 {
+        compare(args.compare_mib, &tier).await?;
     }
     Ok(())
+}
+
+/// Times the same exchange over plain loopback, through kernel TLS and
+/// through rustls, each in a fresh child process (so CPU time is its own).
+async fn compare(mib: u64, tier: &Tier) -> Result<()> {
+    let direct = child("direct", mib, None)?;
+    let rustls = child("tunnel", mib, Some("off"))?;
+    let kernel = if matches!(tier, Tier::Kernel { .. }) {
+        Some(child("tunnel", mib, Some("on"))?)
+    } else {
+        None
+    };
+    let gb = 2.0 * (mib << 20) as f64 / 1e9;
+    // The producer and consumer (data generation, SHA-256) run in the same
+    // process; the direct run's CPU is theirs, the rest is the gateways'.
+    let row = |name: &str, (secs, cpu): (f64, f64)| {
+        println!(
+            "  {name:<22} {:>7.2} MB/s per direction  {:>6.1} s CPU per GB moved  (gateways: {:>6.1} s/GB)",
+            (mib << 20) as f64 / secs / 1e6,
+            cpu / gb,
+            (cpu - direct.1).max(0.0) / gb
+        )
+    };
+    let vendor = std::fs::read_to_string("/sys/class/dmi/id/sys_vendor").unwrap_or_default();
+    let place = if vendor.contains("QEMU") {
+        "under QEMU TCG (an emulated CPU: absolute numbers are meaningless, only the ratios within this run count)"
+    } else {
+        "on this machine (compare within this run only)"
+    };
+    println!("performance {place}, {mib} MiB each way:");
+    row("plain loopback", direct);
+    row("rustls", rustls);
+    if let Some(k) = kernel {
+        row("kernel TLS + splice", k);
+        let (gk, gr) = ((k.1 - direct.1).max(1e-3), (rustls.1 - direct.1).max(1e-3));
+        println!(
+            "  kernel TLS + splice vs rustls: {:.2}x the throughput, {:.2}x the gateway CPU per GB",
+            rustls.0 / k.0,
+            gk / gr
+        );
+    }
+    Ok(())
+}
+
+/// One measurement in a child process: (seconds, CPU seconds).
+fn child(what: &str, mib: u64, ktls_mode: Option<&str>) -> Result<(f64, f64)> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--measure", what, "--size-mib", &mib.to_string()])
+        .env_remove(REKEY_VAR);
+    if let Some(m) = ktls_mode {
+        cmd.env(ktls::MODE_VAR, m);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("MEASURE"))
+        .with_context(|| format!("the {what} measurement printed nothing"))?;
+    let mut it = line.split_whitespace().skip(1);
+    match (
+        it.next().map(str::parse::<f64>),
+        it.next().map(str::parse::<f64>),
+    ) {
+        (Some(Ok(s)), Some(Ok(c))) => Ok((s, c)),
+        _ => bail!("{what} measurement: {line}"),
+    }
+}
+
+async fn measure(what: &str, size: u64) -> Result<(f64, f64)> {
+    match what {
+        "direct" => {
+            let producer = TcpListener::bind(PRODUCER).await?;
+            let (secs, cpu) = timed_exchange(&producer, PRODUCER.parse()?, size).await?;
+            Ok((secs, cpu))
+        }
+        "tunnel" => {
+            with_gateways(|| async move {
+                let producer = TcpListener::bind(PRODUCER)
+                    .await
+                    .context("producer listener")?;
+                let s = Session::open(&uuid::Uuid::new_v4().to_string()).await?;
+                let (secs, cpu) = timed_exchange(&producer, s.consumer_addr, size).await?;
+                s.release().await?;
+                Ok((secs, cpu))
+            })
+            .await
+        }
+        other => bail!("--measure {other}: direct or tunnel"),
+    }
+}
+
+/// This process's user + system CPU seconds (/proc/self/stat, in USER_HZ = 100 ticks).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after ')' (state is 0).
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+#[derive(Default, Clone)]
+struct TlsStat(Vec<(String, u64)>);
+
+impl TlsStat {
+    fn read() -> Self {
+        let text = std::fs::read_to_string("/proc/net/tls_stat").unwrap_or_default();
+        Self(
+            text.lines()
+                .filter_map(|l| {
+                    let mut it = l.split_whitespace();
+                    Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|x| x.1)
+            .unwrap_or(0)
+    }
 }
 
 /// `setsockopt(TCP_ULP, "tls")` on a connected loopback socket.
@@ -80,29 +352,41 @@ fn ulp_probe() -> Result<()> {
     Ok(())
 }
 
-fn tls_stat() -> Vec<(String, u64)> {
-    let text = std::fs::read_to_string("/proc/net/tls_stat").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 fn gateway(ip: &str, state: &str) -> ServerArgs {
     use clap::Parser as _;
     ServerArgs::parse_from([
-        "s2cs", "--listener_ip", ip, "--control_ip", ip, "--port", "5000", "--port_range", "5100-5110", "--type", "tls",
-        "--ssl", "false", "--guard", "false", "--state_dir", state,
+        "s2cs",
+        "--listener_ip",
+        ip,
+        "--control_ip",
+        ip,
+        "--port",
+        "5000",
+        "--port_range",
+        "5100-5110",
+        "--type",
+        "tls",
+        "--ssl",
+        "false",
+        "--guard",
+        "false",
+        "--state_dir",
+        state,
     ])
 }
 
-/// Returns /proc/net/tls_stat as it was just before the data connection.
-async fn session(size: u64) -> Result<Vec<(String, u64)>> {
+/// Runs `body` with the two gateways up, then stops them.
+async fn with_gateways<T, F, Fut>(body: F) -> Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (ip, state) in [("127.0.0.1", "/tmp/s2cs-out"), ("127.0.0.2", "/tmp/s2cs-in")] {
+    for (ip, state) in [
+        ("127.0.0.1", "/tmp/s2cs-out"),
+        ("127.0.0.2", "/tmp/s2cs-in"),
+    ] {
         let mut rx = stop_rx.clone();
         let args = gateway(ip, state);
         servers.push(tokio::spawn(async move {
@@ -112,13 +396,12 @@ async fn session(size: u64) -> Result<Vec<(String, u64)>> {
             .await
         }));
     }
-    let producer = TcpListener::bind(PRODUCER).await.context("producer listener")?;
-    let result = tokio::time::timeout(Duration::from_secs(1800), stream(producer, size)).await;
+    let result = tokio::time::timeout(Duration::from_secs(3600), body()).await;
     let _ = stop_tx.send(true);
     for s in servers {
         s.await.context("s2cs task")?.context("s2cs")?;
     }
-    result.context("transfer timed out")?
+    result.context("timed out")?
 }
 
 async fn open(addr: &str) -> Result<Connection> {
@@ -132,21 +415,182 @@ async fn open(addr: &str) -> Result<Connection> {
     bail!("s2cs at {addr} never came up")
 }
 
-async fn stream(producer: TcpListener, size: u64) -> Result<Vec<(String, u64)>> {
-    let uid = uuid::Uuid::new_v4().to_string();
-    let inbound = open("127.0.0.2:5000").await?;
-    let resp = inbound.req_with_hello(&uid, "PROD", 1, 0, &[PRODUCER.to_string()], "PROD").await?;
-    inbound.update(&uid, &resp.prod_listeners, "PROD").await?;
-    // What s2uc prints as the inbound gateway's `listeners`: the tunnel's far end.
-    let tunnel = resp.listeners;
-    let outbound = open("127.0.0.1:5000").await?;
-    let resp = outbound.req_with_hello(&uid, "CONS", 1, 0, &[], "CONS").await?;
-    outbound.update(&uid, &tunnel, "CONS").await?;
-    let consumer_addr: SocketAddr = resp.listeners.first().context("no outbound listener")?.parse()?;
-    let before = tls_stat();
-    println!("session {uid}: consumer -> {consumer_addr} -> {} -> {PRODUCER}", tunnel.join(","));
+/// A session set up on both gateways, as s2uc would.
+struct Session {
+    uid: String,
+    inbound: Connection,
+    outbound: Connection,
+    /// The inbound gateway's tunnel listener (what the outbound one dials).
+    tunnel: SocketAddr,
+    consumer_addr: SocketAddr,
+}
 
+impl Session {
+    async fn open(uid: &str) -> Result<Self> {
+        let inbound = open("127.0.0.2:5000").await?;
+        let resp = inbound
+            .req_with_hello(uid, "PROD", 1, 0, &[PRODUCER.to_string()], "PROD")
+            .await?;
+        inbound.update(uid, &resp.prod_listeners, "PROD").await?;
+        // What s2uc prints as the inbound gateway's `listeners`: the tunnel's far end.
+        let tunnels = resp.listeners;
+        let outbound = open("127.0.0.1:5000").await?;
+        let resp = outbound
+            .req_with_hello(uid, "CONS", 1, 0, &[], "CONS")
+            .await?;
+        outbound.update(uid, &tunnels, "CONS").await?;
+        let consumer_addr = resp
+            .listeners
+            .first()
+            .context("no outbound listener")?
+            .parse()?;
+        let tunnel = tunnels.first().context("no inbound listener")?.parse()?;
+        println!("session {uid}: consumer -> {consumer_addr} -> {tunnel} -> {PRODUCER}");
+        Ok(Self {
+            uid: uid.to_string(),
+            inbound,
+            outbound,
+            tunnel,
+            consumer_addr,
+        })
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.inbound.release(&self.uid).await?;
+        self.outbound.release(&self.uid).await?;
+        Ok(())
+    }
+}
+
+struct Report {
+    secs: f64,
+    before: TlsStat,
+    after: TlsStat,
+    max_curr_tx: u64,
+    max_curr_rx: u64,
+    flood: Flood,
+}
+
+struct Flood {
+    secs: f64,
+    producer_bytes: u64,
+    failed_before: u64,
+    failed_after: u64,
+    after: TlsStat,
+}
+
+/// The checked stream, then the KeyUpdate flood against the same session.
+async fn session(size: u64) -> Result<Report> {
+    let producer = TcpListener::bind(PRODUCER)
+        .await
+        .context("producer listener")?;
+    let s = Session::open(&uuid::Uuid::new_v4().to_string()).await?;
+    let before = TlsStat::read();
+    // Samples the kernel's live session counts while the data flows.
+    let streaming = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            let (mut tx, mut rx) = (0, 0);
+            while streaming.load(Ordering::Relaxed) {
+                let st = TlsStat::read();
+                tx = tx.max(st.get("TlsCurrTxSw"));
+                rx = rx.max(st.get("TlsCurrRxSw"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (tx, rx)
+        })
+    };
+    let result = timed_exchange(&producer, s.consumer_addr, size).await;
+    streaming.store(false, Ordering::Relaxed);
+    let (max_curr_tx, max_curr_rx) = sampler.await?;
+    let (secs, _) = result?;
+    let after = TlsStat::read();
+    let flood = keyupdate_flood(&s, &producer).await?;
+    s.release().await?;
+    Ok(Report {
+        secs,
+        before,
+        after,
+        max_curr_tx,
+        max_curr_rx,
+        flood,
+    })
+}
+
+/// A peer that knows the session secret (so passes the proof) and then sends
+/// only KeyUpdates, each asking the gateway to update too.
+async fn keyupdate_flood(s: &Session, producer: &TcpListener) -> Result<Flood> {
+    let failed_before = s.inbound.status(&s.uid).await?.connections_failed;
     let start = Instant::now();
+    let flooder = async {
+        let connector =
+            tokio_rustls::TlsConnector::from(scistream_ctl::tls::tunnel_client_config(None)?);
+        let tcp = TcpStream::connect(s.tunnel).await?;
+        let name = rustls::pki_types::ServerName::IpAddress(s.tunnel.ip().into());
+        let mut tls = connector.connect(name, tcp).await?;
+        session_auth::prove(&mut tls, &SessionSecret::derive(&s.uid, None), Role::Client).await?;
+        for _ in 0..FLOOD {
+            tls.get_mut().1.refresh_traffic_keys()?;
+            if tls.flush().await.is_err() {
+                break;
+            }
+        }
+        // The gateway must hang up: EOF or an error, never data.
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await {
+                Err(_) => bail!("the gateway kept a KeyUpdate flooder connected for 30 s"),
+                Ok(Ok(0)) | Ok(Err(_)) => return anyhow::Ok(()),
+                Ok(Ok(_)) => bail!("the gateway sent data to a KeyUpdate flooder"),
+            }
+        }
+    };
+    // The inbound gateway connects to the producer once the proof passed.
+    let producer_side = async {
+        let (mut c, _) = tokio::time::timeout(Duration::from_secs(60), producer.accept())
+            .await
+            .context("no connection reached the producer")??;
+        let mut n = 0u64;
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = c.read(&mut buf).await {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        anyhow::Ok(n)
+    };
+    let (f, producer_bytes) = tokio::join!(flooder, producer_side);
+    f.context("KeyUpdate flood")?;
+    let secs = start.elapsed().as_secs_f64();
+    // The relay counts the failure when its task ends.
+    let mut failed_after = failed_before;
+    for _ in 0..50 {
+        failed_after = s.inbound.status(&s.uid).await?.connections_failed;
+        if failed_after > failed_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Flood {
+        secs,
+        producer_bytes: producer_bytes?,
+        failed_before,
+        failed_after,
+        after: TlsStat::read(),
+    })
+}
+
+/// Consumer at `consumer_addr` and producer on `producer` exchange `size`
+/// bytes each way; fails unless SHA-256 matches both ways. Returns seconds
+/// and this process's CPU seconds over the exchange.
+async fn timed_exchange(
+    producer: &TcpListener,
+    consumer_addr: SocketAddr,
+    size: u64,
+) -> Result<(f64, f64)> {
+    let (start, cpu0) = (Instant::now(), cpu_secs());
     let consumer = async {
         let s = TcpStream::connect(consumer_addr).await?;
         exchange(s, size, 1).await
@@ -156,19 +600,20 @@ async fn stream(producer: TcpListener, size: u64) -> Result<Vec<(String, u64)>> 
         exchange(s, size, 2).await
     };
     let ((c_sent, c_got), (p_sent, p_got)) = tokio::try_join!(consumer, prod)?;
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "streamed {} MiB each way in {secs:.1} s ({:.0} MB/s per direction)",
-        size >> 20,
-        size as f64 / secs / 1e6
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), cpu_secs() - cpu0);
+    ensure!(
+        c_sent == p_got,
+        "consumer -> producer: bytes differ (sha256 {} vs {})",
+        hex(&c_sent.0),
+        hex(&p_got.0)
     );
-    ensure!(c_sent == p_got, "consumer -> producer: bytes differ (sha256 {} vs {})", hex(&c_sent.0), hex(&p_got.0));
-    ensure!(p_sent == c_got, "producer -> consumer: bytes differ (sha256 {} vs {})", hex(&p_sent.0), hex(&c_got.0));
-    println!("sha256 consumer->producer {} ({} bytes)", hex(&c_sent.0), c_sent.1);
-    println!("sha256 producer->consumer {} ({} bytes)", hex(&p_sent.0), p_sent.1);
-    inbound.release(&uid).await?;
-    outbound.release(&uid).await?;
-    Ok(before)
+    ensure!(
+        p_sent == c_got,
+        "producer -> consumer: bytes differ (sha256 {} vs {})",
+        hex(&p_sent.0),
+        hex(&c_got.0)
+    );
+    Ok((secs, cpu))
 }
 
 type Summary = ([u8; 32], u64);

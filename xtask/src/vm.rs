@@ -4,6 +4,12 @@
 //! the kernel's tls.ko and a static test binary (`scistream-ctl/examples/
 //! vm_ktls.rs`, built for musl), boots it under QEMU (TCG) and reads the
 //! test's PASS/FAIL marker from the serial console.
+//!
+//! What each kernel must show, with `--ktls auto` (the default, as s2cs runs):
+//! sid's current kernel re-keys TLS 1.3, so the tunnel runs in kernel TLS and
+//! is forced to re-key every `--rekey-mib` MiB mid-stream; bookworm's 6.1
+//! cannot re-key, so the tunnel stays in rustls. On both, a KeyUpdate flood
+//! is cut off. The kernel TLS vs rustls comparison runs on re-keying kernels.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,13 +29,23 @@ pub struct Args {
     /// Which kernels to boot: bookworm (6.1, no TLS 1.3 re-keying), sid (current), or all.
     #[arg(long, value_enum, default_value = "all")]
     kernel: KernelChoice,
-    /// MiB the test streams each way through the tunnel.
+    /// MiB the test streams each way through the tunnel on kernels that re-key.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
-    /// SCISTREAM_KTLS inside the VM: `on` proves the offload on every kernel,
-    /// `auto` shows which kernels s2cs would offload on by itself.
-    #[arg(long, default_value = "on")]
+    /// MiB each way on kernels that cannot re-key (the fallback to rustls).
+    #[arg(long, default_value_t = 16)]
+    fallback_mib: u64,
+    /// SCISTREAM_KTLS inside the VM: `auto` (as s2cs runs: kernel TLS only
+    /// where the kernel re-keys), `on` (kernel TLS on every kernel; no forced
+    /// re-keys where the kernel cannot), `off`.
+    #[arg(long, default_value = "auto")]
     ktls: String,
+    /// Forced re-key interval (SCISTREAM_REKEY_BYTES) in MiB on kernels that re-key; 0: none.
+    #[arg(long, default_value_t = 8)]
+    rekey_mib: u64,
+    /// MiB each way for the kernel TLS vs rustls comparison on kernels that re-key; 0: none.
+    #[arg(long, default_value_t = 64)]
+    compare_mib: u64,
     /// Give up on a VM after this many seconds (TCG emulation is slow).
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -60,7 +76,7 @@ pub fn main(args: &Args) -> Result<std::process::ExitCode> {
     for suite in kernels {
         let kernel = vm_kernel::fetch(suite, &cache)?;
         let initrd = cache.join(format!("initrd-{}.gz", kernel.release));
-        build_initramfs(&kernel, &test_bin, args.size_mib, &args.ktls, &initrd)?;
+        build_initramfs(&kernel, &test_bin, &test_command(args, suite), &initrd)?;
         println!("vm-test: booting {} ({})", kernel.release, suite.name());
         match boot(&kernel.vmlinuz, &initrd, Duration::from_secs(args.timeout))? {
             Outcome::Pass { boot_secs, total_secs } => {
@@ -103,8 +119,25 @@ fn build_test_binary() -> Result<PathBuf> {
     built.get("vm_ktls").cloned().context("cargo built no vm_ktls executable")
 }
 
+/// The test's command line in the VM for this kernel (see the module doc).
+fn test_command(args: &Args, suite: vm_kernel::Suite) -> String {
+    let rekeys = suite.can_rekey();
+    let expect = match (args.ktls.as_str(), rekeys) {
+        ("on", _) | ("auto", true) => "kernel",
+        ("off", _) | ("auto", false) => "rustls",
+        _ => "any",
+    };
+    let mut env = format!("SCISTREAM_KTLS={}", args.ktls);
+    if rekeys && args.rekey_mib > 0 {
+        env.push_str(&format!(" SCISTREAM_REKEY_BYTES={}", args.rekey_mib << 20));
+    }
+    let compare = if rekeys { args.compare_mib } else { 0 };
+    let size = if rekeys { args.size_mib } else { args.fallback_mib };
+    format!("{env} /bin/vm_ktls --expect {expect} --size-mib {size} --compare-mib {compare}")
+}
+
 /// A gzip'ed `newc` cpio with /init, busybox, the modules and the test.
-fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, size_mib: u64, ktls_mode: &str, out: &Path) -> Result<()> {
+fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, test: &str, out: &Path) -> Result<()> {
     let root = out.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
     for dir in ["bin", "dev", "proc", "sys", "tmp", "modules"] {
@@ -135,7 +168,8 @@ fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, size_mib: u64, k
          echo \"vm-test: init running on $($B uname -r) after $($B cut -d' ' -f1 /proc/uptime) s\"\n\
          {insmods}\
          $B ip link set lo up\n\
-         SCISTREAM_KTLS={ktls_mode} /bin/vm_ktls --require-ktls --size-mib {size_mib}\n\
+         echo \"vm-test: {test}\"\n\
+         {test}\n\
          echo \"vm-test: test exited with $?\"\n\
          $B poweroff -f\n"
     );
@@ -166,7 +200,8 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<Outcome> {
     use std::io::{BufRead, BufReader};
     // TCG: /dev/kvm exists on the hosts we know but guests hang there.
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-nographic", "-no-reboot"])
+        // thread=multi: one host thread per vCPU, so both host cores emulate.
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024", "-smp", "2", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")

@@ -24,6 +24,12 @@ impl Suite {
             Suite::Sid => "sid",
         }
     }
+
+    /// Whether the kernel takes new TLS 1.3 keys on a live socket (Linux
+    /// 6.14+): bookworm's 6.1 does not, sid's current kernel does.
+    pub fn can_rekey(self) -> bool {
+        matches!(self, Suite::Sid)
+    }
 }
 
 pub struct Kernel {

@@ -19,6 +19,9 @@ use nix::sys::socket::{setsockopt, ControlMessageOwned, MsgFlags, TlsGetRecordTy
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+#[path = "ktls_rekey.rs"]
+pub mod rekey;
+
 /// Where the `tls` backend's bytes are encrypted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Tier {
@@ -77,73 +80,124 @@ fn probe() -> Result<bool, String> {
 }
 
 fn aes128(key: &[u8], iv: &[u8], seq: u64) -> TlsCryptoInfo {
-    let mut i = libc::tls12_crypto_info_aes_gcm_128 {
-        info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_AES_GCM_128 },
-        iv: [0; 8],
-        key: [0; 16],
-        salt: [0; 4],
-        rec_seq: seq.to_be_bytes(),
-    };
-    i.key.copy_from_slice(key);
-    // TLS 1.3's 12-byte IV: the kernel calls the first 4 bytes the salt.
-    i.salt.copy_from_slice(&iv[..4]);
-    i.iv.copy_from_slice(&iv[4..12]);
-    TlsCryptoInfo::Aes128Gcm(i)
+    crypto_info(Cipher::Aes128Gcm, key, iv, seq)
 }
 
-fn crypto_info(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<TlsCryptoInfo> {
-    Ok(match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => aes128(key.as_ref(), iv.as_ref(), seq),
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+/// The AEADs of TLS 1.3 that kernel TLS implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cipher {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Cipher {
+    pub fn key_len(self) -> usize {
+        match self {
+            Cipher::Aes128Gcm => 16,
+            Cipher::Aes256Gcm | Cipher::Chacha20Poly1305 => 32,
+        }
+    }
+}
+
+/// The kernel's description of one direction's key: `key` of the cipher's
+/// length, TLS 1.3's 12-byte `iv`, and the sequence number of the next record.
+pub fn crypto_info(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> TlsCryptoInfo {
+    let info = |cipher_type| libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type };
+    match cipher {
+        Cipher::Aes128Gcm => {
+            let mut i = libc::tls12_crypto_info_aes_gcm_128 {
+                info: info(libc::TLS_CIPHER_AES_GCM_128),
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: seq.to_be_bytes(),
+            };
+            i.key.copy_from_slice(key);
+            // TLS 1.3's 12-byte IV: the kernel calls the first 4 bytes the salt.
+            i.salt.copy_from_slice(&iv[..4]);
+            i.iv.copy_from_slice(&iv[4..12]);
+            TlsCryptoInfo::Aes128Gcm(i)
+        }
+        Cipher::Aes256Gcm => {
             let mut i = libc::tls12_crypto_info_aes_gcm_256 {
-                info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_AES_GCM_256 },
+                info: info(libc::TLS_CIPHER_AES_GCM_256),
                 iv: [0; 8],
                 key: [0; 32],
                 salt: [0; 4],
                 rec_seq: seq.to_be_bytes(),
             };
-            i.key.copy_from_slice(key.as_ref());
-            i.salt.copy_from_slice(&iv.as_ref()[..4]);
-            i.iv.copy_from_slice(&iv.as_ref()[4..12]);
+            i.key.copy_from_slice(key);
+            i.salt.copy_from_slice(&iv[..4]);
+            i.iv.copy_from_slice(&iv[4..12]);
             TlsCryptoInfo::Aes256Gcm(i)
         }
-        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+        Cipher::Chacha20Poly1305 => {
             let mut i = libc::tls12_crypto_info_chacha20_poly1305 {
-                info: libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305 },
+                info: info(libc::TLS_CIPHER_CHACHA20_POLY1305),
                 iv: [0; 12],
                 key: [0; 32],
                 salt: [],
                 rec_seq: seq.to_be_bytes(),
             };
-            i.key.copy_from_slice(key.as_ref());
-            i.iv.copy_from_slice(iv.as_ref());
+            i.key.copy_from_slice(key);
+            i.iv.copy_from_slice(iv);
             TlsCryptoInfo::Chacha20Poly1305(i)
         }
+    }
+}
+
+/// The cipher and the key/iv bytes of one direction's extracted secrets.
+pub fn split_secrets(secrets: &ConnectionTrafficSecrets) -> io::Result<(Cipher, &[u8], &[u8])> {
+    Ok(match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key.as_ref(), iv.as_ref()),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key.as_ref(), iv.as_ref()),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key.as_ref(), iv.as_ref()),
         _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "cipher suite without kernel TLS support")),
     })
 }
 
+fn info_of(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<TlsCryptoInfo> {
+    let (cipher, key, iv) = split_secrets(secrets)?;
+    Ok(crypto_info(cipher, key, iv, seq))
+}
+
 /// Installs the TLS ULP and both directions' keys on `sock`.
-pub fn install<S: AsFd>(sock: &S, secrets: ExtractedSecrets) -> io::Result<()> {
-    let (tx_seq, tx) = secrets.tx;
-    let (rx_seq, rx) = secrets.rx;
+pub fn install<S: AsFd>(sock: &S, secrets: &ExtractedSecrets) -> io::Result<()> {
+    let (tx_seq, tx) = &secrets.tx;
+    let (rx_seq, rx) = &secrets.rx;
+    let (tx_seq, rx_seq) = (*tx_seq, *rx_seq);
     setsockopt(sock, TcpUlp::default(), b"tls")?;
-    setsockopt(sock, TcpTlsTx, &crypto_info(tx_seq, &tx)?)?;
-    setsockopt(sock, TcpTlsRx, &crypto_info(rx_seq, &rx)?)?;
+    setsockopt(sock, TcpTlsTx, &info_of(tx_seq, &tx)?)?;
+    setsockopt(sock, TcpTlsRx, &info_of(rx_seq, &rx)?)?;
     Ok(())
 }
 
 /// What a non-data record at the head of a kTLS socket's receive queue means.
+#[derive(Debug, PartialEq, Eq)]
 pub enum ControlRecord {
     /// close_notify: the peer finished sending, like a TCP FIN.
     CloseNotify,
+    /// A TLS 1.3 KeyUpdate: the peer's next records use its next key; a
+    /// kernel that re-keys holds them back until TLS_RX gets that key.
+    /// `update_requested`: the peer asks us to update our sending key too.
+    KeyUpdate { update_requested: bool },
 }
+
+/// TLS record content types (RFC 8446 5.1).
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+/// Handshake message type key_update (RFC 8446 4.6.3).
+const KEY_UPDATE: u8 = 24;
+/// The largest TLS plaintext record: a whole record is read at once, so a
+/// record never arrives split over two reads.
+const MAX_RECORD: usize = 1 << 14;
 
 /// Reads the record that made splice(2) fail on a kTLS socket (splice only
 /// carries application data; the kernel leaves other records for recvmsg with
 /// their type in a control message).
 pub fn read_control_record<S: AsRawFd>(sock: &S) -> io::Result<ControlRecord> {
-    let mut data = [0u8; 64];
+    let mut data = vec![0u8; MAX_RECORD];
     let mut iov = [io::IoSliceMut::new(&mut data)];
     let mut cmsg = nix::cmsg_space!(u8);
     let msg = nix::sys::socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
@@ -154,33 +208,69 @@ pub fn read_control_record<S: AsRawFd>(sock: &S) -> io::Result<ControlRecord> {
             kind = Some(t);
         }
     }
-    match kind {
+    parse_control_record(kind, &data[..n])
+}
+
+fn parse_control_record(kind: Option<TlsGetRecordType>, record: &[u8]) -> io::Result<ControlRecord> {
+    match (kind, record) {
         // Alert level, description 0 = close_notify.
-        Some(TlsGetRecordType::Alert) if n >= 2 && data[1] == 0 => Ok(ControlRecord::CloseNotify),
-        Some(TlsGetRecordType::Alert) if n >= 2 => {
-            Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("peer sent TLS alert {}", data[1])))
+        (Some(TlsGetRecordType::Alert), [_, 0, ..]) => Ok(ControlRecord::CloseNotify),
+        (Some(TlsGetRecordType::Alert), [_, d, ..]) => {
+            Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("peer sent TLS alert {d}")))
         }
-        // TODO: a KeyUpdate (handshake record) could be followed on kernels
-        // that re-key (TLS_RX again with the next traffic secret); today the
-        // connection ends here with a clear error.
-        Some(TlsGetRecordType::Handshake) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "peer sent a TLS handshake record (KeyUpdate?) on a kernel TLS socket; re-keying in kernel TLS is not implemented",
+        // One KeyUpdate and nothing else: a KeyUpdate must end its record
+        // (RFC 8446 5.1), and nothing else is expected after the handshake
+        // (no tickets are issued).
+        (Some(TlsGetRecordType::Handshake), [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => {
+            Ok(ControlRecord::KeyUpdate { update_requested: *r == 1 })
+        }
+        (Some(TlsGetRecordType::Handshake), [t, ..]) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("peer sent a TLS handshake record (type {t}, {} bytes) that is not one KeyUpdate", record.len()),
         )),
-        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected TLS record on a kernel TLS socket: {other:?}"))),
+        (other, _) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected TLS record on a kernel TLS socket: {other:?}, {} bytes", record.len()),
+        )),
     }
 }
 
 /// Sends a TLS close_notify alert through kernel TLS, so a peer still in
 /// rustls sees a clean end of the direction rather than a truncation.
 pub fn send_close_notify<S: AsRawFd>(sock: &S) -> io::Result<()> {
-    let alert = [1u8, 0]; // warning, close_notify
-    const ALERT: u8 = 21;
-    let n = sendmsg_record_type(sock.as_raw_fd(), ALERT, &alert)?;
-    if n != alert.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write of close_notify"));
+    send_record(sock, ALERT, &[1, 0]) // warning, close_notify
+}
+
+/// Sends a KeyUpdate under the current sending key. The caller switches the
+/// kernel to the next key right after (RFC 8446 4.6.3).
+pub fn send_key_update<S: AsRawFd>(sock: &S, update_requested: bool) -> io::Result<()> {
+    send_record(sock, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, update_requested as u8])
+}
+
+/// One whole record, or an error (EAGAIN when the socket buffer is full).
+fn send_record<S: AsRawFd>(sock: &S, record_type: u8, data: &[u8]) -> io::Result<()> {
+    let n = sendmsg_record_type(sock.as_raw_fd(), record_type, data)?;
+    if n != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write of a TLS record of type {record_type}")));
     }
     Ok(())
+}
+
+/// Installs the next key for sending (after [`send_key_update`]) or
+/// receiving (after the peer's KeyUpdate), record sequence 0. Kernels before
+/// Linux 6.14 refuse a second key (EBUSY).
+pub fn install_next<S: AsFd>(sock: &S, tx: bool, info: &TlsCryptoInfo) -> io::Result<()> {
+    let r = if tx { setsockopt(sock, TcpTlsTx, info) } else { setsockopt(sock, TcpTlsRx, info) };
+    r.map_err(|e| {
+        let dir = if tx { "TLS_TX" } else { "TLS_RX" };
+        match e {
+            nix::errno::Errno::EBUSY => io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("this kernel cannot re-key TLS 1.3 ({dir} refused a new key: EBUSY; needs Linux 6.14+)"),
+            ),
+            e => io::Error::new(io::Error::from(e).kind(), format!("installing the next {dir} key: {e}")),
+        }
+    })
 }
 
 /// sendmsg(2) with a TLS_SET_RECORD_TYPE control message: kernel TLS sends
@@ -362,6 +452,27 @@ mod tests {
         // One read per READ_AHEAD bytes (plus the one that sees EOF), not
         // one per 4 KiB request.
         assert!(r.get_ref().reads <= wire.len() / READ_AHEAD + 2, "{} reads", r.get_ref().reads);
+    }
+
+    #[test]
+    fn control_records_parse_to_close_notify_key_update_or_a_clear_error() {
+        use TlsGetRecordType::{Alert, ApplicationData, Handshake};
+        assert_eq!(parse_control_record(Some(Alert), &[1, 0]).unwrap(), ControlRecord::CloseNotify);
+        assert!(parse_control_record(Some(Alert), &[2, 40]).unwrap_err().to_string().contains("alert 40"));
+        assert_eq!(
+            parse_control_record(Some(Handshake), &[24, 0, 0, 1, 1]).unwrap(),
+            ControlRecord::KeyUpdate { update_requested: true }
+        );
+        assert_eq!(
+            parse_control_record(Some(Handshake), &[24, 0, 0, 1, 0]).unwrap(),
+            ControlRecord::KeyUpdate { update_requested: false }
+        );
+        // A bad request_update value, two KeyUpdates in one record, a ticket.
+        for bad in [&[24u8, 0, 0, 1, 2][..], &[24, 0, 0, 1, 0, 24, 0, 0, 1, 0], &[4, 0, 0, 0]] {
+            assert_eq!(parse_control_record(Some(Handshake), bad).unwrap_err().kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+        assert!(parse_control_record(Some(ApplicationData), b"x").is_err());
+        assert!(parse_control_record(None, b"").is_err());
     }
 
     #[test]

@@ -15,6 +15,8 @@ use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::ktls::rekey::Rekey;
+use super::ktls::ControlRecord;
 use super::relay::{connect, Pump};
 use super::{DataPlaneError, SessionSpec, Stats};
 
@@ -52,11 +54,15 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU
 
 /// As [`splice_bidirectional`], with `tunnel` a kernel TLS socket: records
 /// other than data stop splice there and are read with recvmsg (a
-/// close_notify ends that direction), and an EOF from `plain` is passed on
-/// as close_notify before the FIN.
-pub async fn splice_ktls(plain: &TcpStream, tunnel: &TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64) -> io::Result<()> {
+/// close_notify ends that direction, a KeyUpdate moves to the peer's next
+/// key), `rekey` switches the sending key between splices when due, and an
+/// EOF from `plain` is passed on as close_notify before the FIN.
+pub async fn splice_ktls(plain: &TcpStream, tunnel: &TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64, rekey: &Rekey<'_>) -> io::Result<()> {
     let (p1, p2) = (Pipe::new()?, Pipe::new()?);
-    tokio::try_join!(splice_one_way(plain, tunnel, &p1, to_tunnel, Ktls::Dst), splice_one_way(tunnel, plain, &p2, from_tunnel, Ktls::Src))?;
+    tokio::try_join!(
+        splice_one_way(plain, tunnel, &p1, to_tunnel, Ktls::Dst(rekey)),
+        splice_one_way(tunnel, plain, &p2, from_tunnel, Ktls::Src(rekey))
+    )?;
     Ok(())
 }
 
@@ -83,15 +89,15 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
-/// Which end of one direction is a kernel TLS socket.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Ktls {
+/// Which end of one direction is a kernel TLS socket, with its re-keying state.
+#[derive(Clone, Copy)]
+enum Ktls<'a> {
     Neither,
-    Src,
-    Dst,
+    Src(&'a Rekey<'a>),
+    Dst(&'a Rekey<'a>),
 }
 
-async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: &AtomicU64, ktls: Ktls) -> io::Result<()> {
+async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: &AtomicU64, ktls: Ktls<'_>) -> io::Result<()> {
     loop {
         // Fill: the pipe is empty here, so EAGAIN can only mean "socket not readable".
         let n = loop {
@@ -101,20 +107,26 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                // kTLS refuses to splice a record that is not application data
-                // (EINVAL; EIO on some kernels) and leaves it queued.
-                Err(e) if ktls == Ktls::Src && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
-                    match src.try_io(Interest::READABLE, || super::ktls::read_control_record(src)) {
-                        Ok(super::ktls::ControlRecord::CloseNotify) => break 0,
-                        Err(e2) if e2.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e2) => return Err(io::Error::new(e2.kind(), format!("splice: {e}; {e2}"))),
+                Err(e) => match (ktls, e.raw_os_error()) {
+                    // kTLS refuses to splice a record that is not application
+                    // data (EINVAL; EIO on some kernels) and leaves it queued.
+                    (Ktls::Src(rekey), Some(libc::EINVAL | libc::EIO)) => {
+                        match src.try_io(Interest::READABLE, || rekey.on_control_record(src)) {
+                            Ok(ControlRecord::CloseNotify) => break 0,
+                            Ok(ControlRecord::KeyUpdate { .. }) => continue,
+                            Err(e2) if e2.kind() == io::ErrorKind::WouldBlock => continue,
+                            Err(e2) => return Err(io::Error::new(e2.kind(), format!("kernel TLS record: {e2}"))),
+                        }
                     }
-                }
-                Err(e) => return Err(e),
+                    _ => return Err(e),
+                },
             }
         };
+        if let (Ktls::Src(rekey), 1..) = (ktls, n) {
+            rekey.received_data();
+        }
         if n == 0 {
-            if ktls == Ktls::Dst {
+            if matches!(ktls, Ktls::Dst(_)) {
                 // Best effort: the FIN below ends the direction either way.
                 let _ = super::ktls::send_close_notify(dst);
             }
@@ -129,11 +141,17 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
         // keeps memory per connection bounded by the pipe size.
         let mut left = n;
         while left > 0 {
+            if let Ktls::Dst(rekey) = ktls {
+                rekey.before_send(dst).await?;
+            }
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || {
                 splice(&pipe.read, None, dst.as_fd(), None, left, flags()).map_err(io::Error::from)
             }) {
                 Ok(m) => {
+                    if let Ktls::Dst(rekey) = ktls {
+                        rekey.sent(m);
+                    }
                     left -= m;
                     counter.fetch_add(m as u64, Ordering::Relaxed);
                 }

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::ktls::rekey::{KeySchedule, Rekey, SecretLog};
 use super::ktls::{self, RecordBounded, Tier};
 use super::relay::{connect, Pump};
 use super::session_auth::{self, Role, SessionSecret};
@@ -84,32 +85,56 @@ impl TlsPump {
         })
     }
 
+    /// Where kernel TLS may take over, each connection gets its own config
+    /// whose key log keeps the traffic secrets, for re-keying in the kernel.
+    fn secret_log(&self) -> Option<Arc<SecretLog>> {
+        matches!(self.tier, Tier::Kernel { .. }).then(|| Arc::new(SecretLog::default()))
+    }
+
     /// TLS handshake and session proof as the inbound gateway.
-    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<Tunnel> {
-        let mut tls = self.acceptor.accept(RecordBounded::new(accepted)).await?;
+    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
+        let log = self.secret_log();
+        let acceptor = match &log {
+            Some(log) => {
+                let mut cfg = (**self.acceptor.config()).clone();
+                cfg.key_log = log.clone();
+                TlsAcceptor::from(Arc::new(cfg))
+            }
+            None => self.acceptor.clone(),
+        };
+        let mut tls = acceptor.accept(RecordBounded::new(accepted)).await?;
         session_auth::prove(&mut tls, secret, Role::Server).await?;
-        Ok(tls.into())
+        Ok((tls.into(), log))
     }
 
     /// TLS handshake and session proof as the outbound gateway.
-    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<Tunnel> {
+    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
         let upstream = connect(target).await?;
         let name = ServerName::IpAddress(target.ip().into());
-        let mut tls = self.connector.connect(name, RecordBounded::new(upstream)).await?;
+        let log = self.secret_log();
+        let connector = match &log {
+            Some(log) => {
+                let mut cfg = (**self.connector.config()).clone();
+                cfg.key_log = log.clone();
+                TlsConnector::from(Arc::new(cfg))
+            }
+            None => self.connector.clone(),
+        };
+        let mut tls = connector.connect(name, RecordBounded::new(upstream)).await?;
         session_auth::prove(&mut tls, secret, Role::Client).await?;
-        Ok(tls.into())
+        Ok((tls.into(), log))
     }
 
     /// Moves a proven tunnel's bytes to and from `plain`: through kernel TLS
     /// when this host can and the hand-over point is clean, else in rustls.
     /// `tunnel_first`: the tunnel is the accepting side (inbound gateway), for
     /// the direction of the counters.
-    async fn carry(&self, mut tunnel: Tunnel, plain: TcpStream, tunnel_first: bool, stats: &Stats) -> io::Result<()> {
+    async fn carry(&self, (mut tunnel, log): (Tunnel, Option<Arc<SecretLog>>), plain: TcpStream, tunnel_first: bool, stats: &Stats) -> io::Result<()> {
         let (to_tunnel, from_tunnel) =
             if tunnel_first { (&stats.bytes_backward, &stats.bytes_forward) } else { (&stats.bytes_forward, &stats.bytes_backward) };
-        if matches!(self.tier, Tier::Kernel { .. }) {
+        if let (Tier::Kernel { .. }, Some(log)) = (&self.tier, log) {
             match ktls_ready(&tunnel) {
-                Ok(()) => return offload(tunnel, plain, to_tunnel, from_tunnel).await,
+                Ok(()) => return offload(tunnel, &log, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
                 Err(why) => tracing::warn!("staying in rustls for this connection: {why}"),
             }
         }
@@ -135,9 +160,18 @@ fn ktls_ready(tunnel: &Tunnel) -> Result<(), String> {
     }
 }
 
-/// Hands the keys to the kernel and splices. Plaintext rustls already
-/// decrypted goes out first, so the order of bytes is kept.
-async fn offload(mut tunnel: Tunnel, mut plain: TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64) -> io::Result<()> {
+/// Hands the keys to the kernel and splices, re-keying in the kernel (see
+/// [`ktls::rekey`]). Plaintext rustls already decrypted goes out first, so
+/// the order of bytes is kept.
+async fn offload(
+    mut tunnel: Tunnel,
+    log: &SecretLog,
+    mut plain: TcpStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+    rekey_every: Option<u64>,
+    rekeys: &AtomicU64,
+) -> io::Result<()> {
     use std::io::Read;
     use tokio::io::AsyncWriteExt;
     let mut early = Vec::new();
@@ -154,6 +188,8 @@ async fn offload(mut tunnel: Tunnel, mut plain: TcpStream, to_tunnel: &AtomicU64
             Err(e) => return Err(e),
         }
     }
+    let suite = tunnel.get_ref().1.negotiated_cipher_suite().ok_or_else(|| io::Error::other("no cipher suite after the handshake"))?;
+    let is_client = matches!(tunnel, tokio_rustls::TlsStream::Client(_));
     let (io, secrets) = match tunnel {
         tokio_rustls::TlsStream::Client(c) => {
             let (io, conn) = c.into_inner();
@@ -165,14 +201,17 @@ async fn offload(mut tunnel: Tunnel, mut plain: TcpStream, to_tunnel: &AtomicU64
         }
     };
     let secrets = secrets.map_err(|e| io::Error::other(format!("extracting the TLS keys for the kernel: {e}")))?;
+    let keys = KeySchedule::new(log, is_client, suite, &secrets)?;
     let sock = io.into_inner();
-    ktls::install(&sock, secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+    ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+    drop(secrets);
     if !early.is_empty() {
         plain.write_all(&early).await?;
         from_tunnel.fetch_add(early.len() as u64, Ordering::Relaxed);
     }
     tracing::debug!("tunnel offloaded to kernel TLS");
-    super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel).await
+    let rekey = Rekey::new(keys, rekey_every, rekeys);
+    super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
 }
 
 /// Bounds a tunnel set-up step and, when it fails, counts the refusal and

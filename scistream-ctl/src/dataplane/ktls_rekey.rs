@@ -1,0 +1,531 @@
+//! TLS 1.3 re-keying of a tunnel in kernel TLS (RFC 8446 4.6.3 and 7.2).
+//! An AES-GCM key may protect at most 2^24 records, so a long stream must
+//! move to new keys; in rustls that happens by itself, under kernel TLS it
+//! happens here: [`Rekey`] sends a KeyUpdate and installs the next sending key
+//! when a budget runs out, and follows each KeyUpdate of the peer.
+//!
+//! rustls computes next keys only for a `rustls::kernel::KernelConnection`,
+//! which only its unbuffered connections become; tokio-rustls drives buffered
+//! ones. So a [`SecretLog`] on the connection's config catches the two
+//! application traffic secrets during the handshake, and [`KeySchedule`]
+//! derives each next generation with the suite's own HKDF, checked at the
+//! hand-over against the keys rustls extracted.
+//!
+//! ```ignore
+//! let log = Arc::new(SecretLog::default());
+//! config.key_log = log.clone();               // a per-connection config
+//! // ... handshake, then conn.dangerous_extract_secrets() ...
+//! let keys = KeySchedule::new(&log, is_client, suite, &extracted)?;
+//! let rekey = Rekey::new(keys, Some(64 << 20), &counter);
+//! splice::splice_ktls(&plain, &sock, &to, &from, &rekey).await?;
+//! ```
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nix::sys::socket::sockopt::TlsCryptoInfo;
+use rustls::crypto::tls13::OkmBlock;
+use rustls::{ExtractedSecrets, SupportedCipherSuite, Tls13CipherSuite};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::{crypto_info, split_secrets, Cipher, ControlRecord};
+
+const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+/// Peer KeyUpdates accepted in a row without application data between them;
+/// each costs a key derivation and two syscalls, so a peer that sends only
+/// KeyUpdates is cut off (rustls applies the same bound in user space).
+pub const MAX_KEYUPDATES_IN_A_ROW: u32 = 32;
+
+/// Records one key may encrypt here before the next is installed: half of
+/// AES-GCM's 2^24 (rustls' limit), leaving room for the records counted
+/// loosely below.
+pub const RECORD_BUDGET: u64 = 1 << 23;
+
+/// The largest TLS record payload; the kernel cuts spliced bytes into records
+/// of at most this.
+const RECORD_PAYLOAD: u64 = 1 << 14;
+
+/// A rustls `KeyLog` that keeps only the two application traffic secrets of
+/// the one connection whose config carries it.
+#[derive(Default)]
+pub struct SecretLog {
+    client: Mutex<Option<Secret>>,
+    server: Mutex<Option<Secret>>,
+}
+
+impl fmt::Debug for SecretLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretLog(..)")
+    }
+}
+
+impl rustls::KeyLog for SecretLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let slot = match label {
+            CLIENT_SECRET => &self.client,
+            SERVER_SECRET => &self.server,
+            _ => return,
+        };
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Secret(secret.to_vec()));
+    }
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_SECRET || label == SERVER_SECRET
+    }
+}
+
+impl SecretLog {
+    fn take(&self, client: bool) -> Option<Secret> {
+        let slot = if client { &self.client } else { &self.server };
+        slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// A traffic secret, overwritten when dropped (best effort: copies the
+/// allocator made on growth are not reached).
+struct Secret(Vec<u8>);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(|b| *b = 0);
+    }
+}
+
+/// Both directions' current traffic secrets and how to step them.
+pub struct KeySchedule {
+    suite: &'static Tls13CipherSuite,
+    cipher: Cipher,
+    tx: Secret,
+    rx: Secret,
+}
+
+/// Generations searched at the hand-over: a peer may have updated its key
+/// while rustls still read (during the session proof).
+const MAX_GENERATIONS_AT_HANDOVER: usize = MAX_KEYUPDATES_IN_A_ROW as usize;
+
+impl KeySchedule {
+    /// The schedule of the connection whose handshake `log` watched, at the
+    /// generation of `extracted` (the keys now in the kernel). Fails unless a
+    /// derived key equals the extracted one, so a wrong derivation can never
+    /// reach the kernel.
+    pub fn new(
+        log: &SecretLog,
+        is_client: bool,
+        suite: SupportedCipherSuite,
+        extracted: &ExtractedSecrets,
+    ) -> io::Result<Self> {
+        let missing = || {
+            io::Error::other("the handshake's traffic secrets were not captured (no SecretLog on this connection)")
+        };
+        let SupportedCipherSuite::Tls13(suite) = suite else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "re-keying needs TLS 1.3",
+            ));
+        };
+        let (client, server) = (
+            log.take(true).ok_or_else(missing)?,
+            log.take(false).ok_or_else(missing)?,
+        );
+        let (tx, rx) = if is_client {
+            (client, server)
+        } else {
+            (server, client)
+        };
+        let (cipher, _, _) = split_secrets(&extracted.tx.1)?;
+        let mut s = Self {
+            suite,
+            cipher,
+            tx,
+            rx,
+        };
+        for tx_dir in [true, false] {
+            let (_, want) = if tx_dir { &extracted.tx } else { &extracted.rx };
+            let (_, want_key, want_iv) = split_secrets(want)?;
+            let mut found = false;
+            for _ in 0..MAX_GENERATIONS_AT_HANDOVER {
+                let (key, iv) = s.key_iv(if tx_dir { &s.tx } else { &s.rx });
+                if key == want_key && iv == want_iv {
+                    found = true;
+                    break;
+                }
+                let slot = if tx_dir { &mut s.tx } else { &mut s.rx };
+                *slot = next_secret(suite, slot);
+            }
+            if !found {
+                return Err(io::Error::other(
+                    "the captured traffic secret does not lead to the keys rustls extracted",
+                ));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Steps the sending secret and returns its key for the kernel.
+    pub fn next_tx(&mut self) -> TlsCryptoInfo {
+        self.tx = next_secret(self.suite, &self.tx);
+        let (key, iv) = self.key_iv(&self.tx);
+        crypto_info(self.cipher, &key, &iv, 0)
+    }
+
+    /// Steps the receiving secret and returns its key for the kernel.
+    pub fn next_rx(&mut self) -> TlsCryptoInfo {
+        self.rx = next_secret(self.suite, &self.rx);
+        let (key, iv) = self.key_iv(&self.rx);
+        crypto_info(self.cipher, &key, &iv, 0)
+    }
+
+    fn key_iv(&self, secret: &Secret) -> (Vec<u8>, [u8; 12]) {
+        let mut key = vec![0u8; self.cipher.key_len()];
+        let mut iv = [0u8; 12];
+        expand_label(self.suite, &secret.0, b"key", &mut key);
+        expand_label(self.suite, &secret.0, b"iv", &mut iv);
+        (key, iv)
+    }
+}
+
+/// application_traffic_secret_N+1 = HKDF-Expand-Label(secret_N, "traffic upd", "", Hash.length)
+fn next_secret(suite: &'static Tls13CipherSuite, secret: &Secret) -> Secret {
+    let mut out = vec![0u8; secret.0.len()];
+    expand_label(suite, &secret.0, b"traffic upd", &mut out);
+    Secret(out)
+}
+
+/// HKDF-Expand-Label(secret, label, "", out.len()) of RFC 8446 7.1.
+fn expand_label(suite: &'static Tls13CipherSuite, secret: &[u8], label: &[u8], out: &mut [u8]) {
+    let expander = suite.hkdf_provider.expander_for_okm(&OkmBlock::new(secret));
+    let len = (out.len() as u16).to_be_bytes();
+    let label_len = [(b"tls13 ".len() + label.len()) as u8];
+    // Outputs here are at most 48 bytes, far under HKDF's 255 * HashLen.
+    expander
+        .expand_slice(&[&len, &label_len, b"tls13 ", label, &[0]], out)
+        .expect("HKDF output of a key, iv or secret length");
+}
+
+/// The re-keying state of one tunnel connection in kernel TLS, shared by its
+/// two directions (they run in one task, so the lock is never contended).
+pub struct Rekey<'a> {
+    state: Mutex<State>,
+    /// Send a KeyUpdate after this many bytes (the test knob), else only at
+    /// [`RECORD_BUDGET`].
+    every_bytes: u64,
+    /// KeyUpdates this gateway started (budget or knob).
+    initiated: &'a AtomicU64,
+}
+
+struct State {
+    keys: KeySchedule,
+    /// A KeyUpdate to send before the next data: Some(ask the peer to update too).
+    due: Option<bool>,
+    bytes: u64,
+    records: u64,
+    keyupdates_in_a_row: u32,
+}
+
+impl<'a> Rekey<'a> {
+    pub fn new(keys: KeySchedule, every_bytes: Option<u64>, initiated: &'a AtomicU64) -> Self {
+        Self {
+            state: Mutex::new(State {
+                keys,
+                due: None,
+                bytes: 0,
+                records: 0,
+                keyupdates_in_a_row: 0,
+            }),
+            every_bytes: every_bytes.unwrap_or(u64::MAX),
+            initiated,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before more data goes into `sock`: when a KeyUpdate is due (the
+    /// budget ran out, or the peer asked), sends it under the current key and
+    /// switches the kernel to the next one. Nothing is lost: records already
+    /// handed to the kernel were sealed under the old key, and the kernel
+    /// closes a partly filled record before it sends the KeyUpdate.
+    pub async fn before_send(&self, sock: &TcpStream) -> io::Result<()> {
+        let Some(request) = self.lock().due else {
+            return Ok(());
+        };
+        loop {
+            sock.writable().await?;
+            match sock.try_io(Interest::WRITABLE, || super::send_key_update(sock, request)) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("sending a TLS KeyUpdate: {e}"),
+                    ))
+                }
+            }
+        }
+        let mut st = self.lock();
+        let info = st.keys.next_tx();
+        super::install_next(sock, true, &info)?;
+        st.due = None;
+        st.bytes = 0;
+        st.records = 0;
+        tracing::debug!(request, "kernel TLS: sending key updated");
+        Ok(())
+    }
+
+    /// `n` bytes went into the socket in one splice(2): at most one record
+    /// per 16 KiB plus a partly filled one.
+    pub fn sent(&self, n: usize) {
+        let mut st = self.lock();
+        st.bytes += n as u64;
+        st.records += (n as u64).div_ceil(RECORD_PAYLOAD) + 1;
+        if st.due.is_none() && (st.bytes >= self.every_bytes || st.records >= RECORD_BUDGET) {
+            st.due = Some(true);
+            self.initiated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Application data arrived: the run of bare KeyUpdates is over.
+    pub fn received_data(&self) {
+        self.lock().keyupdates_in_a_row = 0;
+    }
+
+    /// Handles the non-data record at the head of `sock` (splice refused
+    /// it): a KeyUpdate installs the peer's next key at once, since the
+    /// kernel holds every later record back until it has it. Returns the
+    /// record so the caller sees a close_notify.
+    pub fn on_control_record(&self, sock: &TcpStream) -> io::Result<ControlRecord> {
+        let record = super::read_control_record(sock)?;
+        if let ControlRecord::KeyUpdate { update_requested } = record {
+            let mut st = self.lock();
+            st.keyupdates_in_a_row += 1;
+            if st.keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
+                ));
+            }
+            let info = st.keys.next_rx();
+            super::install_next(sock, false, &info)?;
+            if update_requested && st.due.is_none() {
+                // Our answer goes out before our next data (RFC 8446 4.6.3).
+                st.due = Some(false);
+            }
+            tracing::debug!(update_requested, "kernel TLS: receiving key updated");
+        }
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A real rustls handshake over loopback with a SecretLog on each side;
+    /// returns both ends (client, server) and their logs.
+    async fn handshake() -> (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        Arc<SecretLog>,
+        Arc<SecretLog>,
+    ) {
+        // Generated once: tests run in parallel and would race writing it.
+        static ID: std::sync::OnceLock<crate::tls::Identity> = std::sync::OnceLock::new();
+        let id = ID.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("ss-ktls-rekey-{}", std::process::id()));
+            crate::tls::server_identity(None, None, &dir, "127.0.0.1".parse().unwrap())
+                .expect("identity")
+        });
+        let (clog, slog) = (
+            Arc::new(SecretLog::default()),
+            Arc::new(SecretLog::default()),
+        );
+        let mut ccfg = (*crate::tls::tunnel_client_config(None).unwrap()).clone();
+        ccfg.key_log = clog.clone();
+        let mut scfg = (*crate::tls::tunnel_server_config(id).unwrap()).clone();
+        scfg.key_log = slog.clone();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = async {
+            let (s, _) = l.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(scfg))
+                .accept(s)
+                .await
+                .unwrap()
+        };
+        let client = async {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            tokio_rustls::TlsConnector::from(Arc::new(ccfg))
+                .connect(name, s)
+                .await
+                .unwrap()
+        };
+        let (c, s) = tokio::join!(client, server);
+        (c, s, clog, slog)
+    }
+
+    fn key_of(info: &TlsCryptoInfo) -> Vec<u8> {
+        match info {
+            TlsCryptoInfo::Aes128Gcm(i) => [&i.salt[..], &i.iv[..], &i.key[..]].concat(),
+            TlsCryptoInfo::Aes256Gcm(i) => [&i.salt[..], &i.iv[..], &i.key[..]].concat(),
+            TlsCryptoInfo::Chacha20Poly1305(i) => [&i.iv[..], &i.key[..]].concat(),
+        }
+    }
+
+    fn extracted_key(s: &rustls::ConnectionTrafficSecrets) -> Vec<u8> {
+        let (_, key, iv) = split_secrets(s).unwrap();
+        [iv, key].concat()
+    }
+
+    /// The derivation must give exactly the keys rustls itself moves to
+    /// after a KeyUpdate: otherwise the kernel would decrypt garbage.
+    #[tokio::test]
+    async fn derived_next_keys_equal_the_keys_rustls_uses_after_a_key_update() {
+        let (mut c, mut s, clog, slog) = handshake().await;
+        let suite = c.get_ref().1.negotiated_cipher_suite().unwrap();
+        // Schedules at generation 0, from copies of what the logs caught.
+        let copy = |log: &SecretLog| {
+            let l = SecretLog::default();
+            *l.client.lock().unwrap() = log
+                .client
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|s| Secret(s.0.clone()));
+            *l.server.lock().unwrap() = log
+                .server
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|s| Secret(s.0.clone()));
+            l
+        };
+        let (clog0, slog0) = (copy(&clog), copy(&slog));
+
+        // The client updates its sending key (and asks the server to update
+        // too); data after it proves both sides switched.
+        c.get_mut().1.refresh_traffic_keys().unwrap();
+        c.write_all(b"after").await.unwrap();
+        c.flush().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"reply").await.unwrap();
+        s.flush().await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"reply");
+
+        let (_, cconn) = c.into_inner();
+        let cx = cconn.dangerous_extract_secrets().unwrap();
+        let (_, sconn) = s.into_inner();
+        let sx = sconn.dangerous_extract_secrets().unwrap();
+        // The extracted keys are one generation on; the schedule finds them.
+        let mut cks = KeySchedule::new(&clog, true, suite, &cx).expect("client schedule");
+        let mut sks = KeySchedule::new(&slog, false, suite, &sx).expect("server schedule");
+        // From generation 0, one step lands on what rustls uses now.
+        let cipher = split_secrets(&cx.tx.1).unwrap().0;
+        let (mut c0, mut s0) = (
+            copy_schedule(&clog0, true, suite, cipher),
+            copy_schedule(&slog0, false, suite, cipher),
+        );
+        assert_eq!(key_of(&c0.next_tx()), extracted_key(&cx.tx.1));
+        assert_eq!(key_of(&s0.next_rx()), extracted_key(&sx.rx.1));
+        assert_eq!(key_of(&s0.next_tx()), extracted_key(&sx.tx.1));
+        assert_eq!(key_of(&c0.next_rx()), extracted_key(&cx.rx.1));
+        // And both schedules agree on every later generation.
+        for _ in 0..3 {
+            assert_eq!(key_of(&cks.next_tx()), key_of(&sks.next_rx()));
+            assert_eq!(key_of(&sks.next_tx()), key_of(&cks.next_rx()));
+        }
+    }
+
+    /// A schedule at generation 0 straight from a log (no extracted keys to
+    /// check against).
+    fn copy_schedule(
+        log: &SecretLog,
+        is_client: bool,
+        suite: SupportedCipherSuite,
+        cipher: Cipher,
+    ) -> KeySchedule {
+        let SupportedCipherSuite::Tls13(suite) = suite else {
+            panic!("TLS 1.3")
+        };
+        let (client, server) = (log.take(true).unwrap(), log.take(false).unwrap());
+        let (tx, rx) = if is_client {
+            (client, server)
+        } else {
+            (server, client)
+        };
+        KeySchedule {
+            suite,
+            cipher,
+            tx,
+            rx,
+        }
+    }
+
+    /// A schedule from a real handshake, for the budget tests.
+    async fn schedule() -> KeySchedule {
+        let (c, _s, clog, _slog) = handshake().await;
+        let suite = c.get_ref().1.negotiated_cipher_suite().unwrap();
+        let (_, conn) = c.into_inner();
+        KeySchedule::new(
+            &clog,
+            true,
+            suite,
+            &conn.dangerous_extract_secrets().unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_key_update_falls_due_after_the_knobs_bytes_and_only_once() {
+        let counter = AtomicU64::new(0);
+        let r = Rekey::new(schedule().await, Some(1000), &counter);
+        r.sent(600);
+        assert_eq!(r.lock().due, None);
+        r.sent(600);
+        assert_eq!(
+            r.lock().due,
+            Some(true),
+            "due, asking the peer to update too"
+        );
+        r.sent(5000);
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            1,
+            "one update pending, not one per splice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_update_falls_due_before_the_record_budget_without_the_knob() {
+        let counter = AtomicU64::new(0);
+        let r = Rekey::new(schedule().await, None, &counter);
+        // Full records: one splice of (budget - 2) records counts budget - 1.
+        r.sent(((RECORD_BUDGET - 2) * RECORD_PAYLOAD) as usize);
+        assert_eq!(r.lock().due, None);
+        // A splice of one byte counts as up to two records (a full and a partial one).
+        r.sent(1);
+        assert_eq!(r.lock().due, Some(true));
+        assert!(RECORD_BUDGET < 1 << 24, "below AES-GCM's limit");
+    }
+
+    #[tokio::test]
+    async fn a_schedule_without_captured_secrets_is_refused() {
+        let (c, _s, _clog, _slog) = handshake().await;
+        let suite = c.get_ref().1.negotiated_cipher_suite().unwrap();
+        let (_, conn) = c.into_inner();
+        let x = conn.dangerous_extract_secrets().unwrap();
+        let e = KeySchedule::new(&SecretLog::default(), true, suite, &x)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("not captured"), "{e}");
+    }
+}
