@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     rekey_mib: u64,
     /// MiB each way for the kernel TLS vs rustls comparison on kernels that re-key; 0: none.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     compare_mib: u64,
     /// Give up on a VM after this many seconds (TCG emulation is slow).
     #[arg(long, default_value_t = 900)]
