@@ -1,8 +1,12 @@
 //! The test `cargo xtask vm-test` runs inside a VM (static musl build, started
 //! by the initramfs' /init). It runs a whole `tls`-backend session through two
-//! in-process s2cs gateways on loopback (127.0.0.1 outbound, 127.0.0.2
-//! inbound, producer on 127.0.0.3), streams data both ways with SHA-256
-//! checked, and reads /proc/net/tls_stat to prove where the tunnel ran:
+//! in-process s2cs gateways, streams data both ways with SHA-256 checked, and
+//! reads /proc/net/tls_stat to prove where the tunnel ran. With `--netns` the
+//! inbound gateway and the producer live in their own network namespace
+//! (a thread that unshared it, so one process holds both sides), joined to
+//! the consumer's and outbound gateway's by a veth pair (10.99.0.1 |
+//! 10.99.0.2); without it all four share loopback (127.0.0.1 outbound,
+//! 127.0.0.2 inbound, producer on 127.0.0.3).
 //!
 //! - `--expect kernel`: kernel TLS sessions in use on both gateways during the
 //!   stream; with `SCISTREAM_REKEY_BYTES` set, the kernel's re-key counters
@@ -23,7 +27,6 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -51,9 +54,170 @@ struct Args {
     /// Internal: time one exchange (`direct` or `tunnel`) and print a MEASURE line.
     #[arg(long)]
     measure: Option<String>,
+    /// Inbound side in its own network namespace behind a veth (root; busybox `ip`).
+    #[arg(long)]
+    netns: bool,
 }
 
-const PRODUCER: &str = "127.0.0.3:7000";
+/// Where the four parties listen; `ns` runs the inbound side's sockets.
+struct Net {
+    out_ip: &'static str,
+    in_ip: &'static str,
+    producer: SocketAddr,
+    ns: Option<InboundNs>,
+}
+
+impl Net {
+    fn new(netns: bool) -> Result<Self> {
+        if !netns {
+            return Ok(Self {
+                out_ip: "127.0.0.1",
+                in_ip: "127.0.0.2",
+                producer: "127.0.0.3:7000".parse()?,
+                ns: None,
+            });
+        }
+        let ns = InboundNs::create()?;
+        Ok(Self {
+            out_ip: "10.99.0.1",
+            in_ip: "10.99.0.2",
+            producer: "10.99.0.2:7000".parse()?,
+            ns: Some(ns),
+        })
+    }
+
+    /// The producer's listener, created on the inbound side.
+    async fn producer_listener(&self) -> Result<TcpListener> {
+        let addr = self.producer;
+        let bind = move || -> std::io::Result<StdListener> {
+            let l = StdListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let l = match &self.ns {
+            Some(ns) => ns.handle.spawn(async move { bind() }).await??,
+            None => bind()?,
+        };
+        TcpListener::from_std(l).context("producer listener")
+    }
+}
+
+/// A network namespace of its own for the inbound side: a thread unshares
+/// it and runs a tokio runtime there, whose threads (started from it) share
+/// it, so every socket its tasks open lives there.
+struct InboundNs {
+    /// The thread that unshared the namespace: /proc/self/task/<tid>/net is its view.
+    tid: i32,
+    handle: tokio::runtime::Handle,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    host_if: String,
+}
+
+impl InboundNs {
+    fn create() -> Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let made = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    Ok(tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?)
+                });
+            match made {
+                Ok(rt) => {
+                    let _ =
+                        ready_tx.send(Ok((rt.handle().clone(), nix::unistd::gettid().as_raw())));
+                    let _ = stop_rx.recv();
+                    rt.shutdown_timeout(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        let (handle, tid) = ready_rx.recv().context("namespace thread")??;
+        // Unique per process: measurement children build their own.
+        let host_if = format!("ss{}", std::process::id());
+        let ns = Self {
+            tid,
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+            host_if,
+        };
+        ip(&["link", "add", &ns.host_if, "type", "veth"])?;
+        // busybox names the peer itself: find it through the host end's iflink.
+        let peer = veth_peer(&ns.host_if)?;
+        ip(&["link", "set", &peer, "netns", &tid.to_string()])?;
+        ip(&["addr", "add", "10.99.0.1/24", "dev", &ns.host_if])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        let t = tid.to_string();
+        for args in [
+            vec!["addr", "add", "10.99.0.2/24", "dev", peer.as_str()],
+            vec!["link", "set", peer.as_str(), "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["nsenter", "-t", t.as_str(), "-n", "/bin/busybox", "ip"];
+            full.extend(args);
+            busybox(&full)?;
+        }
+        println!("network namespaces: consumer + outbound gateway 10.99.0.1 ({}) <-veth-> inbound gateway + producer 10.99.0.2 ({peer})", ns.host_if);
+        Ok(ns)
+    }
+}
+
+impl Drop for InboundNs {
+    fn drop(&mut self) {
+        // Deleting one end removes the pair now, not when the namespace is reaped.
+        let _ = ip(&["link", "del", &self.host_if]);
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn busybox(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("/bin/busybox")
+        .args(args)
+        .output()
+        .context("running busybox")?;
+    ensure!(
+        out.status.success(),
+        "busybox {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let mut full = vec!["ip"];
+    full.extend_from_slice(args);
+    busybox(&full)
+}
+
+/// The name of the other end of veth `dev` (same namespace, just created).
+fn veth_peer(dev: &str) -> Result<String> {
+    let read = |p: String| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let iflink = read(format!("/sys/class/net/{dev}/iflink"))?;
+    for e in std::fs::read_dir("/sys/class/net")? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name != dev
+            && read(format!("/sys/class/net/{name}/ifindex"))
+                .ok()
+                .as_deref()
+                == Some(iflink.as_str())
+        {
+            return Ok(name);
+        }
+    }
+    bail!("no peer of veth {dev}")
+}
 const CHUNK: usize = 256 * 1024;
 /// KeyUpdates the flooding peer sends (the gateway allows 32 in a row).
 const FLOOD: usize = 200;
@@ -75,7 +239,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Some(what) = &args.measure {
-        match rt.block_on(measure(what, args.size_mib << 20)) {
+        match rt.block_on(measure(what, args.size_mib << 20, args.netns)) {
             Ok((secs, cpu)) => println!("MEASURE {secs:.3} {cpu:.3}"),
             Err(e) => println!("MEASURE-FAIL {e:#}"),
         }
@@ -129,7 +293,10 @@ async fn run(args: &Args) -> Result<()> {
     }
 
     let size = args.size_mib << 20;
-    let report = with_gateways(|| session(size)).await?;
+    let net = Net::new(args.netns)?;
+    let report = with_gateways(&net, || session(&net, size)).await?;
+    // The comparison's children build their own namespaces.
+    drop(net);
     let d = |name: &str| report.after.get(name) - report.before.get(name);
     println!(
         "streamed {} MiB each way in {:.1} s ({:.2} MB/s per direction), SHA-256 equal both ways",
@@ -213,18 +380,19 @@ async fn run(args: &Args) -> Result<()> {
     }
 
     if args.compare_mib > 0 {
-        compare(args.compare_mib, &tier).await?;
+        compare(args.compare_mib, &tier, args.netns).await?;
     }
     Ok(())
 }
 
 /// Times the same exchange over plain loopback, through kernel TLS and
 /// through rustls, each in a fresh child process (so CPU time is its own).
-async fn compare(mib: u64, tier: &Tier) -> Result<()> {
-    let direct = child("direct", mib, None)?;
-    let rustls = child("tunnel", mib, Some("off"))?;
+async fn compare(mib: u64, tier: &Tier, netns: bool) -> Result<()> {
+    let child = |what, mode| child(what, mib, mode, netns);
+    let direct = child("direct", None)?;
+    let rustls = child("tunnel", Some("off"))?;
     let kernel = if matches!(tier, Tier::Kernel { .. }) {
-        Some(child("tunnel", mib, Some("on"))?)
+        Some(child("tunnel", Some("on"))?)
     } else {
         None
     };
@@ -246,7 +414,7 @@ async fn compare(mib: u64, tier: &Tier) -> Result<()> {
         "on this machine (compare within this run only)"
     };
     println!("performance {place}, {mib} MiB each way:");
-    row("plain loopback", direct);
+    row("no gateway", direct);
     row("rustls", rustls);
     if let Some(k) = kernel {
         row("kernel TLS + splice", k);
@@ -261,10 +429,11 @@ async fn compare(mib: u64, tier: &Tier) -> Result<()> {
 }
 
 /// One measurement in a child process: (seconds, CPU seconds).
-fn child(what: &str, mib: u64, ktls_mode: Option<&str>) -> Result<(f64, f64)> {
+fn child(what: &str, mib: u64, ktls_mode: Option<&str>, netns: bool) -> Result<(f64, f64)> {
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--measure", what, "--size-mib", &mib.to_string()])
+        .args(netns.then_some("--netns"))
         .env_remove(REKEY_VAR);
     if let Some(m) = ktls_mode {
         cmd.env(ktls::MODE_VAR, m);
@@ -285,19 +454,18 @@ fn child(what: &str, mib: u64, ktls_mode: Option<&str>) -> Result<(f64, f64)> {
     }
 }
 
-async fn measure(what: &str, size: u64) -> Result<(f64, f64)> {
+async fn measure(what: &str, size: u64, netns: bool) -> Result<(f64, f64)> {
+    let net = Net::new(netns)?;
     match what {
         "direct" => {
-            let producer = TcpListener::bind(PRODUCER).await?;
-            let (secs, cpu) = timed_exchange(&producer, PRODUCER.parse()?, size).await?;
+            let producer = net.producer_listener().await?;
+            let (secs, cpu) = timed_exchange(&producer, net.producer, size).await?;
             Ok((secs, cpu))
         }
         "tunnel" => {
-            with_gateways(|| async move {
-                let producer = TcpListener::bind(PRODUCER)
-                    .await
-                    .context("producer listener")?;
-                let s = Session::open(&uuid::Uuid::new_v4().to_string()).await?;
+            with_gateways(&net, || async {
+                let producer = net.producer_listener().await?;
+                let s = Session::open(&net, &uuid::Uuid::new_v4().to_string()).await?;
                 let (secs, cpu) = timed_exchange(&producer, s.consumer_addr, size).await?;
                 s.release().await?;
                 Ok((secs, cpu))
@@ -323,16 +491,29 @@ fn cpu_secs() -> f64 {
 struct TlsStat(Vec<(String, u64)>);
 
 impl TlsStat {
-    fn read() -> Self {
-        let text = std::fs::read_to_string("/proc/net/tls_stat").unwrap_or_default();
-        Self(
-            text.lines()
-                .filter_map(|l| {
-                    let mut it = l.split_whitespace();
-                    Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-                })
-                .collect(),
-        )
+    /// The counters of every namespace of `net`, summed: tls_stat is per
+    /// network namespace, and each holds one end of the tunnel.
+    fn read(net: &Net) -> Self {
+        let mut paths = vec!["/proc/self/net/tls_stat".to_string()];
+        if let Some(ns) = &net.ns {
+            paths.push(format!("/proc/self/task/{}/net/tls_stat", ns.tid));
+        }
+        let mut sum: Vec<(String, u64)> = Vec::new();
+        for p in paths {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            for l in text.lines() {
+                let mut it = l.split_whitespace();
+                let (Some(name), Some(Ok(v))) = (it.next(), it.next().map(str::parse::<u64>))
+                else {
+                    continue;
+                };
+                match sum.iter_mut().find(|(n, _)| n == name) {
+                    Some(e) => e.1 += v,
+                    None => sum.push((name.to_string(), v)),
+                }
+            }
+        }
+        Self(sum)
     }
     fn get(&self, name: &str) -> u64 {
         self.0
@@ -376,25 +557,30 @@ fn gateway(ip: &str, state: &str) -> ServerArgs {
 }
 
 /// Runs `body` with the two gateways up, then stops them.
-async fn with_gateways<T, F, Fut>(body: F) -> Result<T>
+async fn with_gateways<T, F, Fut>(net: &Net, body: F) -> Result<T>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (ip, state) in [
-        ("127.0.0.1", "/tmp/s2cs-out"),
-        ("127.0.0.2", "/tmp/s2cs-in"),
+    for (ip, state, inbound) in [
+        (net.out_ip, "/tmp/s2cs-out", false),
+        (net.in_ip, "/tmp/s2cs-in", true),
     ] {
         let mut rx = stop_rx.clone();
         let args = gateway(ip, state);
-        servers.push(tokio::spawn(async move {
+        let server = async move {
             scistream_ctl::control::server::run(args, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
-        }));
+        };
+        // The inbound gateway opens its sockets in the inbound namespace.
+        servers.push(match (&net.ns, inbound) {
+            (Some(ns), true) => ns.handle.spawn(server),
+            _ => tokio::spawn(server),
+        });
     }
     let result = tokio::time::timeout(Duration::from_secs(3600), body()).await;
     let _ = stop_tx.send(true);
@@ -426,15 +612,16 @@ struct Session {
 }
 
 impl Session {
-    async fn open(uid: &str) -> Result<Self> {
-        let inbound = open("127.0.0.2:5000").await?;
+    async fn open(net: &Net, uid: &str) -> Result<Self> {
+        let producer = net.producer;
+        let inbound = open(&format!("{}:5000", net.in_ip)).await?;
         let resp = inbound
-            .req_with_hello(uid, "PROD", 1, 0, &[PRODUCER.to_string()], "PROD")
+            .req_with_hello(uid, "PROD", 1, 0, &[producer.to_string()], "PROD")
             .await?;
         inbound.update(uid, &resp.prod_listeners, "PROD").await?;
         // What s2uc prints as the inbound gateway's `listeners`: the tunnel's far end.
         let tunnels = resp.listeners;
-        let outbound = open("127.0.0.1:5000").await?;
+        let outbound = open(&format!("{}:5000", net.out_ip)).await?;
         let resp = outbound
             .req_with_hello(uid, "CONS", 1, 0, &[], "CONS")
             .await?;
@@ -445,7 +632,7 @@ impl Session {
             .context("no outbound listener")?
             .parse()?;
         let tunnel = tunnels.first().context("no inbound listener")?.parse()?;
-        println!("session {uid}: consumer -> {consumer_addr} -> {tunnel} -> {PRODUCER}");
+        println!("session {uid}: consumer -> {consumer_addr} -> {tunnel} -> {producer}");
         Ok(Self {
             uid: uid.to_string(),
             inbound,
@@ -480,33 +667,31 @@ struct Flood {
 }
 
 /// The checked stream, then the KeyUpdate flood against the same session.
-async fn session(size: u64) -> Result<Report> {
-    let producer = TcpListener::bind(PRODUCER)
-        .await
-        .context("producer listener")?;
-    let s = Session::open(&uuid::Uuid::new_v4().to_string()).await?;
-    let before = TlsStat::read();
+async fn session(net: &Net, size: u64) -> Result<Report> {
+    let producer = net.producer_listener().await?;
+    let s = Session::open(net, &uuid::Uuid::new_v4().to_string()).await?;
+    let before = TlsStat::read(net);
     // Samples the kernel's live session counts while the data flows.
-    let streaming = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let streaming = streaming.clone();
-        tokio::spawn(async move {
-            let (mut tx, mut rx) = (0, 0);
-            while streaming.load(Ordering::Relaxed) {
-                let st = TlsStat::read();
-                tx = tx.max(st.get("TlsCurrTxSw"));
-                rx = rx.max(st.get("TlsCurrRxSw"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            (tx, rx)
-        })
+    let streaming = AtomicBool::new(true);
+    let sampler = async {
+        let (mut tx, mut rx) = (0, 0);
+        while streaming.load(Ordering::Relaxed) {
+            let st = TlsStat::read(net);
+            tx = tx.max(st.get("TlsCurrTxSw"));
+            rx = rx.max(st.get("TlsCurrRxSw"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        (tx, rx)
     };
-    let result = timed_exchange(&producer, s.consumer_addr, size).await;
-    streaming.store(false, Ordering::Relaxed);
-    let (max_curr_tx, max_curr_rx) = sampler.await?;
+    let exchange = async {
+        let r = timed_exchange(&producer, s.consumer_addr, size).await;
+        streaming.store(false, Ordering::Relaxed);
+        r
+    };
+    let (result, (max_curr_tx, max_curr_rx)) = tokio::join!(exchange, sampler);
     let (secs, _) = result?;
-    let after = TlsStat::read();
-    let flood = keyupdate_flood(&s, &producer).await?;
+    let after = TlsStat::read(net);
+    let flood = keyupdate_flood(net, &s, &producer).await?;
     s.release().await?;
     Ok(Report {
         secs,
@@ -520,7 +705,7 @@ async fn session(size: u64) -> Result<Report> {
 
 /// A peer that knows the session secret (so passes the proof) and then sends
 /// only KeyUpdates, each asking the gateway to update too.
-async fn keyupdate_flood(s: &Session, producer: &TcpListener) -> Result<Flood> {
+async fn keyupdate_flood(net: &Net, s: &Session, producer: &TcpListener) -> Result<Flood> {
     let failed_before = s.inbound.status(&s.uid).await?.connections_failed;
     let start = Instant::now();
     let flooder = async {
@@ -538,12 +723,10 @@ async fn keyupdate_flood(s: &Session, producer: &TcpListener) -> Result<Flood> {
         }
         // The gateway must hang up: EOF or an error, never data.
         let mut buf = [0u8; 1024];
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await {
-                Err(_) => bail!("the gateway kept a KeyUpdate flooder connected for 30 s"),
-                Ok(Ok(0)) | Ok(Err(_)) => return anyhow::Ok(()),
-                Ok(Ok(_)) => bail!("the gateway sent data to a KeyUpdate flooder"),
-            }
+        match tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await {
+            Err(_) => bail!("the gateway kept a KeyUpdate flooder connected for 30 s"),
+            Ok(Ok(0)) | Ok(Err(_)) => anyhow::Ok(()),
+            Ok(Ok(_)) => bail!("the gateway sent data to a KeyUpdate flooder"),
         }
     };
     // The inbound gateway connects to the producer once the proof passed.
@@ -578,7 +761,7 @@ async fn keyupdate_flood(s: &Session, producer: &TcpListener) -> Result<Flood> {
         producer_bytes: producer_bytes?,
         failed_before,
         failed_after,
-        after: TlsStat::read(),
+        after: TlsStat::read(net),
     })
 }
 

@@ -133,7 +133,7 @@ fn test_command(args: &Args, suite: vm_kernel::Suite) -> String {
     }
     let compare = if rekeys { args.compare_mib } else { 0 };
     let size = if rekeys { args.size_mib } else { args.fallback_mib };
-    format!("{env} /bin/vm_ktls --expect {expect} --size-mib {size} --compare-mib {compare}")
+    format!("{env} /bin/vm_ktls --netns --expect {expect} --size-mib {size} --compare-mib {compare}")
 }
 
 /// A gzip'ed `newc` cpio with /init, busybox, the modules and the test.

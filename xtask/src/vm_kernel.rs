@@ -43,10 +43,11 @@ pub struct Kernel {
 /// Modules to load, in dependency order (there is no modprobe in the VM).
 /// Kernel TLS asks the crypto API for "gcm(aes)", which the cloud kernels
 /// build as modules (gcm, ctr, ghash, gf128mul; AES-NI for speed); without
-/// them setting TLS_TX fails with ENOENT. Names missing from a kernel's
-/// modules.order are built in there (or absent) and skipped; `tls` is required.
+/// them setting TLS_TX fails with ENOENT. `veth` joins the test's network
+/// namespaces. Names missing from a kernel's modules are built in there (or
+/// absent) and skipped; `tls` is required.
 const MODULES: &[&str] =
-    &["gf128mul", "ghash-generic", "ctr", "gcm", "libaes", "cryptd", "crypto_simd", "aesni-intel", "tls"];
+    &["gf128mul", "ghash-generic", "ctr", "gcm", "libaes", "cryptd", "crypto_simd", "aesni-intel", "tls", "veth"];
 
 /// Sid's lists are refreshed when older than this.
 const LIST_MAX_AGE: Duration = Duration::from_secs(24 * 3600);

@@ -166,10 +166,9 @@ fn info_of(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<TlsCrypto
 pub fn install<S: AsFd>(sock: &S, secrets: &ExtractedSecrets) -> io::Result<()> {
     let (tx_seq, tx) = &secrets.tx;
     let (rx_seq, rx) = &secrets.rx;
-    let (tx_seq, rx_seq) = (*tx_seq, *rx_seq);
     setsockopt(sock, TcpUlp::default(), b"tls")?;
-    setsockopt(sock, TcpTlsTx, &info_of(tx_seq, &tx)?)?;
-    setsockopt(sock, TcpTlsRx, &info_of(rx_seq, &rx)?)?;
+    setsockopt(sock, TcpTlsTx, &info_of(*tx_seq, tx)?)?;
+    setsockopt(sock, TcpTlsRx, &info_of(*rx_seq, rx)?)?;
     Ok(())
 }
 
