@@ -7,6 +7,7 @@ mod bench_peers;
 mod bench_report;
 mod bins;
 mod demo;
+mod fuzz;
 mod gateways;
 mod privilege;
 mod setup;
@@ -61,6 +62,9 @@ enum Command {
     /// and sid cloud kernels: a static test binary streams a whole `tls` session
     /// inside each VM and checks /proc/net/tls_stat (the host has no kernel TLS).
     VmTest(vm::Args),
+    /// Run every fuzz target in fuzz/ (cargo-fuzz, nightly) for a bounded
+    /// time; `test` does so for 20 s each under CI=true.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::main(&args),
         Command::Bench(args) => bench::main(&args),
         Command::VmTest(args) => vm::main(&args),
+        Command::Fuzz(args) => fuzz::main(&args),
     };
     match result {
         Ok(code) => code,
@@ -113,6 +118,9 @@ fn run(release: bool, s2cs_args: &[String]) -> Result<ExitCode> {
 fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
     setup::ensure(TEST_PACKAGES)?;
     let dir = bins::build(false)?;
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        fuzz::run(fuzz::CI_SECONDS, &[])?;
+    }
     let mut cmd = bins::cargo();
     cmd.arg("test");
     // `--workspace` would override a `-p` the user gave to narrow the run.

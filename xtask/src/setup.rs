@@ -21,7 +21,27 @@ pub fn ensure(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// What `cargo xtask fuzz` needs: nightly and cargo-fuzz (built once from
+/// crates.io into cargo's bin directory, about 2 minutes).
+pub fn ensure_fuzzing() -> Result<()> {
+    ensure_nightly_rust_src()?;
+    add_cargo_bin_to_path();
+    if in_path("cargo-fuzz") {
+        return Ok(());
+    }
+    println!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 2 minutes, once)...");
+    run(Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION])
+        // Its own temporary target dir: nothing of it belongs in the shared cache.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR"))
+    .context("installing cargo-fuzz")
+}
+
+/// cargo-fuzz version `cargo xtask fuzz` was written against.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .stderr(Stdio::inherit())

@@ -23,6 +23,16 @@ use crate::{dataplane, tls};
 /// pending requests starve the hellos that complete them.
 const MAX_CONCURRENT_STREAMS: u32 = 65_536;
 
+/// Largest request message accepted. The biggest legitimate one, a hello or
+/// update naming MAX_NUM_CONN (128) `[ipv6]:port` listeners, is under 7 KiB;
+/// tonic's default of 4 MiB would let every stream buffer 600 times that.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Time a client has to complete the control channel's TLS handshake. Without
+/// it (tonic has none by default) a connection that never speaks holds its
+/// socket and a task for ever.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves until `shutdown` resolves, then releases every session.
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let auth = match AuthConfig::from_args(&args).context("authentication")? {
@@ -60,7 +70,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     if args.ssl {
         let id = TonicIdentity::from_pem(&identity.cert_pem, &identity.key_pem);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(id)).context("control channel TLS")?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(id).timeout(HANDSHAKE_TIMEOUT)).context("control channel TLS")?;
     } else {
         tracing::warn!("--ssl false: the control channel is NOT encrypted");
     }
@@ -97,7 +107,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     };
     let reg = registry.clone();
     builder
-        .add_service(ControlServer::new(ControlService::new(registry.clone(), auth)))
+        .add_service(OversizeIsResourceExhausted(
+            ControlServer::new(ControlService::new(registry.clone(), auth)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("control server")?;
@@ -136,4 +148,47 @@ fn tokio_stream_from(
         });
         Some((r, l))
     })
+}
+
+/// tonic refuses a request over [`MAX_MESSAGE_BYTES`] with OUT_OF_RANGE, but
+/// gRPC's status table (and grpc-go, grpc-java, Python's grpcio) says
+/// RESOURCE_EXHAUSTED for a message over the limit; this rewrites that answer.
+#[derive(Clone)]
+struct OversizeIsResourceExhausted<S>(S);
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for OversizeIsResourceExhausted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for OversizeIsResourceExhausted<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>, Response = HttpResponse>,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(HttpResponse) -> HttpResponse>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.0.call(req).map_ok(oversize_to_resource_exhausted as fn(HttpResponse) -> HttpResponse)
+    }
+}
+
+fn oversize_to_resource_exhausted(resp: HttpResponse) -> HttpResponse {
+    match tonic::Status::from_header_map(resp.headers()) {
+        Some(s) if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") => {
+            tonic::Status::resource_exhausted(format!(
+                "request message larger than the {MAX_MESSAGE_BYTES} bytes s2cs accepts ({})",
+                s.message()
+            ))
+            .into_http()
+        }
+        _ => resp,
+    }
 }
