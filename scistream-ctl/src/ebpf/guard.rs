@@ -16,7 +16,7 @@
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{xdp::XdpLinkId, XdpMode},
     Ebpf,
 };
 use scistream_common::guard::{self as layout, Counters, DropReason, GuardConfig};
@@ -87,7 +87,7 @@ impl Guard {
     /// [`set_port_range`](Self::set_port_range).
     pub fn load() -> Result<Self, EbpfError> {
         let (mut ebpf, possible_cpus) = super::load_object(OBJECT_BYTES, OBJECT)?;
-        program_mut(&mut ebpf)?.load().map_err(program_error)?;
+        super::load_xdp(&mut ebpf, OBJECT, layout::PROGRAM)?;
         Ok(Self {
             config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
             allowed: take_map(&mut ebpf, layout::ALLOWED_MAP)?,
@@ -101,14 +101,7 @@ impl Guard {
 
     /// Attaches to `iface`; may be called for several interfaces.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
-        let link = program_mut(&mut self.ebpf)?
-            .attach(iface, mode.into())
-            .map_err(|source| EbpfError::Attach {
-                program: layout::PROGRAM,
-                iface: iface.to_owned(),
-                mode,
-                source,
-            })?;
+        let link = super::attach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, iface, mode)?;
         self.attached.push((iface.to_owned(), link));
         Ok(())
     }
@@ -123,9 +116,7 @@ impl Guard {
                 iface: iface.to_owned(),
             })?;
         let (_, link) = self.attached.swap_remove(position);
-        program_mut(&mut self.ebpf)?
-            .detach(link)
-            .map_err(program_error)
+        super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link)
     }
 
     /// Guards destination ports `lo..=hi`; `0, 0` disables the guard.
@@ -237,25 +228,14 @@ impl Guard {
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration, EbpfError> {
-        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..TestRunOptions::new()
-        };
-        Ok(program.test_run(options).map_err(program_error)?.duration)
+        Ok(super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, repeat)?.duration)
     }
 
     /// Runs the program once on `frame` inside the kernel (BPF_PROG_TEST_RUN),
     /// with no interface involved; maps and counters change as for a received
     /// frame. For tests and start-up self checks.
     pub fn run_on_frame(&self, frame: &[u8]) -> Result<Verdict, EbpfError> {
-        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            ..TestRunOptions::new()
-        };
-        let result = program.test_run(options).map_err(program_error)?;
+        let result = super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, 1)?;
         Ok(match result.return_value {
             XDP_PASS => Verdict::Pass,
             XDP_DROP => Verdict::Drop,
@@ -264,22 +244,11 @@ impl Guard {
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
-    super::xdp_program_mut(ebpf, OBJECT, layout::PROGRAM)
-}
-
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
     M: TryFrom<Map, Error = MapError>,
 {
     super::take_map(ebpf, OBJECT, name)
-}
-
-fn program_error(source: aya::programs::ProgramError) -> EbpfError {
-    EbpfError::Program {
-        program: layout::PROGRAM,
-        source,
-    }
 }
 
 fn ephemeral_port_range() -> Option<(u16, u16)> {

@@ -16,7 +16,7 @@ pub use scistream_common::guard::{Counters, DropReason};
 
 use aya::{
     maps::MapError,
-    programs::{ProgramError, Xdp},
+    programs::{xdp::XdpLinkId, ProgramError, Xdp},
     Ebpf,
 };
 
@@ -129,6 +129,49 @@ fn xdp_program_mut<'a>(
     let missing = EbpfError::Missing { object, kind: "program", name };
     let program = ebpf.program_mut(name).ok_or(missing)?;
     program.try_into().map_err(|source| EbpfError::Program { program: name, source })
+}
+
+fn xdp_error(name: &'static str) -> impl Fn(ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { program: name, source }
+}
+
+/// Loads XDP program `name` of a parsed object into the kernel.
+fn load_xdp(ebpf: &mut Ebpf, object: &'static str, name: &'static str) -> Result<(), EbpfError> {
+    xdp_program_mut(ebpf, object, name)?.load().map_err(xdp_error(name))
+}
+
+/// Attaches XDP program `name` to `iface`; the link lives until detached or
+/// until the object is dropped.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    object: &'static str,
+    name: &'static str,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<XdpLinkId, EbpfError> {
+    xdp_program_mut(ebpf, object, name)?
+        .attach(iface, mode.into())
+        .map_err(|source| EbpfError::Attach { program: name, iface: iface.to_owned(), mode, source })
+}
+
+fn detach_xdp(ebpf: &mut Ebpf, object: &'static str, name: &'static str, link: XdpLinkId) -> Result<(), EbpfError> {
+    xdp_program_mut(ebpf, object, name)?.detach(link).map_err(xdp_error(name))
+}
+
+/// Runs XDP program `name` `repeat` times on `frame` inside the kernel
+/// (BPF_PROG_TEST_RUN), with no interface involved; maps and counters change
+/// as for a received frame. `data_out` receives the frame as the program left it.
+fn xdp_test_run(
+    ebpf: &Ebpf,
+    object: &'static str,
+    name: &'static str,
+    frame: &[u8],
+    data_out: Option<&mut [u8]>,
+    repeat: u32,
+) -> Result<aya::programs::TestRunResult, EbpfError> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let options = TestRunOptions { data_in: Some(frame), data_out, repeat, ..TestRunOptions::new() };
+    xdp_program(ebpf, object, name)?.test_run(options).map_err(xdp_error(name))
 }
 
 /// Takes map `name` out of `ebpf`, typed, so a loader can hold it with no borrow.

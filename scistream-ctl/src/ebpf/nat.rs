@@ -22,7 +22,7 @@ use aya::{
     maps::{
         Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
-    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp},
+    programs::xdp::XdpLinkId,
     Ebpf,
 };
 use scistream_common::guard::Counters;
@@ -82,7 +82,7 @@ impl Nat {
     /// until [`set_ranges`](Self::set_ranges).
     pub fn load() -> Result<Self, EbpfError> {
         let (mut ebpf, possible_cpus) = super::load_object(OBJECT_BYTES, OBJECT)?;
-        program_mut(&mut ebpf)?.load().map_err(program_error)?;
+        super::load_xdp(&mut ebpf, OBJECT, layout::PROGRAM)?;
         Ok(Self {
             config: take_map(&mut ebpf, OBJECT, layout::CONFIG_MAP)?,
             services: take_map(&mut ebpf, OBJECT, layout::SERVICES_MAP)?,
@@ -131,14 +131,7 @@ impl Nat {
             mode,
             source: aya::programs::ProgramError::IOError(e.into()),
         })?;
-        let link = program_mut(&mut self.ebpf)?
-            .attach(iface, mode.into())
-            .map_err(|source| EbpfError::Attach {
-                program: layout::PROGRAM,
-                iface: iface.to_owned(),
-                mode,
-                source,
-            })?;
+        let link = super::attach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, iface, mode)?;
         self.attached.push((iface.to_owned(), link));
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
@@ -154,9 +147,7 @@ impl Nat {
             if let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str()) {
                 let _ = self.tx_ports.remove(ifindex);
             }
-            program_mut(&mut self.ebpf)?
-                .detach(link)
-                .map_err(program_error)?;
+            super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link)?;
         }
         Ok(())
     }
@@ -301,14 +292,7 @@ impl Nat {
         data_out: Option<&mut [u8]>,
         repeat: u32,
     ) -> Result<aya::programs::TestRunResult, EbpfError> {
-        let program = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?;
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            data_out,
-            repeat,
-            ..TestRunOptions::new()
-        };
-        program.test_run(options).map_err(program_error)
+        super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, data_out, repeat)
     }
 }
 
@@ -318,16 +302,5 @@ fn action(code: u32) -> Action {
         XDP_DROP => Action::Drop,
         XDP_TX | XDP_REDIRECT => Action::Forward,
         other => Action::Other(other),
-    }
-}
-
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
-    super::xdp_program_mut(ebpf, OBJECT, layout::PROGRAM)
-}
-
-fn program_error(source: aya::programs::ProgramError) -> EbpfError {
-    EbpfError::Program {
-        program: layout::PROGRAM,
-        source,
     }
 }
