@@ -365,13 +365,7 @@ fn reset_peak_rss(pid: u32) -> Result<()> {
 }
 
 fn peak_rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmHWM in {path}"))
+    bench_control::status_field(pid, "VmHWM")
 }
 
 #[cfg(test)]

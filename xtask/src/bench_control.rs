@@ -159,16 +159,18 @@ pub fn idle_memory(backend: &str, n: u32, state: &Path) -> Result<IdleMemory> {
 }
 
 fn rss_and_threads(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("Threads:")?))
+    Ok((status_field(pid, "VmRSS")?, status_field(pid, "Threads")?))
+}
+
+/// A numeric field of /proc/<pid>/status (kB for the memory ones).
+pub fn status_field(pid: u32, name: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {name} in {path}"))
 }
 
 /// A port nothing listens on right now (the kernel's pick).
