@@ -167,16 +167,29 @@ impl KeySchedule {
 
     /// Steps the sending secret and returns its key for the kernel.
     pub fn next_tx(&mut self) -> TlsCryptoInfo {
-        self.tx = next_secret(self.suite, &self.tx);
-        let (key, iv) = self.key_iv(&self.tx);
-        crypto_info(self.cipher, &key, &iv, 0)
+        let (cipher, key, iv) = self.next_tx_key();
+        crypto_info(cipher, &key, &iv, 0)
     }
 
     /// Steps the receiving secret and returns its key for the kernel.
     pub fn next_rx(&mut self) -> TlsCryptoInfo {
+        let (cipher, key, iv) = self.next_rx_key();
+        crypto_info(cipher, &key, &iv, 0)
+    }
+
+    /// Steps the sending secret and returns the cipher, key and iv, for the
+    /// user-space record layer ([`crate::dataplane::records`]).
+    pub fn next_tx_key(&mut self) -> (Cipher, Vec<u8>, [u8; 12]) {
+        self.tx = next_secret(self.suite, &self.tx);
+        let (key, iv) = self.key_iv(&self.tx);
+        (self.cipher, key, iv)
+    }
+
+    /// Steps the receiving secret; as [`KeySchedule::next_tx_key`].
+    pub fn next_rx_key(&mut self) -> (Cipher, Vec<u8>, [u8; 12]) {
         self.rx = next_secret(self.suite, &self.rx);
         let (key, iv) = self.key_iv(&self.rx);
-        crypto_info(self.cipher, &key, &iv, 0)
+        (self.cipher, key, iv)
     }
 
     fn key_iv(&self, secret: &Secret) -> (Vec<u8>, [u8; 12]) {

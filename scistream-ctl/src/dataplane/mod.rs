@@ -13,6 +13,7 @@ mod relay;
 pub mod haproxy;
 pub mod ktls;
 pub mod pacing;
+pub mod records;
 pub mod sockmap;
 pub mod session_auth;
 pub mod splice;

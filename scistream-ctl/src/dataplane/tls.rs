@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::ktls::rekey::{KeySchedule, Rekey, SecretLog};
+use super::records::{self, RecordKey};
 use super::ktls::{self, RecordBounded, Tier};
 use super::relay::{connect, Pump};
 use super::session_auth::{self, Role, SessionSecret};
@@ -43,7 +44,16 @@ pub struct TlsPump {
     rekey_every: Option<u64>,
     /// KeyUpdates this gateway initiated through `rekey_every`.
     rekeys: AtomicU64,
+    /// Without kernel TLS: records sealed and opened by [`records`] after
+    /// the proof (the default), or left to rustls' buffered stream
+    /// ([`RECORDS_VAR`]`=rustls`).
+    user_records: bool,
 }
+
+/// `SCISTREAM_TLS_RECORDS=rustls` keeps a tunnel in rustls' buffered stream
+/// after the proof instead of the user-space record layer (`records`, the
+/// default); for comparison and as a way out should the layer misbehave.
+pub const RECORDS_VAR: &str = "SCISTREAM_TLS_RECORDS";
 
 /// `SCISTREAM_REKEY_BYTES=N`: a test knob; each tunnel connection sends a
 /// TLS 1.3 KeyUpdate (asking the peer to update too) after every N bytes, so
@@ -69,8 +79,21 @@ impl TlsPump {
                 "tls backend: kernel TLS offload + splice, forced by {}=on on a kernel that cannot re-key TLS 1.3",
                 ktls::MODE_VAR
             ),
-            Tier::Rustls { reason } => tracing::info!("tls backend: rustls in user space, not kernel TLS: {reason}"),
+            Tier::Rustls { reason } => tracing::info!("tls backend: TLS records in user space, not kernel TLS: {reason}"),
         }
+        let user_records = match std::env::var(RECORDS_VAR).unwrap_or_default().to_ascii_lowercase().as_str() {
+            "" | "records" => true,
+            "rustls" => {
+                tracing::warn!("{RECORDS_VAR}=rustls: tunnels stay in rustls' buffered stream after the handshake (slower)");
+                false
+            }
+            other => {
+                return Err(DataPlaneError::Unsupported {
+                    backend: "tls",
+                    reason: format!("{RECORDS_VAR}={other}: expected `records` or `rustls`"),
+                })
+            }
+        };
         let rekey_every = std::env::var(REKEY_VAR).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|n| *n > 0);
         if let Some(n) = rekey_every {
             tracing::warn!("{REKEY_VAR}={n}: tunnels re-key after every {n} bytes (a test setting)");
@@ -82,13 +105,15 @@ impl TlsPump {
             tier,
             rekey_every,
             rekeys: AtomicU64::new(0),
+            user_records,
         })
     }
 
-    /// Where kernel TLS may take over, each connection gets its own config
-    /// whose key log keeps the traffic secrets, for re-keying in the kernel.
+    /// Where the tunnel leaves rustls after the proof (kernel TLS, or the
+    /// user-space record layer), each connection gets its own config whose
+    /// key log keeps the traffic secrets, for re-keying after the hand-over.
     fn secret_log(&self) -> Option<Arc<SecretLog>> {
-        matches!(self.tier, Tier::Kernel { .. }).then(|| Arc::new(SecretLog::default()))
+        (matches!(self.tier, Tier::Kernel { .. }) || self.user_records).then(|| Arc::new(SecretLog::default()))
     }
 
     /// TLS handshake and session proof as the inbound gateway.
@@ -132,9 +157,15 @@ impl TlsPump {
     async fn carry(&self, (mut tunnel, log): (Tunnel, Option<Arc<SecretLog>>), plain: TcpStream, tunnel_first: bool, stats: &Stats) -> io::Result<()> {
         let (to_tunnel, from_tunnel) =
             if tunnel_first { (&stats.bytes_backward, &stats.bytes_forward) } else { (&stats.bytes_forward, &stats.bytes_backward) };
-        if let (Tier::Kernel { .. }, Some(log)) = (&self.tier, log) {
+        if let Some(log) = log {
             match ktls_ready(&tunnel) {
-                Ok(()) => return offload(tunnel, &log, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
+                Ok(()) => {
+                    let handed = hand_over(tunnel, &log)?;
+                    return match self.tier {
+                        Tier::Kernel { .. } => offload(handed, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
+                        Tier::Rustls { .. } => in_user_space(handed, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
+                    };
+                }
                 Err(why) => tracing::warn!("staying in rustls for this connection: {why}"),
             }
         }
@@ -160,20 +191,18 @@ fn ktls_ready(tunnel: &Tunnel) -> Result<(), String> {
     }
 }
 
-/// Hands the keys to the kernel and splices, re-keying in the kernel (see
-/// [`ktls::rekey`]). Plaintext rustls already decrypted goes out first, so
-/// the order of bytes is kept.
-async fn offload(
-    mut tunnel: Tunnel,
-    log: &SecretLog,
-    mut plain: TcpStream,
-    to_tunnel: &AtomicU64,
-    from_tunnel: &AtomicU64,
-    rekey_every: Option<u64>,
-    rekeys: &AtomicU64,
-) -> io::Result<()> {
+/// A proven tunnel taken out of rustls at a record boundary: the socket,
+/// the keys of both directions with their sequence numbers, the schedule of
+/// their next generations, and plaintext rustls had already decrypted.
+struct HandedOver {
+    sock: TcpStream,
+    secrets: rustls::ExtractedSecrets,
+    keys: KeySchedule,
+    early: Vec<u8>,
+}
+
+fn hand_over(mut tunnel: Tunnel, log: &SecretLog) -> io::Result<HandedOver> {
     use std::io::Read;
-    use tokio::io::AsyncWriteExt;
     let mut early = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -200,18 +229,57 @@ async fn offload(
             (io, conn.dangerous_extract_secrets())
         }
     };
-    let secrets = secrets.map_err(|e| io::Error::other(format!("extracting the TLS keys for the kernel: {e}")))?;
+    let secrets = secrets.map_err(|e| io::Error::other(format!("extracting the TLS keys: {e}")))?;
     let keys = KeySchedule::new(log, is_client, suite, &secrets)?;
-    let sock = io.into_inner();
-    ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
-    drop(secrets);
+    Ok(HandedOver { sock: io.into_inner(), secrets, keys, early })
+}
+
+/// Writes the plaintext rustls decrypted before the hand-over, so the order
+/// of bytes is kept.
+async fn write_early(plain: &mut TcpStream, early: &[u8], from_tunnel: &AtomicU64) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
     if !early.is_empty() {
-        plain.write_all(&early).await?;
+        plain.write_all(early).await?;
         from_tunnel.fetch_add(early.len() as u64, Ordering::Relaxed);
     }
+    Ok(())
+}
+
+/// Hands the keys to the kernel and splices, re-keying in the kernel (see
+/// [`ktls::rekey`]).
+async fn offload(
+    handed: HandedOver,
+    mut plain: TcpStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+    rekey_every: Option<u64>,
+    rekeys: &AtomicU64,
+) -> io::Result<()> {
+    let HandedOver { sock, secrets, keys, early } = handed;
+    ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+    drop(secrets);
+    write_early(&mut plain, &early, from_tunnel).await?;
     tracing::debug!("tunnel offloaded to kernel TLS");
     let rekey = Rekey::new(keys, rekey_every, rekeys);
     super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
+}
+
+/// Carries the tunnel in the user-space record layer ([`records`]).
+async fn in_user_space(
+    handed: HandedOver,
+    mut plain: TcpStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+    rekey_every: Option<u64>,
+    rekeys: &AtomicU64,
+) -> io::Result<()> {
+    let HandedOver { sock, secrets, keys, early } = handed;
+    let tx = RecordKey::from_extracted(&secrets.tx)?;
+    let rx = RecordKey::from_extracted(&secrets.rx)?;
+    drop(secrets);
+    write_early(&mut plain, &early, from_tunnel).await?;
+    let shared = records::Shared::new(keys, rekey_every, rekeys);
+    records::carry(&plain, &sock, tx, rx, &shared, to_tunnel, from_tunnel).await
 }
 
 /// Bounds a tunnel set-up step and, when it fails, counts the refusal and

@@ -28,10 +28,17 @@ fn identity() -> &'static crate::tls::Identity {
 }
 
 fn pump(rekey_every: Option<u64>) -> Arc<TlsPump> {
+    pump_with(rekey_every, true)
+}
+
+/// `user_records`: after the proof, the user-space record layer (else
+/// rustls' buffered stream carries the tunnel).
+fn pump_with(rekey_every: Option<u64>, user_records: bool) -> Arc<TlsPump> {
     let mut p = TlsPump::new(identity(), None, Duration::from_secs(5)).expect("pump");
-    // The host has no kernel TLS; pin rustls so the test means the same everywhere.
+    // The host has no kernel TLS; pin user space so the test means the same everywhere.
     p.tier = Tier::Rustls { reason: "test".into() };
     p.rekey_every = rekey_every;
+    p.user_records = user_records;
     Arc::new(p)
 }
 
@@ -75,6 +82,23 @@ async fn forced_rekeys_mid_stream_keep_every_byte() {
     // 8 MB at one update per 256 KiB sent.
     let rekeys = outbound.rekeys.load(Ordering::Relaxed);
     assert!(rekeys >= 25, "only {rekeys} key updates were sent");
+}
+
+/// The record layer against rustls itself, each side forcing KeyUpdates
+/// (rustls asks the peer to answer each one), in both placements.
+#[tokio::test]
+async fn user_space_records_and_rustls_interoperate_through_key_updates() {
+    let data: Vec<u8> = (0..6_000_000u32).map(|i| (i.wrapping_mul(2246822519) >> 24) as u8).collect();
+    for records_outbound in [true, false] {
+        let outbound = pump_with(Some(200 * 1024), records_outbound);
+        let inbound = pump_with(Some(300 * 1024), !records_outbound);
+        let got = stream_through(outbound.clone(), inbound.clone(), data.clone()).await;
+        assert!(got == data, "bytes differ (records outbound: {records_outbound})");
+        // One update per 200 KiB sent, at a boundary of up to 64 KiB (a batch).
+        let rekeys = outbound.rekeys.load(Ordering::Relaxed);
+        let want = data.len() as u64 / (264 * 1024);
+        assert!(rekeys >= want, "only {rekeys} of {want} key updates from the sender (records outbound: {records_outbound})");
+    }
 }
 
 /// A peer that knows the session secret (so passes the proof), then sends

@@ -1,0 +1,434 @@
+//! The `tls` backend's user-space data path once a tunnel is proven, where
+//! the kernel has no TLS offload: TLS 1.3 records sealed and opened in place
+//! in our own buffers, as kernel TLS would do them, with the keys rustls
+//! negotiated (see [`super::ktls`] for the same hand-over to the kernel).
+//!
+//! Why not stay in rustls: its buffered connection copies every byte twice
+//! more on each side (plaintext into its send queue and out of its receive
+//! queue, and the deframer shifts its buffer), and tokio's copy adds one
+//! more. Profiles of the `tls` backend showed those copies and the read(2)
+//! calls of 4 KiB each next to AES-GCM itself. Here a batch of up to four
+//! records is read with one readv(2) straight into the record slots, sealed
+//! in place and sent with one writev(2); received records are opened in the
+//! read buffer and their plaintext goes out with one writev(2). User space
+//! never copies a payload byte.
+//!
+//! What rustls did after the handshake happens here: a sequence number per
+//! direction in the nonce, the inner content type and padding of TLS 1.3
+//! records (RFC 8446 5.2-5.4), KeyUpdate both ways with the key schedule of
+//! [`KeySchedule`] (a KeyUpdate before a key's record budget runs out or
+//! after `SCISTREAM_REKEY_BYTES`, the peer's KeyUpdate followed at once, a
+//! flood of them cut off), close_notify both ways (a half-close), and any
+//! other alert, malformed or forged record ends the connection.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use nix::sys::socket::{shutdown, Shutdown};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use tokio::net::TcpStream;
+
+use super::ktls::rekey::{KeySchedule, MAX_KEYUPDATES_IN_A_ROW, RECORD_BUDGET};
+use super::ktls::{split_secrets, Cipher};
+
+/// TLS record header: type, legacy version (2), length (2).
+const HEADER: usize = 5;
+/// The largest plaintext of one record (RFC 8446 5.1).
+const MAX_PLAIN: usize = 1 << 14;
+/// AES-GCM and ChaCha20-Poly1305 tags are both 16 bytes.
+const TAG: usize = 16;
+/// The largest ciphertext a peer may send: 2^14 + 256 (RFC 8446 5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
+/// One outgoing record's room: header, payload, inner content type, tag.
+const SLOT: usize = HEADER + MAX_PLAIN + 1 + TAG;
+/// Records read, sealed and sent per batch: 64 KiB of plaintext per readv.
+const BATCH: usize = 4;
+/// Receive buffer: many records per read(2); a partial record at its end is
+/// moved to the front only when less than one record's room is left.
+const RX_BUF: usize = 256 * 1024;
+
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const KEY_UPDATE: u8 = 24;
+/// TLS 1.3 records carry 0x0303 as their legacy version (RFC 8446 5.1).
+const LEGACY_VERSION: [u8; 2] = [3, 3];
+
+/// One direction's AEAD key, its static IV and the next record's sequence.
+pub struct RecordKey {
+    key: LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl RecordKey {
+    pub fn new(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> io::Result<Self> {
+        let alg = match cipher {
+            Cipher::Aes128Gcm => &aead::AES_128_GCM,
+            Cipher::Aes256Gcm => &aead::AES_256_GCM,
+            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        };
+        let key = UnboundKey::new(alg, key)
+            .map_err(|_| io::Error::other(format!("a {cipher:?} key of the wrong length")))?;
+        let iv: [u8; 12] = iv
+            .try_into()
+            .map_err(|_| io::Error::other("a TLS 1.3 IV that is not 12 bytes"))?;
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The current direction of rustls' extracted secrets, at its sequence.
+    pub fn from_extracted(
+        (seq, secrets): &(u64, rustls::ConnectionTrafficSecrets),
+    ) -> io::Result<Self> {
+        let (cipher, key, iv) = split_secrets(secrets)?;
+        Self::new(cipher, key, iv, *seq)
+    }
+
+    fn next((cipher, key, iv): (Cipher, Vec<u8>, [u8; 12])) -> io::Result<Self> {
+        Self::new(cipher, &key, &iv, 0)
+    }
+
+    /// The per-record nonce: the IV XOR the 64-bit sequence number, which
+    /// then moves on. A key never reuses a nonce: at 2^64 it refuses.
+    fn nonce(&mut self) -> io::Result<Nonce> {
+        let seq = self.seq;
+        self.seq = seq
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("TLS record sequence number exhausted"))?;
+        let mut n = self.iv;
+        for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+
+    /// Seals `slot[HEADER..HEADER + len]` into a whole record of content
+    /// `kind` in place; returns the record's length.
+    fn seal(&mut self, slot: &mut [u8], len: usize, kind: u8) -> io::Result<usize> {
+        let body = len + 1 + TAG;
+        let header = header(body);
+        slot[..HEADER].copy_from_slice(&header);
+        slot[HEADER + len] = kind;
+        let nonce = self.nonce()?;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(header),
+                &mut slot[HEADER..HEADER + len + 1],
+            )
+            .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
+        slot[HEADER + len + 1..HEADER + body].copy_from_slice(tag.as_ref());
+        Ok(HEADER + body)
+    }
+
+    /// Opens one record's body in place; returns the inner plaintext
+    /// (content, type, padding).
+    fn open<'a>(&mut self, header: [u8; HEADER], body: &'a mut [u8]) -> io::Result<&'a mut [u8]> {
+        let nonce = self.nonce()?;
+        self.key
+            .open_in_place(nonce, Aad::from(header), body)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a TLS record failed authentication (forged, corrupted or out of order)",
+                )
+            })
+    }
+}
+
+fn header(body: usize) -> [u8; HEADER] {
+    let [hi, lo] = (body as u16).to_be_bytes();
+    [
+        APPLICATION_DATA,
+        LEGACY_VERSION[0],
+        LEGACY_VERSION[1],
+        hi,
+        lo,
+    ]
+}
+
+/// What the two directions of one tunnel share: the key schedule, and the
+/// peer's request that we update our sending key too.
+pub struct Shared<'a> {
+    keys: Mutex<KeySchedule>,
+    answer_due: AtomicBool,
+    /// Send a KeyUpdate after this many bytes (the test knob).
+    every_bytes: u64,
+    /// KeyUpdates this gateway started (budget or knob).
+    initiated: &'a AtomicU64,
+}
+
+impl<'a> Shared<'a> {
+    pub fn new(keys: KeySchedule, every_bytes: Option<u64>, initiated: &'a AtomicU64) -> Self {
+        Self {
+            keys: Mutex::new(keys),
+            answer_due: AtomicBool::new(false),
+            every_bytes: every_bytes.unwrap_or(u64::MAX),
+            initiated,
+        }
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, KeySchedule> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Moves a proven tunnel's bytes both ways until each direction ended with
+/// a close_notify or an EOF, or the first error.
+pub async fn carry(
+    plain: &TcpStream,
+    tunnel: &TcpStream,
+    tx: RecordKey,
+    rx: RecordKey,
+    shared: &Shared<'_>,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+) -> io::Result<()> {
+    tokio::try_join!(
+        seal_loop(plain, tunnel, tx, shared, to_tunnel),
+        open_loop(tunnel, plain, rx, shared, from_tunnel)
+    )?;
+    Ok(())
+}
+
+/// plain -> tunnel: read up to [`BATCH`] records' plaintext with one readv
+/// into the slots, seal each in place, send them with one writev. An EOF
+/// becomes a close_notify and a FIN.
+async fn seal_loop(
+    plain: &TcpStream,
+    tunnel: &TcpStream,
+    mut key: RecordKey,
+    shared: &Shared<'_>,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; SLOT * BATCH];
+    let (mut bytes, mut records) = (0u64, 0u64);
+    loop {
+        let n = loop {
+            plain.readable().await?;
+            let mut iov: Vec<IoSliceMut<'_>> = buf
+                .chunks_mut(SLOT)
+                .map(|slot| IoSliceMut::new(&mut slot[HEADER..HEADER + MAX_PLAIN]))
+                .collect();
+            match plain.try_read_vectored(&mut iov) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // A KeyUpdate goes out before the next data under the key it
+        // replaces: ours when the budget ran out, or the answer the peer
+        // asked for (RFC 8446 4.6.3).
+        let ours = bytes >= shared.every_bytes || records >= RECORD_BUDGET;
+        let asked = shared.answer_due.swap(false, Ordering::AcqRel);
+        if ours || asked {
+            let mut rec = [0u8; HEADER + 5 + 1 + TAG];
+            rec[HEADER..HEADER + 5].copy_from_slice(&[KEY_UPDATE, 0, 0, 1, ours as u8]);
+            let len = key.seal(&mut rec, 5, HANDSHAKE)?;
+            write_all(tunnel, &mut [IoSlice::new(&rec[..len])]).await?;
+            key = RecordKey::next(shared.keys().next_tx_key())?;
+            (bytes, records) = (0, 0);
+            if ours {
+                shared.initiated.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(request = ours, "user-space TLS: sending key updated");
+        }
+        if n == 0 {
+            let mut rec = [0u8; HEADER + 2 + 1 + TAG];
+            rec[HEADER..HEADER + 2].copy_from_slice(&[1, 0]); // warning, close_notify
+            let len = key.seal(&mut rec, 2, ALERT)?;
+            write_all(tunnel, &mut [IoSlice::new(&rec[..len])]).await?;
+            shutdown(tunnel.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)?;
+            return Ok(());
+        }
+        let mut lens = [0usize; BATCH];
+        let mut left = n;
+        for (slot, len) in buf.chunks_mut(SLOT).zip(lens.iter_mut()) {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(MAX_PLAIN);
+            *len = key.seal(slot, take, APPLICATION_DATA)?;
+            left -= take;
+            records += 1;
+        }
+        let mut iov: Vec<IoSlice<'_>> = buf
+            .chunks(SLOT)
+            .zip(lens)
+            .filter(|(_, len)| *len > 0)
+            .map(|(slot, len)| IoSlice::new(&slot[..len]))
+            .collect();
+        write_all(tunnel, &mut iov).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        bytes += n as u64;
+    }
+}
+
+/// tunnel -> plain: read as many records as arrived, open each in place,
+/// send their plaintext with one writev. A close_notify becomes a FIN; an
+/// EOF without one is a truncation and an error.
+async fn open_loop(
+    tunnel: &TcpStream,
+    plain: &TcpStream,
+    mut key: RecordKey,
+    shared: &Shared<'_>,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; RX_BUF];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut keyupdates_in_a_row = 0u32;
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(RX_BUF / MAX_PLAIN + 1);
+    loop {
+        let n = loop {
+            tunnel.readable().await?;
+            match tunnel.try_read(&mut buf[end..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer gateway closed the tunnel without a TLS close_notify (the stream may be cut short)",
+            ));
+        }
+        end += n;
+        spans.clear();
+        let mut closed = false;
+        while end - start >= HEADER {
+            let h: [u8; HEADER] = buf[start..start + HEADER].try_into().expect("five bytes");
+            let len = u16::from_be_bytes([h[3], h[4]]) as usize;
+            if h[0] != APPLICATION_DATA || h[1..3] != LEGACY_VERSION {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a TLS 1.3 protected record after the handshake: header {h:02x?}"),
+                ));
+            }
+            if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a TLS record of {len} bytes (record_overflow)"),
+                ));
+            }
+            if end - start < HEADER + len {
+                break;
+            }
+            let body = start + HEADER;
+            let inner = key.open(h, &mut buf[body..body + len])?;
+            // Content, then its type, then zero padding (RFC 8446 5.4).
+            let Some(at) = inner.iter().rposition(|b| *b != 0) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a TLS record without a content type",
+                ));
+            };
+            match (inner[at], &inner[..at]) {
+                (APPLICATION_DATA, data) => {
+                    keyupdates_in_a_row = 0;
+                    if !data.is_empty() {
+                        spans.push((body, data.len()));
+                    }
+                }
+                (HANDSHAKE, [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => {
+                    keyupdates_in_a_row += 1;
+                    if keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
+                        ));
+                    }
+                    let requested = *r == 1;
+                    key = RecordKey::next(shared.keys().next_rx_key())?;
+                    if requested {
+                        shared.answer_due.store(true, Ordering::Release);
+                    }
+                    tracing::debug!(requested, "user-space TLS: receiving key updated");
+                }
+                (HANDSHAKE, m) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "peer sent a TLS handshake record ({} bytes) that is not one KeyUpdate",
+                            m.len()
+                        ),
+                    ))
+                }
+                (ALERT, [_, 0]) => {
+                    closed = true;
+                    start += HEADER + len;
+                    break;
+                }
+                (ALERT, [_, d]) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("peer sent TLS alert {d}"),
+                    ))
+                }
+                (t, _) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected TLS record of content type {t}"),
+                    ))
+                }
+            }
+            start += HEADER + len;
+        }
+        if !spans.is_empty() {
+            let mut iov: Vec<IoSlice<'_>> = spans
+                .iter()
+                .map(|&(at, len)| IoSlice::new(&buf[at..at + len]))
+                .collect();
+            let total: usize = spans.iter().map(|s| s.1).sum();
+            write_all(plain, &mut iov).await?;
+            counter.fetch_add(total as u64, Ordering::Relaxed);
+        }
+        if closed {
+            if start != end {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "peer sent TLS records after its close_notify",
+                ));
+            }
+            shutdown(plain.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)?;
+            return Ok(());
+        }
+        if start == end {
+            (start, end) = (0, 0);
+        } else if buf.len() - end < HEADER + MAX_CIPHERTEXT {
+            // Only a partial record is left; make room for a whole one.
+            buf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+        }
+    }
+}
+
+/// Writes every byte of `iov` to a non-blocking socket.
+async fn write_all(sock: &TcpStream, mut iov: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !iov.is_empty() {
+        sock.writable().await?;
+        match sock.try_write_vectored(iov) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the socket took no bytes",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut iov, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "records_tests.rs"]
+mod tests;
