@@ -25,6 +25,24 @@ pub const EVENTS_MAP: &str = "NAT_EVENTS";
 /// redirected to. A frame routed anywhere else is handed to the kernel's
 /// forwarding (XDP_PASS) instead.
 pub const TX_PORTS_MAP: &str = "NAT_TX_PORTS";
+/// `HashMap<u32, RateBucket>`, by session tag: the token bucket of a session
+/// whose services carry [`Service::POLICED`]; user space creates the entry,
+/// the kernel moves its clocks.
+pub const BUCKETS_MAP: &str = "NAT_BUCKETS";
+
+/// Every map, in the order user space pins them.
+pub const MAPS: [&str; 7] = [
+    CONFIG_MAP,
+    SERVICES_MAP,
+    FLOWS_MAP,
+    STATS_MAP,
+    EVENTS_MAP,
+    TX_PORTS_MAP,
+    BUCKETS_MAP,
+];
+/// Changes whenever a map's key or value layout does: pinned maps of another
+/// layout are never adopted (the pin directory is named with it).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacity of the services and per-session counter maps (per-CPU maps are
 /// preallocated for every CPU: 4096 x 40 bytes per CPU).
@@ -84,10 +102,64 @@ pub struct Service {
     /// This gateway's address on the way to the target (the SNAT source).
     pub snat_addr: [u8; 4],
     pub target_port: u16,
-    pub _pad: u16,
+    /// [`Service::POLICED`] or 0.
+    pub flags: u16,
     /// Changes whenever a port is handed to another session, so flows of the
-    /// earlier one never come back to life.
+    /// earlier one never come back to life; also the key of the session's
+    /// [`RateBucket`].
     pub tag: u32,
+}
+
+impl Service {
+    /// The session's payload is policed by its [`RateBucket`] (same tag).
+    pub const POLICED: u16 = 1;
+}
+
+/// A session's rate policer: one token bucket per direction, kept as the
+/// "theoretical arrival time" of GCRA (RFC 2697's single-rate bucket in
+/// virtual-time form), so one atomic compare-and-swap updates it from any
+/// CPU. A segment conforms when the clock is within `tolerance_ns` of the
+/// direction's `tat`; it then pushes `tat` on by its payload's cost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateBucket {
+    /// Cost of one payload byte at the session's rate, in picoseconds.
+    pub ps_per_byte: u64,
+    /// The bucket depth as time: how far ahead of now `tat` may run.
+    pub tolerance_ns: u64,
+    /// Per direction ([`Rewrite::FORWARD`], [`Rewrite::BACKWARD`]): when the
+    /// bucket would be full again, in bpf_ktime_get_boot_ns time.
+    pub tat: [u64; 2],
+}
+
+impl RateBucket {
+    /// A bucket for `rate_kbps` (kbit/s of TCP payload) holding `depth_bytes`.
+    pub const fn new(rate_kbps: u64, depth_bytes: u64) -> Self {
+        let rate = if rate_kbps == 0 { 1 } else { rate_kbps };
+        // 1 kbit/s = 125 bytes/s: 8e9 ps per byte, divided by the rate.
+        let ps_per_byte = 8_000_000_000 / rate;
+        Self {
+            ps_per_byte,
+            tolerance_ns: depth_bytes.saturating_mul(ps_per_byte) / 1000,
+            tat: [0; 2],
+        }
+    }
+
+    /// Nanoseconds `payload` bytes take at the bucket's rate. A payload is
+    /// under 64 KiB and a byte costs at most 8e9 ps, so this cannot overflow.
+    pub const fn cost_ns(&self, payload: u64) -> u64 {
+        payload.wrapping_mul(self.ps_per_byte) / 1000
+    }
+
+    /// GCRA: the new `tat` if a segment of `cost_ns` arriving at `now`
+    /// conforms to a direction whose state is `tat`, else `None` (drop it).
+    pub const fn admit(&self, tat: u64, now: u64, cost_ns: u64) -> Option<u64> {
+        if tat > now.saturating_add(self.tolerance_ns) {
+            return None;
+        }
+        let start = if tat > now { tat } else { now };
+        Some(start.saturating_add(cost_ns))
+    }
 }
 
 /// A TCP flow as it arrives on an interface.
@@ -114,14 +186,42 @@ pub struct Rewrite {
     pub listener_port: u16,
     /// [`Rewrite::FORWARD`] (towards the target) or [`Rewrite::BACKWARD`].
     pub direction: u8,
-    pub _pad: u8,
+    /// [`Rewrite::FIN_SEEN`] and [`Rewrite::RST_SEEN`]: this direction's end
+    /// of the connection, as far as the program saw it.
+    pub flags: u8,
     /// The service's tag when the flow was created.
     pub tag: u32,
+    /// Last frame of this direction, in whole seconds since boot
+    /// (bpf_ktime_get_boot_ns, CLOCK_BOOTTIME, as /proc/uptime counts);
+    /// written at most once a second.
+    pub seen_s: u32,
 }
 
 impl Rewrite {
     pub const FORWARD: u8 = 0;
     pub const BACKWARD: u8 = 1;
+    pub const FIN_SEEN: u8 = 1;
+    pub const RST_SEEN: u8 = 2;
+
+    /// The key of the other direction's entry of the same flow: what its
+    /// frames carry after this direction's rewrite is undone.
+    pub const fn reverse_key(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: 6,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether the connection is over, judging by both directions' flags: a
+    /// reset either way, or a FIN each way.
+    pub const fn closed_with(&self, other: &Rewrite) -> bool {
+        (self.flags | other.flags) & Self::RST_SEEN != 0
+            || (self.flags & other.flags) & Self::FIN_SEEN != 0
+    }
 }
 
 /// Traffic of one session listener; bytes are TCP payload, so they compare
@@ -135,6 +235,9 @@ pub struct SessionCounters {
     pub backward_bytes: u64,
     /// Flows created (TCP connections seen opening).
     pub flows: u64,
+    /// Segments (and their payload bytes) the rate policer dropped.
+    pub over_rate_packets: u64,
+    pub over_rate_bytes: u64,
 }
 
 impl SessionCounters {
@@ -144,6 +247,8 @@ impl SessionCounters {
         backward_packets: 0,
         backward_bytes: 0,
         flows: 0,
+        over_rate_packets: 0,
+        over_rate_bytes: 0,
     };
 }
 
@@ -157,6 +262,8 @@ impl core::ops::Add for SessionCounters {
             backward_packets: self.backward_packets.wrapping_add(o.backward_packets),
             backward_bytes: self.backward_bytes.wrapping_add(o.backward_bytes),
             flows: self.flows.wrapping_add(o.flows),
+            over_rate_packets: self.over_rate_packets.wrapping_add(o.over_rate_packets),
+            over_rate_bytes: self.over_rate_bytes.wrapping_add(o.over_rate_bytes),
         }
     }
 }
@@ -188,10 +295,12 @@ pub enum Event {
     StaleFlow = 5,
     /// Translated and redirected at the driver.
     Redirected = 6,
+    /// Dropped: a segment over its session's rate (`--enforce_rate`).
+    OverRate = 7,
 }
 
 impl Event {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::NotAllowed,
         Self::Malformed,
         Self::Fragment,
@@ -199,11 +308,38 @@ impl Event {
         Self::PassedToStack,
         Self::StaleFlow,
         Self::Redirected,
+        Self::OverRate,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     pub const fn index(self) -> u32 {
         self as u32
+    }
+
+    /// Whether the program dropped the frame.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::NotAllowed
+                | Self::Malformed
+                | Self::Fragment
+                | Self::PortsExhausted
+                | Self::OverRate
+        )
+    }
+
+    /// Stable snake_case name, for logs and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not_allowed",
+            Self::Malformed => "malformed",
+            Self::Fragment => "fragment",
+            Self::PortsExhausted => "ports_exhausted",
+            Self::PassedToStack => "passed_to_stack",
+            Self::StaleFlow => "stale_flow",
+            Self::Redirected => "redirected",
+            Self::OverRate => "over_rate",
+        }
     }
 }
 
@@ -211,8 +347,9 @@ impl Event {
 const _: () = assert!(core::mem::size_of::<NatConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<Rewrite>() == 20);
-const _: () = assert!(core::mem::size_of::<SessionCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<Rewrite>() == 24);
+const _: () = assert!(core::mem::size_of::<SessionCounters>() == 56);
+const _: () = assert!(core::mem::size_of::<RateBucket>() == 32);
 
 // Sound: repr(C), integers and byte arrays only, padding made explicit above,
 // so every bit pattern is a valid value.
@@ -226,6 +363,8 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for Rewrite {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SessionCounters {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RateBucket {}
 
 #[cfg(test)]
 mod tests {
@@ -255,5 +394,44 @@ mod tests {
             ..c
         };
         assert!(!no_nat.guards(5100));
+    }
+
+    #[test]
+    fn bucket_admits_its_depth_at_once_then_only_the_rate() {
+        // 80 Mbit/s = 10 MB/s: 100 ns per byte; 100 KB deep = 10 ms.
+        let b = RateBucket::new(80_000, 100_000);
+        assert_eq!(b.cost_ns(1000), 100_000);
+        assert_eq!(b.tolerance_ns, 10_000_000);
+        let (mut tat, now) = (0u64, 1_000_000_000u64);
+        let mut admitted = 0;
+        while let Some(t) = b.admit(tat, now, b.cost_ns(1000)) {
+            tat = t;
+            admitted += 1;
+        }
+        // A full bucket (100 KB) plus the segment that finds it just full.
+        assert_eq!(admitted, 101);
+        // 1 ms later: 10 KB more worth of time has passed.
+        let later = now + 1_000_000;
+        let mut more = 0;
+        while let Some(t) = b.admit(tat, later, b.cost_ns(1000)) {
+            tat = t;
+            more += 1;
+        }
+        assert_eq!(more, 10);
+    }
+
+    #[test]
+    fn a_flow_is_closed_by_a_reset_either_way_or_fins_both_ways() {
+        let r = |flags| Rewrite {
+            flags,
+            ..Default::default()
+        };
+        assert!(!r(0).closed_with(&r(0)));
+        assert!(
+            !r(Rewrite::FIN_SEEN).closed_with(&r(0)),
+            "half-closed is still open"
+        );
+        assert!(r(Rewrite::FIN_SEEN).closed_with(&r(Rewrite::FIN_SEEN)));
+        assert!(r(0).closed_with(&r(Rewrite::RST_SEEN)));
     }
 }

@@ -2,7 +2,13 @@
 //! gateways translate and redirect frames, so each TCP connection runs end to
 //! end from consumer to producer (neither gateway's TCP stack opens one),
 //! bytes arrive intact in parallel, a released session's flows stop being
-//! translated, and s2cs leaves no XDP program behind when it exits.
+//! translated, a stream goes on while s2cs is killed and restarted (pinned
+//! program and maps), a clean exit leaves no XDP program or pin behind, the
+//! rate is enforced in XDP, and open connections and drops are reported.
+//!
+//! s2cs runs under `ip netns exec`, which gives it a fresh /sys: the pins go
+//! to a bpffs mounted in the host's mount namespace (`SCISTREAM_BPFFS`), as
+//! /sys/fs/bpf is for an s2cs run the usual way.
 //!
 //! Every veth end gets GRO (a veth only takes XDP-redirected frames when the
 //! receiving end has NAPI, see TOOLCHAIN.md) and sends complete checksums, as
@@ -17,10 +23,49 @@ use std::time::Duration;
 
 use common::{Gateway, MIB};
 use testbed::netns::addr;
-use testbed::{consume_parallel, in_netns, require_root, Node, Producer, Topology};
+use testbed::process::Signal;
+use testbed::{consume_parallel, in_netns, require_root, Node, Producer, Stream, Topology};
 
 const PRODUCER_PORT: u16 = 7000;
 const RANGE: &str = "5100-5199";
+/// The bpffs the gateways pin to, mounted in the host's mount namespace.
+const TEST_BPFFS: &str = "/run/scistream-tests/bpffs";
+
+/// Mounts [`TEST_BPFFS`] (once per host; left mounted for the next run) and
+/// points the s2cs started from now on at it.
+fn shared_bpffs() {
+    let path = std::path::Path::new(TEST_BPFFS);
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .expect("/proc/self/mounts")
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(TEST_BPFFS) && l.contains(" bpf "));
+    if !mounted {
+        std::fs::create_dir_all(path).expect("bpffs mount point");
+        nix::mount::mount(
+            Some("bpf"),
+            path,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting bpffs");
+    }
+    std::env::set_var("SCISTREAM_BPFFS", TEST_BPFFS);
+}
+
+/// The pin directory an xdp s2cs logged at start.
+fn pin_dir_of(gw: &Gateway) -> std::path::PathBuf {
+    let log = gw.daemon.log_contents();
+    let line = log
+        .lines()
+        .find(|l| l.contains("xdp NAT attached"))
+        .unwrap_or_else(|| panic!("no attach line:\n{log}"));
+    let pins = line
+        .split("pins=")
+        .nth(1)
+        .expect("pins= in the attach line");
+    pins.split_whitespace().next().expect("a path").into()
+}
 
 struct Session {
     gin: Gateway,
@@ -31,12 +76,47 @@ struct Session {
 
 /// Both gateways on `xdp` with a session of `num_conn` connections to `producer`.
 fn xdp_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> Session {
+    xdp_session_with(topo, producer, num_conn, &[], &[])
+}
+
+/// [`xdp_session`] with more s2cs flags and more request flags (`--rate`).
+fn xdp_session_with(
+    topo: &Topology,
+    producer: SocketAddr,
+    num_conn: usize,
+    s2cs_extra: &[&str],
+    request_extra: &[&str],
+) -> Session {
+    shared_bpffs();
     let (gin_ip, gout_ip): (IpAddr, IpAddr) =
         (addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into());
-    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "xdp", &[]);
-    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "xdp", &[]);
-    let inbound = gin.inbound(topo.ns(Node::InboundGw), producer, num_conn);
-    let outbound = gout.outbound(topo.ns(Node::OutboundGw), &inbound, num_conn);
+    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "xdp", s2cs_extra);
+    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "xdp", s2cs_extra);
+    let (ip, port, n) = (
+        producer.ip().to_string(),
+        producer.port().to_string(),
+        num_conn.to_string(),
+    );
+    let mut args = vec![
+        "--remote_ip",
+        &ip,
+        "--receiver_ports",
+        &port,
+        "--num_conn",
+        &n,
+    ];
+    args.extend_from_slice(request_extra);
+    let inbound = gin.s2uc_json(topo.ns(Node::InboundGw), "inbound-request", &args);
+    let joined = inbound
+        .listeners
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec!["--num_conn", &n];
+    args.extend_from_slice(request_extra);
+    args.extend([inbound.uid.as_str(), joined.as_str()]);
+    let outbound = gout.s2uc_json(topo.ns(Node::OutboundGw), "outbound-request", &args);
     assert_eq!(outbound.listeners.len(), num_conn);
     for gw in [&gin, &gout] {
         let log = gw.daemon.log_contents();
@@ -64,7 +144,9 @@ fn topology() -> Topology {
 
 /// TCP connections this namespace's stack accepted so far (`PassiveOpens`).
 fn passive_opens(ns: &str) -> u64 {
-    let snmp = in_netns(ns, || std::fs::read_to_string("/proc/net/snmp")).expect("/proc/net/snmp");
+    // thread-self: /proc/net follows the process's main thread, not this one's namespace.
+    let snmp = in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .expect("/proc/thread-self/net/snmp");
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let (names, values) = (
         tcp.next().expect("Tcp header"),
@@ -284,11 +366,13 @@ fn xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding() {
 }
 
 #[test]
-fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
-    const TEST: &str = "xdp_gateway_restart_leaves_no_program_behind_and_streams_again";
+fn xdp_clean_exit_leaves_nothing_and_a_killed_ones_program_is_removed_by_a_start_with_no_sessions()
+{
+    const TEST: &str = "xdp_clean_exit_leaves_nothing_and_a_killed_ones_program_is_removed_by_a_start_with_no_sessions";
     if !require_root(TEST) {
         return;
     }
+    shared_bpffs();
     let topo = topology();
     let bytes = 4 * MIB;
     let producer = Producer::start(
@@ -298,39 +382,62 @@ fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
     )
     .expect("producer");
     let gw_ns = topo.ns(Node::InboundGw);
-    for signal in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGKILL,
-    ] {
-        let mut gin = Gateway::start(gw_ns, addr::INBOUND_GW_WAN.into(), RANGE, "xdp", &[]);
-        let attached = xdp_programs(gw_ns);
-        assert_eq!(
-            attached.lines().count(),
-            2,
-            "the NAT on both of the gateway's veths:\n{attached}"
-        );
-        gin.daemon.signal(signal).expect("signal");
-        gin.daemon
-            .wait_exit(Duration::from_secs(10))
-            .expect("s2cs exits");
-        if signal == nix::sys::signal::Signal::SIGTERM {
-            let accept_local = in_netns(gw_ns, || {
-                std::fs::read_to_string("/proc/sys/net/ipv4/conf/veth-wan/accept_local")
-            })
-            .expect("sysctl");
-            assert_eq!(
-                accept_local.trim(),
-                "0",
-                "accept_local not restored at exit"
-            );
-        }
-        let left = xdp_programs(gw_ns);
-        assert!(
-            left.is_empty(),
-            "XDP program left after {signal:?}:\n{left}\n{}",
-            gin.daemon.log_contents()
-        );
-    }
+    let mut gin = Gateway::start(gw_ns, addr::INBOUND_GW_WAN.into(), RANGE, "xdp", &[]);
+    let pins = pin_dir_of(&gin);
+    let attached = xdp_programs(gw_ns);
+    assert_eq!(
+        attached.lines().count(),
+        2,
+        "the NAT on both of the gateway's veths:\n{attached}"
+    );
+    assert!(
+        pins.join("link-veth-wan").exists(),
+        "link pinned in {}",
+        pins.display()
+    );
+
+    // SIGKILL: the pinned program stays attached, with its pins.
+    gin.daemon.signal(Signal::SIGKILL).expect("signal");
+    gin.daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("s2cs exits");
+    assert_eq!(
+        xdp_programs(gw_ns).lines().count(),
+        2,
+        "killed s2cs took its program along"
+    );
+    assert!(pins.exists());
+
+    // A start without sessions to restore removes them and attaches afresh.
+    gin.respawn(RANGE, "xdp", &[]);
+    gin.daemon
+        .wait_for_log("no xdp session to restore", Duration::from_secs(10))
+        .expect("the earlier run's pins were removed");
+    assert_eq!(xdp_programs(gw_ns).lines().count(), 2);
+
+    // SIGTERM: nothing left, attached or pinned, and accept_local restored.
+    gin.daemon.signal(Signal::SIGTERM).expect("signal");
+    gin.daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("s2cs exits");
+    let accept_local = in_netns(gw_ns, || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/veth-wan/accept_local")
+    })
+    .expect("sysctl");
+    assert_eq!(
+        accept_local.trim(),
+        "0",
+        "accept_local not restored at exit"
+    );
+    let left = xdp_programs(gw_ns);
+    assert!(
+        left.is_empty(),
+        "XDP program left after SIGTERM:\n{left}\n{}",
+        gin.daemon.log_contents()
+    );
+    assert!(!pins.exists(), "pins left in {}", pins.display());
+    drop(gin);
+
     // A fresh pair of gateways carries a session as before.
     let s = xdp_session(&topo, producer.addr(), 1);
     let transfers = consume_parallel(topo.ns(Node::Consumer), &s.listeners, bytes, 7)
@@ -341,6 +448,88 @@ fn xdp_gateway_restart_leaves_no_program_behind_and_streams_again() {
     transfers[0]
         .verify_with(&seen, bytes)
         .expect("intact after restart");
+}
+
+#[test]
+fn xdp_stream_goes_on_while_both_gateways_s2cs_are_sigkilled_and_restarted() {
+    const TEST: &str = "xdp_stream_goes_on_while_both_gateways_s2cs_are_sigkilled_and_restarted";
+    if !require_root(TEST) {
+        return;
+    }
+    let (topo, _echo, mut s) = echo_session();
+    let stream = Stream::start(topo.ns(Node::Consumer), s.listeners[0]).expect("stream");
+    stream.assert_progress(Duration::from_secs(5));
+    let pins = [pin_dir_of(&s.gin), pin_dir_of(&s.gout)];
+
+    for gw in [&mut s.gin, &mut s.gout] {
+        gw.daemon.signal(Signal::SIGKILL).expect("signal");
+        gw.daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("s2cs exits");
+    }
+    // No s2cs runs on either gateway: the pinned programs translate on.
+    stream.assert_progress(Duration::from_secs(2));
+    stream.assert_progress(Duration::from_secs(2));
+
+    for gw in [&mut s.gin, &mut s.gout] {
+        gw.respawn(RANGE, "xdp", &[]);
+        gw.daemon
+            .wait_for_log("restored 1 stored sessions", Duration::from_secs(10))
+            .expect("session restored");
+        let line = gw.daemon.log_contents();
+        assert!(line.contains("adopted the pinned xdp NAT"), "{line}");
+    }
+    for (ns, pins) in [topo.ns(Node::InboundGw), topo.ns(Node::OutboundGw)]
+        .into_iter()
+        .zip(&pins)
+    {
+        assert_eq!(
+            xdp_programs(ns).lines().count(),
+            2,
+            "one program per veth, not two"
+        );
+        assert!(pins.exists());
+    }
+    stream.assert_progress(Duration::from_secs(5));
+    // New connections go through the restored session as well.
+    let listener = s.listeners[0];
+    let mut fresh = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listener, Duration::from_secs(2))
+    })
+    .unwrap_or_else(|e| panic!("new connection after the restart: {e}\n{}", logs(&s)));
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    assert_eq!(
+        echo_round(&mut fresh, b"after restart").expect("echo"),
+        b"after restart"
+    );
+    drop(fresh);
+    // Every byte sent before, during and after came back verified, no reset.
+    let summary = stream
+        .finish()
+        .unwrap_or_else(|e| panic!("stream across the restart: {e:#}\n{}", logs(&s)));
+    eprintln!(
+        "{TEST}: {} bytes echoed intact over {:?} across the kills",
+        summary.echoed_bytes, summary.elapsed
+    );
+    // Clean stop: nothing attached, nothing pinned.
+    for gw in [&mut s.gin, &mut s.gout] {
+        gw.daemon.signal(Signal::SIGTERM).expect("signal");
+        gw.daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("s2cs exits");
+    }
+    for (ns, pins) in [topo.ns(Node::InboundGw), topo.ns(Node::OutboundGw)]
+        .into_iter()
+        .zip(&pins)
+    {
+        assert!(
+            xdp_programs(ns).is_empty(),
+            "program left after SIGTERM in {ns}"
+        );
+        assert!(!pins.exists(), "pins left in {}", pins.display());
+    }
 }
 
 #[test]

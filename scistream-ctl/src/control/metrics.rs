@@ -42,12 +42,23 @@ pub fn render(reg: &Registry) -> String {
     let total = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
     let failed = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
     let refused = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
+    let guard_session = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
+    let available = Family::<SessionLabels, Gauge>::default();
     let sessions = Gauge::<i64>::default();
     let views = reg.list(None);
     sessions.set(views.len() as i64);
     for v in &views {
         let l = SessionLabels { uid: v.uid.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
         let d = |direction| DirLabels { uid: l.uid.clone(), role: l.role.clone(), backend: l.backend.clone(), direction };
+        // The guard sees frames whatever the backend, so before the skip below.
+        if let Some(d) = reg.guard_session_dropped(&v.uid) {
+            guard_session.get_or_create(&l).inc_by(d.packets);
+        }
+        available.get_or_create(&l).set(v.counters_observable as i64);
+        if !v.counters_observable {
+            // No series rather than zeros a dashboard would read as idle.
+            continue;
+        }
         bytes.get_or_create(&d("forward")).inc_by(v.stats.bytes_forward);
         bytes.get_or_create(&d("backward")).inc_by(v.stats.bytes_backward);
         active.get_or_create(&l).set(v.stats.connections_active as i64);
@@ -61,6 +72,12 @@ pub fn render(reg: &Registry) -> String {
     prom.register("scistream_session_connections", "Connections a session accepted", total);
     prom.register("scistream_session_connections_failed", "Connections that ended with an error", failed);
     prom.register("scistream_tunnel_auth_failures", "Tunnel peers refused (handshake or session proof)", refused);
+    prom.register("scistream_guard_session_dropped_packets", "Packets the XDP guard dropped at a session's ports from sources it does not allow", guard_session);
+    prom.register(
+        "scistream_session_counters_available",
+        "1 when the session's byte and connection series are real; 0 when its backend's program moves the bytes out of s2cs's sight (StunnelSubprocess) and they are omitted",
+        available,
+    );
     if let Some(d) = reg.guard_dropped() {
         let packets = Counter::<u64, AtomicU64>::default();
         packets.inc_by(d.packets);
@@ -68,6 +85,15 @@ pub fn render(reg: &Registry) -> String {
         dropped_bytes.inc_by(d.bytes);
         prom.register("scistream_guard_dropped_packets", "Packets the XDP guard dropped on the data port range", packets);
         prom.register("scistream_guard_dropped_bytes", "Bytes the XDP guard dropped on the data port range", dropped_bytes);
+    }
+    if let Some(drops) = crate::dataplane::xdp::nat_drops() {
+        let (packets, nat_bytes) = (Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(), Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default());
+        for (reason, c) in drops {
+            packets.get_or_create(&vec![("reason", reason)]).inc_by(c.packets);
+            nat_bytes.get_or_create(&vec![("reason", reason)]).inc_by(c.bytes);
+        }
+        prom.register("scistream_xdp_nat_dropped_packets", "Frames the xdp backend's NAT dropped, by reason", packets);
+        prom.register("scistream_xdp_nat_dropped_bytes", "Bytes the xdp backend's NAT dropped, by reason", nat_bytes);
     }
     process_metrics(&mut prom);
     let mut out = String::new();

@@ -12,18 +12,33 @@
 //! host's address as its source; set here and restored at exit) and no strict
 //! rp_filter. A veth only takes redirected frames when its peer has NAPI (GRO
 //! on, or an XDP program attached).
+//!
+//! Restart without loss: the program's links and maps are pinned under
+//! `/sys/fs/bpf/scistream/` (one directory per state directory), so flows
+//! keep being translated while s2cs is down. The next start adopts them when
+//! the state directory holds xdp sessions to restore (a session gets the tag
+//! of its uid, so its restored services find their flows again), and removes
+//! them otherwise. A clean exit detaches and unpins everything, unless
+//! `--keep_sessions`, which leaves the program guarding the data range.
+//!
+//! `--enforce_rate`: each session's TCP payload is policed per direction at
+//! its `rate` by a token bucket in the program (see `RateBucket`).
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use scistream_common::nat::{Event, Service, SessionCounters};
+use scistream_common::guard::Counters;
+use scistream_common::nat::{Event, RateBucket, Service, SessionCounters, LAYOUT_VERSION};
 use tracing::{info, warn};
 
 use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot};
 use crate::config::{PortRange, ServerArgs};
-use crate::ebpf::{AttachMode, EbpfError, Nat};
+use crate::ebpf::{ensure_bpffs, AttachMode, EbpfError, Nat};
 use crate::error_chain;
 
 const NAME: &str = "xdp";
@@ -32,12 +47,46 @@ const NAME: &str = "xdp";
 /// ranges; one shorter than this is refused.
 const MIN_NAT_PORTS: u32 = 1024;
 
+/// Where bpffs is (mounted there if missing).
+const BPFFS: &str = "/sys/fs/bpf";
+/// Overrides [`BPFFS`]: for an s2cs run in its own mount namespace (`ip
+/// netns exec` mounts a fresh /sys, whose bpffs would die with the process),
+/// name a bpffs mounted in the host's namespace before it started.
+const BPFFS_VAR: &str = "SCISTREAM_BPFFS";
+
+fn bpffs() -> PathBuf {
+    std::env::var_os(BPFFS_VAR)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BPFFS))
+}
+
+/// A flow neither closed nor seen for this long no longer counts as an open
+/// connection (the program cannot know whether its ends still exist).
+const OPEN_IDLE_S: u32 = 120;
+
+/// How long restored sessions have to claim the services adopted for them;
+/// restore runs right after start, before the control port opens.
+const ADOPTION_GRACE: Duration = Duration::from_secs(10);
+
+/// The NAT of the running backend, for the host-wide metrics.
+static METRICS_NAT: Mutex<Weak<Mutex<Nat>>> = Mutex::new(Weak::new());
+
 pub struct XdpBackend {
     nat: Arc<Mutex<Nat>>,
-    next_tag: AtomicU32,
+    open: Arc<OpenFlows>,
+    /// Adopted services whose session has not come back yet.
+    unclaimed: Arc<Mutex<HashSet<u16>>>,
+    enforce_rate: bool,
+    /// --keep_sessions: the pins stay at a clean exit.
+    keep_pins: bool,
     /// sysctl files changed at start, with their old values.
     accept_local: Vec<(String, String)>,
+    /// Where those are saved while s2cs runs (a killed s2cs cannot restore them).
+    accept_local_saved: PathBuf,
 }
+
+/// In the state directory: the accept_local values to restore at exit.
+const ACCEPT_LOCAL_FILE: &str = "xdp-accept-local";
 
 fn unsupported(reason: impl Into<String>) -> DataPlaneError {
     DataPlaneError::Unsupported {
@@ -52,11 +101,6 @@ impl XdpBackend {
     /// interfaces than the listeners'). Refuses with the reason when this host
     /// cannot run it.
     pub fn new(args: &ServerArgs) -> Result<Self, DataPlaneError> {
-        if args.enforce_rate {
-            return Err(unsupported(
-                "--enforce_rate paces sockets; xdp forwards frames and holds none to pace",
-            ));
-        }
         if !nix::unistd::geteuid().is_root() {
             return Err(unsupported(
                 "needs root (CAP_BPF and CAP_NET_ADMIN) to attach its XDP program",
@@ -73,21 +117,48 @@ impl XdpBackend {
             None => crate::control::guard::interfaces_of(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
                 .map_err(unsupported)?,
         };
-        let mut nat = Nat::load().map_err(|e| unsupported(error_chain(&e)))?;
+        let state_dir = args.state_dir();
+        // Before the pin directory's name: it opens (creates) the state dir.
+        let stored = stored_sessions(&state_dir);
+        let dir = pin_dir(&state_dir);
+        let ebpf = |e: EbpfError| unsupported(error_chain(&e));
+        ensure_bpffs(&bpffs()).map_err(ebpf)?;
+        if stored.is_empty() && Nat::has_pins(&dir) {
+            Nat::remove_pins(&dir).map_err(ebpf)?;
+            info!(pins = %dir.display(), "removed the xdp NAT pinned by an earlier run: no xdp session to restore");
+        }
+        let mut nat = Nat::load_pinned(&dir).map_err(ebpf)?;
+        let mut unclaimed = HashSet::new();
+        if nat.adopted() {
+            unclaimed = adopt(&mut nat, &stored).map_err(ebpf)?;
+        }
         nat.set_ranges((args.port_range.start, args.port_range.end), nat_range)
-            .map_err(|e| unsupported(error_chain(&e)))?;
+            .map_err(ebpf)?;
         for iface in &ifaces {
             attach(&mut nat, iface).map_err(unsupported)?;
         }
-        let accept_local = allow_local_sources(&ifaces);
+        let gone = nat.unpin_other_links().map_err(ebpf)?;
+        if !gone.is_empty() {
+            info!(ifaces = ?gone, "detached the xdp NAT from interfaces no longer in use");
+        }
+        let saved = state_dir.join(ACCEPT_LOCAL_FILE);
+        let accept_local = allow_local_sources(&ifaces, &saved);
         if !ip_forwarding() {
             warn!("net.ipv4.ip_forward is 0: frames the XDP program cannot redirect itself (no neighbour entry yet) are dropped by the kernel");
         }
-        info!(ifaces = ?ifaces, data_range = %args.port_range, nat_ports = ?nat_range, "xdp NAT attached; it also guards the data range");
+        info!(ifaces = ?ifaces, data_range = %args.port_range, nat_ports = ?nat_range, pins = %dir.display(), "xdp NAT attached; it also guards the data range");
+        let nat = Arc::new(Mutex::new(nat));
+        *METRICS_NAT.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&nat);
+        let unclaimed = Arc::new(Mutex::new(unclaimed));
+        sweep_unclaimed_after(ADOPTION_GRACE, Arc::downgrade(&nat), unclaimed.clone());
         Ok(Self {
-            nat: Arc::new(Mutex::new(nat)),
-            next_tag: AtomicU32::new(1),
+            nat,
+            open: Arc::default(),
+            unclaimed,
+            enforce_rate: args.enforce_rate,
+            keep_pins: args.keep_sessions,
             accept_local,
+            accept_local_saved: saved,
         })
     }
 }
@@ -97,14 +168,197 @@ impl Drop for XdpBackend {
         for (path, old) in &self.accept_local {
             let _ = std::fs::write(path, old);
         }
+        let _ = std::fs::remove_file(&self.accept_local_saved);
+        let mut nat = lock(&self.nat);
+        let dir = nat
+            .pin_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        if self.keep_pins {
+            info!(pins = %dir, "--keep_sessions: the xdp NAT stays attached and pinned (guarding the data range); the next start takes it over");
+        } else {
+            match nat.unpin() {
+                Ok(()) => info!(pins = %dir, "xdp NAT detached and unpinned"),
+                Err(e) => {
+                    warn!(pins = %dir, error = %error_chain(&e), "cannot remove the xdp NAT's pins")
+                }
+            }
+        }
     }
+}
+
+/// The pin directory of the state directory `state_dir`: two s2cs on one
+/// host never adopt each other's NAT, and a program of another map layout
+/// is never adopted.
+fn pin_dir(state_dir: &Path) -> PathBuf {
+    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let hash = fnv1a(canonical.as_os_str().as_bytes());
+    bpffs()
+        .join("scistream")
+        .join(format!("nat-v{LAYOUT_VERSION}-{hash:016x}"))
+}
+
+/// FNV-1a, 64 bits: stable across builds and runs, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A session's service tag, from its uid: the same after a restart, so the
+/// restored services match the flows the program kept translating.
+fn tag_of(uid: &str) -> u32 {
+    let h = fnv1a(uid.as_bytes());
+    ((h >> 32) as u32 ^ h as u32).max(1)
+}
+
+/// The xdp sessions with targets stored in `state_dir`: their tags and
+/// listener ports. The store is closed again before the server opens it.
+fn stored_sessions(state_dir: &Path) -> HashMap<u16, u32> {
+    let records = crate::control::store::Store::open(state_dir).and_then(|s| s.load_raw());
+    let records = match records {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot read the stored sessions; the xdp NAT starts afresh");
+            return HashMap::new();
+        }
+    };
+    records
+        .into_iter()
+        .filter_map(|(_, r)| r)
+        .filter(|r| r.backend == NAME && !r.targets.is_empty())
+        .flat_map(|r| {
+            let tag = tag_of(&r.uid);
+            r.listeners.into_iter().map(move |l| (l.port(), tag))
+        })
+        .collect()
+}
+
+/// Keeps the adopted services of stored sessions (`stored`: port -> tag)
+/// and removes the others with their flows; returns the kept ports, which
+/// the restored sessions are expected to claim.
+fn adopt(nat: &mut Nat, stored: &HashMap<u16, u32>) -> Result<HashSet<u16>, EbpfError> {
+    let mut kept = HashSet::new();
+    let mut dropped = Vec::new();
+    for (port, service) in nat.services()? {
+        if stored.get(&port) == Some(&service.tag) {
+            kept.insert(port);
+        } else {
+            nat.remove_service(port)?;
+            dropped.push(port);
+        }
+    }
+    let tags: HashSet<u32> = stored.values().copied().collect();
+    for tag in nat.bucket_tags()? {
+        if !tags.contains(&tag) {
+            nat.remove_bucket(tag)?;
+        }
+    }
+    info!(kept_ports = ?kept, dropped_ports = ?dropped, "adopted the pinned xdp NAT of an earlier run: its flows keep being translated");
+    Ok(kept)
+}
+
+/// Removes, after `grace`, the adopted services no restored session claimed
+/// (a stored session that failed to come back): nothing may keep
+/// forwarding for a session that no longer exists.
+fn sweep_unclaimed_after(
+    grace: Duration,
+    nat: Weak<Mutex<Nat>>,
+    unclaimed: Arc<Mutex<HashSet<u16>>>,
+) {
+    if unclaimed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("xdp-adoption".into()).spawn(move || {
+        std::thread::sleep(grace);
+        let Some(nat) = nat.upgrade() else { return };
+        let ports: Vec<u16> = unclaimed.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let mut nat = lock(&nat);
+        for port in ports {
+            match nat.remove_service(port) {
+                Ok(_) => warn!(port, "adopted xdp service not claimed by a restored session; removed with its flows"),
+                Err(e) => warn!(port, error = %error_chain(&e), "cannot remove an unclaimed xdp service"),
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the sweep of unclaimed xdp services");
+    }
+}
+
+/// Bucket depth for `rate_kbps`: 10 ms at the rate, at least 64 KiB (a TSO
+/// burst of one connection).
+pub fn bucket_depth(rate_kbps: u64) -> u64 {
+    (rate_kbps.saturating_mul(125) / 100).max(64 * 1024)
+}
+
+/// Open connections per listener port, read from the flow map at most once
+/// a second (one pass over the map serves every session's stats).
+#[derive(Default)]
+struct OpenFlows {
+    cache: Mutex<Option<(Instant, HashMap<u16, u64>)>>,
+}
+
+impl OpenFlows {
+    fn of(&self, nat: &Mutex<Nat>, ports: &[u16]) -> u64 {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+        if !fresh {
+            let now_s = uptime_s();
+            let counted = lock(nat).open_connections(now_s, OPEN_IDLE_S);
+            *cache = Some((Instant::now(), counted.unwrap_or_default()));
+        }
+        let by_port = cache.as_ref().map(|(_, m)| m);
+        ports
+            .iter()
+            .filter_map(|p| by_port.and_then(|m| m.get(p)))
+            .sum()
+    }
+}
+
+/// Seconds since boot, the clock of the program's `seen_s` (CLOCK_BOOTTIME).
+fn uptime_s() -> u32 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The host-wide drop counters of the running xdp NAT, by event, for the
+/// metrics endpoint; `None` when no xdp backend runs in this process.
+pub fn nat_drops() -> Option<Vec<(&'static str, Counters)>> {
+    let nat = METRICS_NAT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .upgrade()?;
+    let nat = lock(&nat);
+    Some(
+        Event::ALL
+            .into_iter()
+            .filter(|e| e.is_drop())
+            .map(|e| (e.name(), nat.events(e).unwrap_or_default()))
+            .collect(),
+    )
 }
 
 /// A translated frame the program hands to the kernel carries this host's
 /// own address as its source, which the kernel drops as a martian unless the
 /// interface has accept_local (strict rp_filter drops it too). Sets
-/// accept_local=1 where it is off and returns what to restore at exit.
-fn allow_local_sources(ifaces: &[String]) -> Vec<(String, String)> {
+/// accept_local=1 where it is off and returns what to restore at exit, also
+/// saved in `saved`: values a killed run set are restored to what they were
+/// before it, not to its 1.
+fn allow_local_sources(ifaces: &[String], saved: &Path) -> Vec<(String, String)> {
+    let earlier: HashMap<String, String> = std::fs::read_to_string(saved)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(p, v)| (p.to_owned(), v.to_owned())))
+        .collect();
     let mut changed = Vec::new();
     for iface in ifaces {
         let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
@@ -118,6 +372,10 @@ fn allow_local_sources(ifaces: &[String]) -> Vec<(String, String)> {
             warn!(iface, "rp_filter is strict (1): frames the XDP program hands to the kernel are dropped there; loose (2) works");
         }
         let path = format!("{conf}/accept_local");
+        if let Some(old) = earlier.get(&path) {
+            changed.push((path, old.clone()));
+            continue;
+        }
         match read("accept_local") {
             Ok(old) if old == "0" => match std::fs::write(&path, "1") {
                 Ok(()) => changed.push((path, old)),
@@ -128,6 +386,10 @@ fn allow_local_sources(ifaces: &[String]) -> Vec<(String, String)> {
             Ok(_) => {}
             Err(e) => warn!(iface, error = %e, "cannot read accept_local"),
         }
+    }
+    let record: String = changed.iter().map(|(p, v)| format!("{p} {v}\n")).collect();
+    if let Err(e) = std::fs::write(saved, record) {
+        warn!(file = %saved.display(), error = %e, "cannot save the accept_local values to restore");
     }
     if !changed.is_empty() {
         info!(set = ?changed.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), "accept_local=1 for frames the XDP program hands to the kernel (restored at exit)");
@@ -170,28 +432,39 @@ impl Backend for XdpBackend {
         listeners: Vec<TcpListener>,
         targets: Vec<SocketAddr>,
     ) -> Result<Box<dyn Forwarder>, DataPlaneError> {
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let tag = tag_of(&spec.uid);
         let ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<std::io::Result<Vec<u16>>>()?;
-        let services = services(&ports, &targets, tag)?;
+        let policed = self.enforce_rate && spec.rate_kbps > 0;
+        let flags = if policed { Service::POLICED } else { 0 };
+        let services = services(&ports, &targets, tag, flags)?;
         let fwd = XdpForwarder {
             nat: self.nat.clone(),
+            open: self.open.clone(),
             uid: spec.uid,
             ports,
             tag,
+            flags,
             listeners: Mutex::new(listeners),
             released: Mutex::new(None),
         };
         {
             let mut nat = lock(&self.nat);
+            if policed {
+                let bucket = RateBucket::new(spec.rate_kbps, bucket_depth(spec.rate_kbps));
+                nat.set_bucket(tag, bucket).map_err(ebpf_io)?;
+            }
+            let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
             for (port, service) in fwd.ports.iter().zip(services) {
                 // On error `fwd` drops and removes what was added.
                 nat.add_service(*port, service).map_err(ebpf_io)?;
+                unclaimed.remove(port);
             }
         }
-        info!(uid = %fwd.uid, side = ?spec.side, ports = ?fwd.ports, ?targets, "xdp session translating");
+        let rate_kbps = if policed { spec.rate_kbps } else { 0 };
+        info!(uid = %fwd.uid, side = ?spec.side, ports = ?fwd.ports, ?targets, policed_kbps = rate_kbps, "xdp session translating");
         Ok(Box::new(fwd))
     }
 }
@@ -202,6 +475,7 @@ fn services(
     ports: &[u16],
     targets: &[SocketAddr],
     tag: u32,
+    flags: u16,
 ) -> Result<Vec<Service>, DataPlaneError> {
     ports
         .iter()
@@ -211,7 +485,7 @@ fn services(
                 .get(i)
                 .or(targets.last())
                 .ok_or_else(|| unsupported("a session without targets"))?;
-            service_for(*target, tag)
+            service_for(*target, tag).map(|s| Service { flags, ..s })
         })
         .collect()
 }
@@ -227,7 +501,7 @@ fn service_for(target: SocketAddr, tag: u32) -> Result<Service, DataPlaneError> 
         target_addr: v4.ip().octets(),
         snat_addr: snat.octets(),
         target_port: v4.port(),
-        _pad: 0,
+        flags: 0,
         tag,
     })
 }
@@ -254,9 +528,11 @@ fn ebpf_io(e: EbpfError) -> DataPlaneError {
 
 struct XdpForwarder {
     nat: Arc<Mutex<Nat>>,
+    open: Arc<OpenFlows>,
     uid: String,
     ports: Vec<u16>,
     tag: u32,
+    flags: u16,
     /// Kept bound so no other session or program takes the ports.
     listeners: Mutex<Vec<TcpListener>>,
     /// Final counters once released.
@@ -288,12 +564,16 @@ impl XdpForwarder {
             passed_to_stack = count(Event::PassedToStack),
             stale_flows = count(Event::StaleFlow),
             redirected = count(Event::Redirected),
-            "xdp NAT frames since start"
+            over_rate = count(Event::OverRate),
+            "xdp NAT frames since the program was loaded"
         );
     }
 
     fn remove(&self) -> SessionCounters {
         let mut nat = lock(&self.nat);
+        if let Err(e) = nat.remove_bucket(self.tag) {
+            warn!(uid = %self.uid, error = %error_chain(&e), "cannot remove an xdp rate bucket");
+        }
         self.ports
             .iter()
             .filter_map(|&p| match nat.remove_service(p) {
@@ -309,7 +589,7 @@ impl XdpForwarder {
 
 impl Forwarder for XdpForwarder {
     fn set_targets(&self, targets: Vec<SocketAddr>) {
-        let services = match services(&self.ports, &targets, self.tag) {
+        let services = match services(&self.ports, &targets, self.tag, self.flags) {
             Ok(s) => s,
             Err(e) => {
                 warn!(uid = %self.uid, error = %error_chain(&e), "xdp cannot retarget; new connections keep the old targets");
@@ -326,10 +606,20 @@ impl Forwarder for XdpForwarder {
 
     fn stats(&self) -> StatsSnapshot {
         let c = self.counters();
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
         StatsSnapshot {
             bytes_forward: c.forward_bytes,
             bytes_backward: c.backward_bytes,
             connections_total: c.flows,
+            connections_active: if released {
+                0
+            } else {
+                self.open.of(&self.nat, &self.ports)
+            },
             ..StatsSnapshot::default()
         }
     }
@@ -340,7 +630,7 @@ impl Forwarder for XdpForwarder {
             if released.is_none() {
                 let last = self.remove();
                 self.log_host_events();
-                info!(uid = %self.uid, forward_bytes = last.forward_bytes, backward_bytes = last.backward_bytes, flows = last.flows, "xdp session released; its flows are no longer translated");
+                info!(uid = %self.uid, forward_bytes = last.forward_bytes, backward_bytes = last.backward_bytes, flows = last.flows, over_rate_packets = last.over_rate_packets, "xdp session released; its flows are no longer translated");
                 *released = Some(last);
                 self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clear();
             }
@@ -424,11 +714,29 @@ mod tests {
     }
 
     #[test]
-    fn enforce_rate_is_refused_before_anything_is_attached() {
-        use clap::Parser;
-        let args = ServerArgs::try_parse_from(["s2cs", "--type", "xdp", "--enforce_rate"]).unwrap();
-        let err = XdpBackend::new(&args).err().expect("refused");
-        assert!(err.to_string().contains("--enforce_rate"), "{err}");
+    fn bucket_holds_10_ms_at_the_rate_and_never_less_than_64_kib() {
+        assert_eq!(bucket_depth(80_000), 100_000);
+        assert_eq!(bucket_depth(1_000), 64 * 1024);
+        assert_eq!(bucket_depth(10_000_000), 12_500_000);
+    }
+
+    #[test]
+    fn a_session_tag_depends_on_its_uid_only_and_is_never_zero() {
+        let uid = "0c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e";
+        assert_eq!(tag_of(uid), tag_of(uid));
+        assert_ne!(tag_of(uid), tag_of("another"));
+        assert_ne!(tag_of(""), 0);
+    }
+
+    #[test]
+    fn pin_directories_differ_per_state_directory_and_name_the_layout() {
+        let a = pin_dir(Path::new("/nonexistent/a"));
+        let b = pin_dir(Path::new("/nonexistent/b"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(bpffs().join("scistream")), "{}", a.display());
+        assert!(a
+            .to_string_lossy()
+            .contains(&format!("nat-v{LAYOUT_VERSION}-")));
     }
 
     #[test]

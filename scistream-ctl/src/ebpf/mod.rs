@@ -9,8 +9,8 @@ mod guard;
 mod nat;
 mod sockmap;
 
-pub use guard::{AttachMode, Guard, Verdict};
-pub use nat::{Action, Nat};
+pub use guard::{AttachMode, Guard, PeerNet, Verdict};
+pub use nat::{ensure_bpffs, Action, Nat};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
 
@@ -71,6 +71,12 @@ pub enum EbpfError {
     InvalidPortRange { lo: u16, hi: u16 },
     #[error("reading a socket's cookie (SO_COOKIE)")]
     SocketCookie(#[source] std::io::Error),
+    #[error("eBPF pin {}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot count the possible CPUs ({path})")]
     Cpus {
         path: &'static str,
@@ -93,6 +99,7 @@ impl EbpfError {
             Self::DevMap { .. } => "ebpf_devmap",
             Self::InvalidPortRange { .. } => "ebpf_invalid_port_range",
             Self::Cpus { .. } => "ebpf_cpus",
+            Self::Pin { .. } => "ebpf_pin",
             Self::SocketCookie(_) => "ebpf_socket_cookie",
         }
     }

@@ -15,12 +15,22 @@
 //!   in NAT_TX_PORTS means a redirect (TTL decremented here); anything else
 //!   goes up as XDP_PASS, already translated, to the kernel's forwarding
 //!   (which then needs ip_forward and accept_local, see the backend's docs).
+//! - A session with a rate (`--enforce_rate`) has a token bucket per
+//!   direction (GCRA, updated with one compare-and-swap from any CPU): a
+//!   segment whose payload finds the bucket empty is dropped and counted;
+//!   segments without payload (ACKs) always pass, so TCP's feedback survives.
+//! - Each flow entry records the FIN/RST its direction carried and when it was
+//!   last seen (to the second), for the count of live connections.
 //! - IPv4 only. IPv6 is guarded (TCP/UDP to the range dropped) but never
 //!   translated; the backend refuses IPv6 sessions. Non-first fragments carry
 //!   no ports and pass; a first fragment to a session port is dropped (TCP
 //!   sets DF, so this is rare). VLAN-tagged frames pass untouched.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target declares no compare-and-swap (atomic-cas: false) although
+// the kernel has BPF_CMPXCHG (5.12+): the intrinsic reaches it. See `cas`.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 use aya_ebpf::{
     bindings::{
@@ -28,7 +38,7 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
         BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
     },
-    helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
@@ -36,7 +46,7 @@ use aya_ebpf::{
 use scistream_common::{
     guard::Counters,
     nat::{
-        Event, FlowKey, NatConfig, Rewrite, Service, SessionCounters, MAX_FLOW_ENTRIES,
+        Event, FlowKey, NatConfig, RateBucket, Rewrite, Service, SessionCounters, MAX_FLOW_ENTRIES,
         MAX_SERVICES, PORT_TRIES,
     },
 };
@@ -56,6 +66,8 @@ static NAT_STATS: PerCpuHashMap<u16, SessionCounters> =
 static NAT_EVENTS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Event::COUNT, 0);
 #[map]
 static NAT_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+#[map]
+static NAT_BUCKETS: HashMap<u32, RateBucket> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -66,7 +78,9 @@ const TCP_HLEN: usize = 20;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
@@ -145,16 +159,29 @@ fn ipv4(ctx: &XdpContext, config: &NatConfig) -> Result<u32, Event> {
         protocol,
         _pad: [0; 3],
     };
-    if let Some(flow) = NAT_FLOWS.get_ptr(&key) {
+    let tcp = bytes::<TCP_HLEN>(ctx, l4).ok_or(Event::Malformed)?;
+    let tcp_flags = tcp[13];
+    let total_len = u16::from_be_bytes([ip[2], ip[3]]);
+    let headers = ihl as u16 + u16::from(tcp[12] >> 4) * 4;
+    let payload = u64::from(total_len.saturating_sub(headers));
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(flow) = NAT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: a pointer from a map lookup stays valid for this run (LRU
         // elements are preallocated); a concurrent update can at worst give a
         // mix of old and new fields of the same flow.
         let rewrite = unsafe { *flow };
-        if live(&rewrite) {
+        if let Some(service) = live(&rewrite) {
             if fragment & IP_MF != 0 {
                 return Err(Event::Fragment);
             }
-            return translate(ctx, l4, &rewrite);
+            // SAFETY: as above; only this direction's bookkeeping fields.
+            unsafe { note_frame(flow, tcp_flags, now) };
+            if !police(&service, rewrite.direction, payload, now) {
+                count_over_rate(&rewrite, payload);
+                return Err(Event::OverRate);
+            }
+            return translate(ctx, l4, &rewrite, payload);
         }
         let _ = NAT_FLOWS.remove(&key);
         count_event(ctx, Event::StaleFlow);
@@ -171,29 +198,111 @@ fn ipv4(ctx: &XdpContext, config: &NatConfig) -> Result<u32, Event> {
     if fragment & IP_MF != 0 {
         return Err(Event::Fragment);
     }
-    let tcp = bytes::<TCP_HLEN>(ctx, l4).ok_or(Event::Malformed)?;
-    if tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+    if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         // No flow and not an opening SYN (the flow was evicted, or the
         // segment is stray): the listener's socket answers with a reset.
         return Ok(XDP_PASS);
     }
-    let rewrite = new_flow(&key, &service, config)?;
-    translate(ctx, l4, &rewrite)
+    let rewrite = new_flow(&key, &service, config, now)?;
+    translate(ctx, l4, &rewrite, payload)
 }
 
-/// The flow's session still holds its listener port (same tag).
+/// The flow's service, if its session still holds the listener port (same tag).
 #[inline(always)]
-fn live(rewrite: &Rewrite) -> bool {
-    match NAT_SERVICES.get_ptr(rewrite.listener_port) {
-        // SAFETY: see `ipv4`.
-        Some(s) => unsafe { (*s).tag == rewrite.tag },
-        None => false,
+fn live(rewrite: &Rewrite) -> Option<Service> {
+    // SAFETY: see `ipv4`.
+    let service = unsafe { *NAT_SERVICES.get_ptr(rewrite.listener_port)? };
+    (service.tag == rewrite.tag).then_some(service)
+}
+
+/// Records this direction's FIN/RST and the second it was last seen; writes
+/// only on a change, so a busy flow's entry is mostly just read.
+///
+/// # Safety
+/// `flow` is a live pointer into the flow map.
+#[inline(always)]
+unsafe fn note_frame(flow: *mut Rewrite, tcp_flags: u8, now: u64) {
+    let mut flags = 0;
+    if tcp_flags & TCP_FLAG_FIN != 0 {
+        flags |= Rewrite::FIN_SEEN;
     }
+    if tcp_flags & TCP_FLAG_RST != 0 {
+        flags |= Rewrite::RST_SEEN;
+    }
+    if flags & !(*flow).flags != 0 {
+        (*flow).flags |= flags;
+    }
+    let second = (now / 1_000_000_000) as u32;
+    if (*flow).seen_s != second {
+        (*flow).seen_s = second;
+    }
+}
+
+/// Whether a segment with `payload` bytes conforms to the session's rate in
+/// its direction; takes its cost from the bucket when it does. Lost races
+/// retry a few times, then let the segment pass (a contended bucket is one
+/// many CPUs are filling at once, not one running dry).
+#[inline(always)]
+fn police(service: &Service, direction: u8, payload: u64, now: u64) -> bool {
+    if service.flags & Service::POLICED == 0 || payload == 0 {
+        return true;
+    }
+    let Some(bucket) = NAT_BUCKETS.get_ptr_mut(&service.tag) else {
+        return true;
+    };
+    // SAFETY: a live map value for this run; the two rate fields are only
+    // written by user space when it creates the entry.
+    let (limits, tat) = unsafe {
+        (
+            *bucket,
+            &mut (*bucket).tat[usize::from(direction & 1)] as *mut u64,
+        )
+    };
+    let cost = limits.cost_ns(payload);
+    for _ in 0..4 {
+        // SAFETY: an aligned u64 inside the map value; a torn read is
+        // impossible (64-bit loads are single instructions) and the swap
+        // below rejects a stale one.
+        let current = unsafe { core::ptr::read_volatile(tat) };
+        match limits.admit(current, now, cost) {
+            None => return false,
+            // SAFETY: as above.
+            Some(next) if unsafe { cas(tat, current, next) } => return true,
+            Some(_) => {}
+        }
+    }
+    true
+}
+
+/// Atomically replaces `*at` with `new` if it still holds `old`.
+///
+/// # Safety
+/// `at` points to a live, aligned u64 (here: inside a map value).
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+unsafe fn cas(at: *mut u64, old: u64, new: u64) -> bool {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+    atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(at, old, new).1
+}
+
+/// The host build of this file only type-checks it; same meaning.
+#[cfg(not(target_arch = "bpf"))]
+unsafe fn cas(at: *mut u64, old: u64, new: u64) -> bool {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    AtomicU64::from_ptr(at)
+        .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
 }
 
 /// Picks a free source port and records both directions of the flow.
 #[inline(always)]
-fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig) -> Result<Rewrite, Event> {
+fn new_flow(
+    key: &FlowKey,
+    service: &Service,
+    config: &NatConfig,
+    now: u64,
+) -> Result<Rewrite, Event> {
+    let seen_s = (now / 1_000_000_000) as u32;
     let span = config.nat_span();
     if span == 0 {
         return Err(Event::PortsExhausted);
@@ -205,8 +314,9 @@ fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig) -> Result<Rewr
         dport: key.sport,
         listener_port: key.dport,
         direction: Rewrite::BACKWARD,
-        _pad: 0,
+        flags: 0,
         tag: service.tag,
+        seen_s,
     };
     for _ in 0..PORT_TRIES {
         // SAFETY: helper without arguments.
@@ -235,8 +345,9 @@ fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig) -> Result<Rewr
             dport: service.target_port,
             listener_port: key.dport,
             direction: Rewrite::FORWARD,
-            _pad: 0,
+            flags: 0,
             tag: service.tag,
+            seen_s,
         };
         if NAT_FLOWS.insert(key, &forward, 0).is_err() {
             let _ = NAT_FLOWS.remove(&reply);
@@ -254,7 +365,7 @@ fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig) -> Result<Rewr
 /// Rewrites addresses and ports with their checksums, counts the payload
 /// and sends the frame on.
 #[inline(always)]
-fn translate(ctx: &XdpContext, l4: usize, rewrite: &Rewrite) -> Result<u32, Event> {
+fn translate(ctx: &XdpContext, l4: usize, rewrite: &Rewrite, payload: u64) -> Result<u32, Event> {
     let ip = bytes_mut::<IPV4_HLEN>(ctx, ETH_HLEN).ok_or(Event::Malformed)?;
     let tcp = bytes_mut::<TCP_HLEN>(ctx, l4).ok_or(Event::Malformed)?;
 
@@ -281,8 +392,7 @@ fn translate(ctx: &XdpContext, l4: usize, rewrite: &Rewrite) -> Result<u32, Even
     tcp[16..18].copy_from_slice(&tcp_check.to_be_bytes());
 
     let total_len = u16::from_be_bytes([ip[2], ip[3]]);
-    let headers = (l4 - ETH_HLEN) as u16 + u16::from(tcp[12] >> 4) * 4;
-    count_session(rewrite, u64::from(total_len.saturating_sub(headers)));
+    count_session(rewrite, payload);
     Ok(forward(ctx, ip, total_len))
 }
 
@@ -442,6 +552,17 @@ fn count_session(rewrite: &Rewrite, payload: u64) {
                 (*c).backward_packets = (*c).backward_packets.wrapping_add(1);
                 (*c).backward_bytes = (*c).backward_bytes.wrapping_add(payload);
             }
+        }
+    }
+}
+
+#[inline(always)]
+fn count_over_rate(rewrite: &Rewrite, payload: u64) {
+    if let Some(c) = NAT_STATS.get_ptr_mut(rewrite.listener_port) {
+        // SAFETY: as in `count_session`.
+        unsafe {
+            (*c).over_rate_packets = (*c).over_rate_packets.wrapping_add(1);
+            (*c).over_rate_bytes = (*c).over_rate_bytes.wrapping_add(payload);
         }
     }
 }
