@@ -8,19 +8,112 @@ pub const PROGRAM: &str = "xdp_guard";
 /// `Array<GuardConfig>`, one entry: the guarded range. All zero at load, so a
 /// freshly loaded guard passes everything until user space sets a range.
 pub const CONFIG_MAP: &str = "GUARD_CONFIG";
-/// `HashMap<u16, u32>`: destination port -> session tag, the ports that may pass.
+/// `HashMap<u16, AllowedPort>`: destination port -> owning session, the ports
+/// that may pass.
 pub const ALLOWED_MAP: &str = "GUARD_ALLOWED";
-/// `PerCpuHashMap<u16, Counters>`: traffic passed per allowed port. User space
-/// creates and removes the entries; the kernel only updates existing ones, so
-/// no packet can grow the map.
+/// `PerCpuHashMap<u16, PortCounters>`: traffic passed to, and dropped at, each
+/// allowed port. User space creates and removes the entries; the kernel only
+/// updates existing ones, so no packet can grow the map.
 pub const PORT_STATS_MAP: &str = "GUARD_STATS";
-/// `PerCpuArray<Counters>`, indexed by [`DropReason`]: everything dropped.
+/// `PerCpuArray<Counters>`, indexed by [`DropReason`]: everything dropped,
+/// host-wide (drops at a session's port are also in its [`PortCounters`]).
 pub const DROPS_MAP: &str = "GUARD_DROPS";
+/// `LpmTrie<PeerKey, u8>`: the source networks a peer-restricted session
+/// accepts. The session tag leads the key, so one prefix lookup answers "does
+/// this session allow this source"; the value is unused.
+pub const PEERS_MAP: &str = "GUARD_PEERS";
 
 /// Capacity of the allowed-port and per-port maps. Per-CPU maps are
 /// preallocated for every possible CPU, so this stays modest: 4096 ports cost
 /// 64 KiB per CPU.
 pub const MAX_ALLOWED_PORTS: u32 = 4096;
+
+/// Capacity of the peer map: allowed networks over all sessions.
+pub const MAX_PEER_NETS: u32 = 4096;
+
+/// [`AllowedPort::flags`]: only sources in the session's [`PEERS_MAP`] entries pass.
+pub const PEERS_RESTRICTED: u32 = 1;
+
+/// What the guard knows of an allowed port: the session holding it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowedPort {
+    pub tag: u32,
+    pub flags: u32,
+}
+
+impl AllowedPort {
+    pub const fn peers_restricted(&self) -> bool {
+        self.flags & PEERS_RESTRICTED != 0
+    }
+}
+
+/// Key data of [`PEERS_MAP`]: session tag, then the source address, IPv4 as
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so both families share one trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKey {
+    pub tag: u32,
+    pub addr: [u8; 16],
+}
+
+impl PeerKey {
+    /// Prefix length (in bits, as the LPM trie counts them) that covers the
+    /// tag and a whole address: what the kernel looks up for a frame.
+    pub const EXACT_BITS: u32 = 32 + 128;
+
+    pub const fn v4(tag: u32, a: [u8; 4]) -> Self {
+        Self {
+            tag,
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+            ],
+        }
+    }
+
+    pub const fn v6(tag: u32, addr: [u8; 16]) -> Self {
+        Self { tag, addr }
+    }
+
+    /// Trie prefix length for a network of `prefix` bits (IPv4: 0..=32,
+    /// IPv6: 0..=128); the tag always matches whole.
+    pub const fn bits(v4: bool, prefix: u8) -> u32 {
+        32 + if v4 { 96 } else { 0 } + prefix as u32
+    }
+}
+
+/// Per allowed port: frames passed, and frames dropped because their source
+/// is not among the session's peers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    pub passed: Counters,
+    pub dropped: Counters,
+}
+
+impl PortCounters {
+    pub const ZERO: Self = Self {
+        passed: Counters::ZERO,
+        dropped: Counters::ZERO,
+    };
+}
+
+impl core::ops::Add for PortCounters {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            passed: self.passed + other.passed,
+            dropped: self.dropped + other.dropped,
+        }
+    }
+}
+
+impl core::iter::Sum for PortCounters {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::ZERO, |a, b| a + b)
+    }
+}
 
 /// The guarded destination port range, inclusive, host byte order.
 #[repr(C)]
@@ -94,15 +187,19 @@ impl core::iter::Sum for Counters {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// TCP or UDP to a port in the guarded range that no live session holds.
+    /// TCP or UDP to a port in the guarded range that no live session holds
+    /// (a port scan, or traffic for a session already gone).
     NotAllowed = 0,
     /// An IP packet whose headers end before its destination port, or that
     /// cannot be parsed far enough to rule out TCP/UDP to the guarded range.
     Malformed = 1,
+    /// To a live session's port, from a source the session does not allow;
+    /// also counted on that port.
+    PeerNotAllowed = 2,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 2] = [Self::NotAllowed, Self::Malformed];
+    pub const ALL: [Self; 3] = [Self::NotAllowed, Self::Malformed, Self::PeerNotAllowed];
     /// Length of [`DROPS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -115,13 +212,23 @@ impl DropReason {
 // would be uninitialised memory on one side.
 const _: () = assert!(core::mem::size_of::<GuardConfig>() == 4);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+const _: () = assert!(core::mem::size_of::<AllowedPort>() == 8);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PortCounters>() == 32);
 
-// Sound: both are repr(C), made only of integers, with no padding bytes
-// (2 x u16 and 2 x u64), so any bit pattern the kernel hands back is valid.
+// Sound: all are repr(C), made only of integers, with no padding bytes (the
+// sizes above are the sums of their fields), so any bit pattern the kernel
+// hands back is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for GuardConfig {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counters {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for AllowedPort {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PortCounters {}
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +247,17 @@ mod tests {
         assert!(c.guards(5000));
         assert!(c.guards(5010));
         assert!(!c.guards(5011));
+    }
+
+    #[test]
+    fn ipv4_peers_share_the_trie_as_mapped_addresses() {
+        let k = PeerKey::v4(9, [192, 0, 2, 7]);
+        assert_eq!(k.addr[10..], [0xff, 0xff, 192, 0, 2, 7]);
+        assert_eq!(k.addr[..10], [0; 10]);
+        // A /24 covers tag, the ::ffff:0:0/96 mapping and 24 address bits.
+        assert_eq!(PeerKey::bits(true, 24), 32 + 96 + 24);
+        assert_eq!(PeerKey::bits(true, 32), PeerKey::EXACT_BITS);
+        assert_eq!(PeerKey::bits(false, 128), PeerKey::EXACT_BITS);
     }
 
     #[test]

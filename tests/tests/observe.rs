@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::Gateway;
+use common::{http_get, Gateway};
 use testbed::netns::addr;
 use testbed::{require_root, Node, Producer, Stream, Topology};
 
@@ -66,18 +66,6 @@ fn status_and_list_show_live_counters_and_watch_ends_at_release() {
         assert!(text.trim_end().ends_with("was released"), "{text}");
     });
     stream.finish().expect("stream intact");
-}
-
-/// Plain HTTP GET from inside a namespace.
-fn http_get(ns: &str, addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    testbed::in_netns(ns, || {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    })
 }
 
 #[test]

@@ -123,6 +123,10 @@ pub struct InboundArgs {
     /// Rate in kbit/s (recorded by the server).
     #[arg(long, default_value_t = 10000)]
     pub rate: i32,
+    /// Sources (ip or ip/len, comma-separated) that may reach the session's
+    /// listeners; the gateway's XDP guard drops and counts the rest. Default: any.
+    #[arg(long = "allowed_peers", alias = "allowed-peers", value_delimiter = ',')]
+    pub allowed_peers: Vec<String>,
     /// Accepted for SciStream compatibility; does nothing.
     #[arg(long, hide = true)]
     pub mock: bool,
@@ -145,6 +149,10 @@ pub struct OutboundArgs {
     pub num_conn: i32,
     #[arg(long, default_value_t = 10000)]
     pub rate: i32,
+    /// Sources (ip or ip/len, comma-separated) that may reach the session's
+    /// listeners; the gateway's XDP guard drops and counts the rest. Default: any.
+    #[arg(long = "allowed_peers", alias = "allowed-peers", value_delimiter = ',')]
+    pub allowed_peers: Vec<String>,
     #[arg(long, hide = true)]
     pub mock: bool,
 }
@@ -221,7 +229,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let oauth = &cli.oauth;
     match cli.command {
         Command::Inbound(a) => {
-            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers);
             let uid = new_uid();
             let producers: Vec<String> =
                 a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string()).collect();
@@ -233,7 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
         }
         Command::Outbound(a) => {
-            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers);
             let uid = crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
             let remote = crate::addr::parse_addr_list(&a.prod_listeners).map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
             let hello_addrs: Vec<String> = match a.remote_ip {

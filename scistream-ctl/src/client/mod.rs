@@ -29,6 +29,8 @@ pub struct Connection {
     client: ControlClient<Channel>,
     token: String,
     pub target: String,
+    /// Sent in `req` (`Request.allowed_peers`); empty: any source.
+    allowed_peers: Vec<String>,
 }
 
 /// Splits `host:port` / `[v6]:port` into the host part used for certificate checking.
@@ -61,7 +63,7 @@ impl Connection {
             ep = ep.tls_config(tls).context("TLS configuration")?;
         }
         let channel = ep.connect().await.map_err(|e| anyhow!("cannot connect to s2cs at {s2cs}: {}", crate::oauth::error_chain(&e)))?;
-        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into() })
+        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into(), allowed_peers: Vec::new() })
     }
 
     fn with_token<T>(&self, msg: T) -> tonic::Request<T> {
@@ -72,8 +74,14 @@ impl Connection {
         r
     }
 
+    /// Later `req`s ask the gateway to let only these sources reach the session.
+    pub fn with_allowed_peers(mut self, peers: &[String]) -> Self {
+        self.allowed_peers = peers.to_vec();
+        self
+    }
+
     pub async fn req(&self, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<proto::Response, Status> {
-        let msg = proto::Request { uid: uid.into(), role: role.into(), num_conn, rate };
+        let msg = proto::Request { uid: uid.into(), role: role.into(), num_conn, rate, allowed_peers: self.allowed_peers.clone() };
         Ok(self.client.clone().req(self.with_token(msg)).await?.into_inner())
     }
 

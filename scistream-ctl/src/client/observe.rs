@@ -18,6 +18,7 @@ pub fn info_json(s: &SessionInfo) -> serde_json::Value {
         "connections_failed": s.connections_failed,
         "bytes_forward": s.bytes_forward, "bytes_backward": s.bytes_backward,
         "auth_failures": s.auth_failures, "age_ms": s.age_ms, "owner": s.owner,
+        "guard_dropped_packets": s.guard_dropped_packets, "guard_dropped_bytes": s.guard_dropped_bytes,
         "counters_observable": counters_observable(&s.backend),
     })
 }
@@ -90,6 +91,9 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     }
     if s.auth_failures > 0 {
         println!("refused:     {} tunnel peers failed the session proof", s.auth_failures);
+    }
+    if s.guard_dropped_packets > 0 {
+        println!("guard:       {} frames ({}) from peers not allowed, dropped", s.guard_dropped_packets, bytes(s.guard_dropped_bytes));
     }
     println!("age:         {} s (requested rate {} kbit/s)", s.age_ms / 1000, s.rate);
 }

@@ -2,23 +2,54 @@
 //! a session reserves it and dropped again when the session goes. Set-up
 //! (which interfaces, whether the host can) happens once at start; a host
 //! that cannot run the guard gets a one-line warning and runs unguarded.
+//! A session may name the peers it accepts (`Request.allowed_peers`); frames
+//! to its ports from anyone else are dropped and counted on that session.
 
 use crate::error_chain;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use tracing::{info, warn};
 
+use super::error::ControlError;
 use crate::config::{BackendKind, ServerArgs};
-use crate::ebpf::{AttachMode, Counters, Guard};
-use scistream_common::guard::MAX_ALLOWED_PORTS;
+use crate::ebpf::{AttachMode, Counters, Guard, PeerNet};
+use scistream_common::guard::{MAX_ALLOWED_PORTS, MAX_PEER_NETS};
+
+/// Networks one session may name; keeps one caller from filling the
+/// host-wide peer map.
+pub const MAX_PEERS_PER_SESSION: usize = 64;
 
 /// The running guard of one `s2cs`.
 pub struct PortGuard {
-    guard: Mutex<Guard>,
+    state: Mutex<State>,
     ifaces: Vec<String>,
     next_tag: AtomicU32,
+}
+
+struct State {
+    guard: Guard,
+    /// Live sessions by uid.
+    sessions: HashMap<String, Allowed>,
+    /// Peers named by a `req` whose session is not allowed yet.
+    pending_peers: HashMap<String, Vec<PeerNet>>,
+}
+
+/// What the guard holds for one session.
+struct Allowed {
+    tag: u32,
+    ports: Vec<u16>,
+    /// Empty: any source.
+    peers: Vec<PeerNet>,
+}
+
+impl State {
+    fn peer_nets_in_use(&self) -> usize {
+        self.sessions.values().map(|s| s.peers.len()).sum::<usize>()
+            + self.pending_peers.values().map(Vec::len).sum::<usize>()
+    }
 }
 
 impl PortGuard {
@@ -77,54 +108,152 @@ impl PortGuard {
                 })?;
             }
         }
-        Ok(Self { guard: Mutex::new(guard), ifaces, next_tag: AtomicU32::new(1) })
+        let state = State { guard, sessions: HashMap::new(), pending_peers: HashMap::new() };
+        Ok(Self { state: Mutex::new(state), ifaces, next_tag: AtomicU32::new(1) })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Guard> {
-        self.guard.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lets a new session's ports through.
+    /// Records the peers the session `uid` will accept, before its `req`
+    /// reserves ports; [`allow`](Self::allow) applies them. An empty list
+    /// forgets what was recorded (a `req` that failed).
+    pub fn expect_peers(&self, uid: &str, peers: Vec<PeerNet>) -> Result<(), ControlError> {
+        let mut state = self.lock();
+        state.pending_peers.remove(uid);
+        if peers.is_empty() {
+            return Ok(());
+        }
+        if state.peer_nets_in_use() + peers.len() > MAX_PEER_NETS as usize {
+            return Err(ControlError::FailedPrecondition(format!(
+                "the XDP guard holds its maximum of {MAX_PEER_NETS} peer networks; release sessions or name fewer peers"
+            )));
+        }
+        state.pending_peers.insert(uid.to_owned(), peers);
+        Ok(())
+    }
+
+    /// Lets a new session's ports through: from any source, or only from
+    /// the peers [`expect_peers`](Self::expect_peers) recorded for it.
     pub fn allow(&self, uid: &str, ports: &[u16]) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.lock();
+        let mut state = self.lock();
+        let peers = state.pending_peers.remove(uid).unwrap_or_default();
+        let State { guard, sessions, .. } = &mut *state;
+        // Peers before ports: a restricted port never passes a source early.
+        let mut failed = peers.iter().find_map(|net| guard.allow_peer(tag, net).err());
         for &port in ports {
-            if let Err(e) = guard.allow_port(port, tag) {
-                // The session must stay reachable: rather open the range than
-                // drop a live session's traffic.
-                warn!(uid, port, error = %error_chain(&e), "cannot allow a port in the XDP guard; guard disabled");
-                let _ = guard.set_port_range(0, 0);
+            if failed.is_some() {
+                break;
             }
+            let allowed = if peers.is_empty() { guard.allow_port(port, tag) } else { guard.allow_port_from_peers(port, tag) };
+            failed = allowed.err();
         }
+        if let Some(e) = failed {
+            // The session must stay reachable: rather open the range than
+            // drop a live session's traffic.
+            warn!(uid, error = %error_chain(&e), "cannot allow a session in the XDP guard; guard disabled");
+            let _ = guard.set_port_range(0, 0);
+        }
+        if !peers.is_empty() {
+            info!(uid, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "XDP guard: session ports accept these peers only");
+        }
+        sessions.insert(uid.to_owned(), Allowed { tag, ports: ports.to_vec(), peers });
     }
 
     /// Drops a released session's ports again; returns what passed to them.
     pub fn deny(&self, ports: &[u16]) -> Counters {
-        let mut guard = self.lock();
+        let mut state = self.lock();
+        let State { guard, sessions, .. } = &mut *state;
+        let uid = sessions.iter().find(|(_, s)| s.ports.iter().any(|p| ports.contains(p))).map(|(uid, _)| uid.clone());
+        if let Some(session) = uid.and_then(|uid| sessions.remove(&uid).map(|s| (uid, s))) {
+            let (uid, s) = session;
+            let dropped: Counters = s.ports.iter().filter_map(|&p| guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum();
+            if !s.peers.is_empty() {
+                info!(uid, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "XDP guard: frames from peers the session did not allow");
+            }
+            // Ports before peers: no frame meets a restricted port whose peer
+            // list is already gone.
+            let passed = ports.iter().filter_map(|&p| guard.deny_port(p).ok()).sum();
+            for net in &s.peers {
+                let _ = guard.deny_peer(s.tag, net);
+            }
+            return passed;
+        }
         ports.iter().filter_map(|&p| guard.deny_port(p).ok()).sum()
     }
 
     /// Traffic passed to these ports so far.
     pub fn passed(&self, ports: &[u16]) -> Counters {
-        let guard = self.lock();
-        ports.iter().filter_map(|&p| guard.port_stats(p).ok().flatten()).sum()
+        let state = self.lock();
+        ports.iter().filter_map(|&p| state.guard.port_stats(p).ok().flatten()).sum()
     }
 
-    /// Everything dropped on the data range since start.
+    /// Frames dropped at the session's ports because their source is not
+    /// among its peers (zero for a session that accepts any source); `None`
+    /// for a session the guard does not know.
+    pub fn session_dropped(&self, uid: &str) -> Option<Counters> {
+        let state = self.lock();
+        let s = state.sessions.get(uid)?;
+        Some(s.ports.iter().filter_map(|&p| state.guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum())
+    }
+
+    /// Everything dropped on the data range since start: port scans,
+    /// malformed frames and the sessions' own peer drops.
     pub fn dropped(&self) -> Counters {
-        self.lock().dropped().unwrap_or_default()
+        self.lock().guard.dropped().unwrap_or_default()
     }
 
     /// Detaches from every interface (dropping the guard would too; this
     /// does it now, even while other tasks still hold the registry).
     pub fn detach(&self) {
-        let mut guard = self.lock();
+        let mut state = self.lock();
         for iface in &self.ifaces {
-            let _ = guard.detach(iface);
+            let _ = state.guard.detach(iface);
         }
-        let dropped = guard.dropped().unwrap_or_default();
+        let dropped = state.guard.dropped().unwrap_or_default();
         info!(ifaces = ?self.ifaces, dropped_packets = dropped.packets, dropped_bytes = dropped.bytes, "XDP guard detached");
     }
+}
+
+/// `Request.allowed_peers` checked and handed to the guard ahead of the
+/// session's `req`. Peers need the guard: without it they would be silently
+/// ignored, so the request is refused instead.
+pub fn expect_peers(guard: Option<&PortGuard>, uid: &str, peers: &[String]) -> Result<(), ControlError> {
+    let Some(guard) = guard else {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        return Err(ControlError::FailedPrecondition(
+            "allowed_peers needs the XDP guard, which does not run on this gateway (s2cs --guard, root, not --type xdp)".into(),
+        ));
+    };
+    let nets = parse_peers(peers)?;
+    // Keyed as the registry keys sessions; a uid that does not parse fails
+    // the `req` itself.
+    match super::session::parse_uid(uid) {
+        Ok(uid) => guard.expect_peers(&uid, nets),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Parses `allowed_peers` entries (`ip` or `ip/len`), deduplicated.
+pub fn parse_peers(peers: &[String]) -> Result<Vec<PeerNet>, ControlError> {
+    if peers.len() > MAX_PEERS_PER_SESSION {
+        return Err(ControlError::InvalidArgument(format!(
+            "{} allowed_peers given; at most {MAX_PEERS_PER_SESSION} per session",
+            peers.len()
+        )));
+    }
+    let mut nets: Vec<PeerNet> = Vec::with_capacity(peers.len());
+    for p in peers {
+        let net: PeerNet = p.parse().map_err(ControlError::InvalidArgument)?;
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    Ok(nets)
 }
 
 /// The interfaces holding `ip`; for an unspecified address, every interface
@@ -162,3 +291,52 @@ fn ephemeral_ports() -> Option<(u16, u16)> {
     Some((fields.next()?.ok()?, fields.next()?.ok()?))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn peers_parse_as_hosts_or_networks_with_host_bits_cleared() {
+        let nets = parse_peers(&strings(&["192.0.2.7", "198.51.100.77/24", "2001:db8::1/32", " 203.0.113.1 "])).unwrap();
+        let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["192.0.2.7/32", "198.51.100.0/24", "2001:db8::/32", "203.0.113.1/32"]);
+        assert!(nets[1].contains("198.51.100.200".parse().unwrap()));
+        assert!(!nets[1].contains("198.51.101.1".parse().unwrap()));
+        assert!(!nets[1].contains("::ffff:198.51.100.1".parse().unwrap()), "families never mix");
+    }
+
+    #[test]
+    fn duplicate_peers_take_one_entry() {
+        let nets = parse_peers(&strings(&["192.0.2.0/24", "192.0.2.9/24", "192.0.2.0/24"])).unwrap();
+        assert_eq!(nets.len(), 1);
+    }
+
+    #[test]
+    fn bad_peers_are_invalid_arguments_naming_the_entry() {
+        for bad in ["", "example.org", "192.0.2.1/33", "2001:db8::/129", "192.0.2.1/-1", "192.0.2.1/", "10.0.0.0/8/8"] {
+            match parse_peers(&strings(&[bad])) {
+                Err(ControlError::InvalidArgument(m)) => assert!(m.contains(&format!("{bad:?}")), "{m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_peers_for_one_session_are_refused() {
+        let many: Vec<String> = (0..=MAX_PEERS_PER_SESSION).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
+        assert!(matches!(parse_peers(&many), Err(ControlError::InvalidArgument(_))));
+        assert!(parse_peers(&many[..MAX_PEERS_PER_SESSION]).is_ok());
+    }
+
+    #[test]
+    fn peers_without_a_running_guard_are_refused_not_ignored() {
+        let uid = "6a1f4f7e-3c5e-4c53-9a61-0f1d2f3e4a5b";
+        assert!(matches!(expect_peers(None, uid, &strings(&["192.0.2.1"])), Err(ControlError::FailedPrecondition(_))));
+        assert!(expect_peers(None, uid, &[]).is_ok(), "no peers asked: nothing to enforce");
+    }
+}

@@ -41,7 +41,12 @@ impl Control for ControlService {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("req", uid = %r.uid, role = %r.role);
-        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref()).instrument(span).await?;
+        self.registry.expect_peers(&r.uid, &r.allowed_peers)?;
+        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref()).instrument(span).await;
+        if granted.is_err() {
+            let _ = self.registry.expect_peers(&r.uid, &[]); // not left for a later req of this uid
+        }
+        let granted = granted?;
         Ok(Response::new(proto::Response {
             listeners: to_strings(&granted.listeners),
             prod_listeners: to_strings(&granted.prod_listeners),
@@ -78,18 +83,19 @@ impl Control for ControlService {
 
     async fn list(&self, request: Request<proto::ListRequest>) -> Result<Response<proto::SessionList>, Status> {
         let who = self.caller(&request).await?;
-        let sessions = self.registry.list(who.as_ref()).iter().map(info).collect();
+        let sessions = self.registry.list(who.as_ref()).iter().map(|v| info(v, &self.registry)).collect();
         Ok(Response::new(proto::SessionList { sessions }))
     }
 
     async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::SessionInfo>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        Ok(Response::new(info(&self.registry.view(&r.uid, who.as_ref())?)))
+        Ok(Response::new(info(&self.registry.view(&r.uid, who.as_ref())?, &self.registry)))
     }
 }
 
-fn info(v: &SessionView) -> proto::SessionInfo {
+fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
+    let guard_dropped = registry.guard_session_dropped(&v.uid).unwrap_or_default();
     proto::SessionInfo {
         uid: v.uid.clone(),
         role: v.role.as_str().into(),
@@ -107,5 +113,7 @@ fn info(v: &SessionView) -> proto::SessionInfo {
         auth_failures: v.stats.auth_failures,
         age_ms: v.age.as_millis() as u64,
         owner: v.owner.clone().unwrap_or_default(),
+        guard_dropped_packets: guard_dropped.packets,
+        guard_dropped_bytes: guard_dropped.bytes,
     }
 }

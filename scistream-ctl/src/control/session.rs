@@ -606,6 +606,17 @@ impl Registry {
         self.guard.as_ref().map(|g| g.dropped())
     }
 
+    /// Frames the XDP guard dropped at a session's ports for their source
+    /// (see `Request.allowed_peers`); `None` when the guard is not running.
+    pub fn guard_session_dropped(&self, uid: &str) -> Option<Counters> {
+        self.guard.as_ref().and_then(|g| g.session_dropped(uid))
+    }
+
+    /// Hands `Request.allowed_peers` to the guard ahead of [`request`](Self::request).
+    pub fn expect_peers(&self, uid: &str, peers: &[String]) -> Result<(), ControlError> {
+        super::guard::expect_peers(self.guard.as_deref(), uid, peers)
+    }
+
     pub fn guard_stats(&self, uid: &str) -> Result<Option<Counters>, ControlError> {
         let s = self.get(uid)?;
         Ok(self.guard.as_ref().map(|g| g.passed(&session_ports(&s))))

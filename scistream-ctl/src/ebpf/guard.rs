@@ -1,13 +1,17 @@
 //! The XDP guard (`scistream-ebpf/src/bin/xdp-guard.rs`): on the data port
 //! range only the ports of live sessions pass, the rest is dropped at the
 //! driver; it counts what passes per port and what it drops, by reason.
+//! A port may also be restricted to its session's peer networks: frames from
+//! other sources are dropped and counted on that port.
 //!
 //! ```no_run
 //! use scistream_ctl::ebpf::{AttachMode, Guard};
 //!
 //! let mut guard = Guard::load()?;
 //! guard.set_port_range(5100, 5200)?;
-//! guard.allow_port(5101, 7)?; // session tag 7
+//! guard.allow_port(5101, 7)?; // session tag 7, any source
+//! guard.allow_peer(8, &"192.0.2.0/24".parse().unwrap())?;
+//! guard.allow_port_from_peers(5102, 8)?; // session tag 8, 192.0.2.0/24 only
 //! guard.attach("eth0", AttachMode::Driver)?;
 //! // ... later, when the session is released:
 //! let final_counts = guard.deny_port(5101)?;
@@ -15,11 +19,18 @@
 //! ```
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
     programs::{xdp::XdpLinkId, XdpMode},
     Ebpf,
 };
-use scistream_common::guard::{self as layout, Counters, DropReason, GuardConfig};
+use scistream_common::guard::{
+    self as layout, AllowedPort, Counters, DropReason, GuardConfig, PeerKey, PortCounters,
+    PEERS_RESTRICTED,
+};
+use std::net::IpAddr;
 
 use super::{map_error, EbpfError};
 
@@ -65,9 +76,10 @@ pub struct Guard {
     /// Owns the program and its links (attachments).
     ebpf: Ebpf,
     config: Array<MapData, GuardConfig>,
-    allowed: HashMap<MapData, u16, u32>,
-    stats: PerCpuHashMap<MapData, u16, Counters>,
+    allowed: HashMap<MapData, u16, AllowedPort>,
+    stats: PerCpuHashMap<MapData, u16, PortCounters>,
     drops: PerCpuArray<MapData, Counters>,
+    peers: LpmTrie<MapData, PeerKey, u8>,
     attached: Vec<(String, XdpLinkId)>,
     possible_cpus: usize,
 }
@@ -93,6 +105,7 @@ impl Guard {
             allowed: take_map(&mut ebpf, layout::ALLOWED_MAP)?,
             stats: take_map(&mut ebpf, layout::PORT_STATS_MAP)?,
             drops: take_map(&mut ebpf, layout::DROPS_MAP)?,
+            peers: take_map(&mut ebpf, layout::PEERS_MAP)?,
             ebpf,
             attached: Vec::new(),
             possible_cpus,
@@ -152,31 +165,82 @@ impl Guard {
             .then_some((config.port_lo, config.port_hi)))
     }
 
-    /// Lets traffic to `port` through, counted under `port`. Allowing a port
-    /// again with the same tag keeps its counters; with another tag (the port
-    /// now belongs to a new session) they restart from zero.
+    /// Lets traffic to `port` through from any source, counted under `port`.
+    /// Allowing a port again with the same tag keeps its counters; with
+    /// another tag (the port now belongs to a new session) they restart from
+    /// zero.
     pub fn allow_port(&mut self, port: u16, session_tag: u32) -> Result<(), EbpfError> {
+        self.allow(
+            port,
+            AllowedPort {
+                tag: session_tag,
+                flags: 0,
+            },
+        )
+    }
+
+    /// Like [`allow_port`](Self::allow_port), but only frames from the
+    /// networks [`allow_peer`](Self::allow_peer) gave `session_tag` pass; the
+    /// others are dropped and counted on the port
+    /// ([`port_counters`](Self::port_counters)). With no network given yet,
+    /// nothing passes: allow the peers first.
+    pub fn allow_port_from_peers(&mut self, port: u16, session_tag: u32) -> Result<(), EbpfError> {
+        self.allow(
+            port,
+            AllowedPort {
+                tag: session_tag,
+                flags: PEERS_RESTRICTED,
+            },
+        )
+    }
+
+    fn allow(&mut self, port: u16, entry: AllowedPort) -> Result<(), EbpfError> {
         match self.allowed.get(&port, 0) {
-            Ok(tag) if tag == session_tag => return Ok(()),
+            Ok(old) if old == entry => return Ok(()),
+            // Same session, other peer rule: the counters carry on.
+            Ok(old) if old.tag == entry.tag => {
+                return self
+                    .allowed
+                    .insert(port, entry, 0)
+                    .map_err(map_error(layout::ALLOWED_MAP));
+            }
             Ok(_) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_error(layout::ALLOWED_MAP)(e)),
         }
         // Counters first, so the first frame that passes finds its entry.
-        let zero =
-            PerCpuValues::try_from(vec![Counters::ZERO; self.possible_cpus]).map_err(|source| {
-                EbpfError::Cpus {
-                    path: "/sys/devices/system/cpu/possible",
-                    source,
-                }
-            })?;
+        let zero = PerCpuValues::try_from(vec![PortCounters::ZERO; self.possible_cpus]).map_err(
+            |source| EbpfError::Cpus {
+                path: "/sys/devices/system/cpu/possible",
+                source,
+            },
+        )?;
         self.stats
             .insert(port, zero, 0)
             .map_err(map_error(layout::PORT_STATS_MAP))?;
-        if let Err(e) = self.allowed.insert(port, session_tag, 0) {
+        if let Err(e) = self.allowed.insert(port, entry, 0) {
             let _ = self.stats.remove(&port); // keep the two maps in step
             return Err(map_error(layout::ALLOWED_MAP)(e));
         }
         Ok(())
+    }
+
+    /// Lets sources in `net` reach the ports that
+    /// [`allow_port_from_peers`](Self::allow_port_from_peers) gave
+    /// `session_tag`. Idempotent.
+    pub fn allow_peer(&mut self, session_tag: u32, net: &PeerNet) -> Result<(), EbpfError> {
+        self.peers
+            .insert(&net.key(session_tag), 1, 0)
+            .map_err(map_error(layout::PEERS_MAP))
+    }
+
+    /// Takes `net` back from `session_tag`; absent networks are not an error.
+    pub fn deny_peer(&mut self, session_tag: u32, net: &PeerNet) -> Result<(), EbpfError> {
+        match self.peers.remove(&net.key(session_tag)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key on delete as the syscall's ENOENT.
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(map_error(layout::PEERS_MAP)(e)),
+        }
     }
 
     /// Drops traffic to `port` again and forgets its counters, returning their
@@ -198,6 +262,12 @@ impl Guard {
 
     /// Traffic passed to `port`, summed over CPUs; `None` if it is not allowed.
     pub fn port_stats(&self, port: u16) -> Result<Option<Counters>, EbpfError> {
+        Ok(self.port_counters(port)?.map(|c| c.passed))
+    }
+
+    /// Traffic passed to `port` and dropped there for its source, summed over
+    /// CPUs; `None` if it is not allowed.
+    pub fn port_counters(&self, port: u16) -> Result<Option<PortCounters>, EbpfError> {
         match self.stats.get(&port, 0) {
             Ok(per_cpu) => Ok(Some(per_cpu.iter().copied().sum())),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -241,6 +311,89 @@ impl Guard {
             XDP_DROP => Verdict::Drop,
             other => Verdict::Other(other),
         })
+    }
+}
+
+/// A source network a session accepts: an address and a prefix length,
+/// host bits cleared. Parses `192.0.2.7`, `192.0.2.0/24`, `2001:db8::/32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl PeerNet {
+    /// `None` when `prefix` is longer than the address.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let (addr, max) = match addr {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                (IpAddr::V4((bits & mask).into()), 32)
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                (IpAddr::V6((bits & mask).into()), 128)
+            }
+        };
+        (prefix <= max).then_some(Self { addr, prefix })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Self::new(ip, self.prefix).is_some_and(|n| n.addr == self.addr)
+    }
+
+    fn key(&self, session_tag: u32) -> Key<PeerKey> {
+        match self.addr {
+            IpAddr::V4(a) => Key::new(
+                PeerKey::bits(true, self.prefix),
+                PeerKey::v4(session_tag, a.octets()),
+            ),
+            IpAddr::V6(a) => Key::new(
+                PeerKey::bits(false, self.prefix),
+                PeerKey::v6(session_tag, a.octets()),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for PeerNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.trim().parse().map_err(|_| {
+            format!("peer {s:?} is not an IP address or network (a.b.c.d[/len], ipv6[/len])")
+        })?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("peer {s:?}: prefix length must be 0..={max}"))?,
+        };
+        Self::new(ip, prefix).ok_or_else(|| format!("peer {s:?}: prefix length must be 0..={max}"))
     }
 }
 

@@ -13,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{AttachMode, Counters, DropReason, EbpfError, Guard, Verdict};
+use super::{AttachMode, Counters, DropReason, EbpfError, Guard, PeerNet, Verdict};
+use scistream_common::guard::PortCounters;
 
 const RANGE: (u16, u16) = (5100, 5200);
 const ALLOWED: u16 = 5101;
@@ -30,7 +31,6 @@ fn cannot_run(why: &str) -> Option<Guard> {
     eprintln!("skipping eBPF test: {why}");
     None
 }
-
 
 fn load_guard() -> Option<Guard> {
     if !nix::unistd::geteuid().is_root() {
@@ -78,15 +78,24 @@ fn vlan(vid: u16, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     ethernet(ETH_P_8021Q, &tagged)
 }
 
+/// Source of the frames unless a test says otherwise.
+const SRC4: [u8; 4] = [192, 0, 2, 2];
+const SRC6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
 /// `fragment` is the 16-bit flags + fragment offset field.
 fn ipv4_with(protocol: u8, fragment: u16, l4: &[u8]) -> Vec<u8> {
+    ipv4_full(SRC4, protocol, fragment, l4)
+}
+
+fn ipv4_full(src: [u8; 4], protocol: u8, fragment: u16, l4: &[u8]) -> Vec<u8> {
     let total = (20 + l4.len()) as u16;
     let mut p = vec![0x45, 0];
     p.extend_from_slice(&total.to_be_bytes());
     p.extend_from_slice(&[0, 1]);
     p.extend_from_slice(&fragment.to_be_bytes());
     p.extend_from_slice(&[64, protocol, 0, 0]);
-    p.extend_from_slice(&[192, 0, 2, 2, 192, 0, 2, 1]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&[192, 0, 2, 1]);
     p.extend_from_slice(l4);
     p
 }
@@ -96,13 +105,14 @@ fn ipv4(protocol: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn ipv6(next_header: u8, payload: &[u8]) -> Vec<u8> {
+    ipv6_from(SRC6, next_header, payload)
+}
+
+fn ipv6_from(src: [u8; 16], next_header: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     p.extend_from_slice(&[next_header, 64]);
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
-    let mut dst = src;
-    src[15] = 2;
+    let mut dst = SRC6;
     dst[15] = 1;
     p.extend_from_slice(&src);
     p.extend_from_slice(&dst);
@@ -383,6 +393,349 @@ fn ipv6_extension_headers_are_walked() {
         Verdict::Drop
     );
     assert_eq!(guard.dropped_for(DropReason::Malformed).unwrap().packets, 1);
+}
+
+// --- Peer-restricted sessions.
+
+const RESTRICTED: u16 = 5102;
+const TAG: u32 = 2;
+
+fn net(s: &str) -> PeerNet {
+    s.parse().expect("test network")
+}
+
+fn tcp4_from(src: [u8; 4], dport: u16) -> Vec<u8> {
+    ethernet(ETH_P_IP, &ipv4_full(src, TCP, 0, &tcp(dport)))
+}
+
+fn tcp6_from(src: [u8; 16], dport: u16) -> Vec<u8> {
+    ethernet(ETH_P_IPV6, &ipv6_from(src, TCP, &tcp(dport)))
+}
+
+fn port_counters(guard: &Guard, port: u16) -> PortCounters {
+    guard.port_counters(port).unwrap().expect("port allowed")
+}
+
+#[test]
+fn restricted_port_drops_other_sources_and_counts_them_on_the_port() {
+    let mut guard = guard_on_range_or_skip!();
+    guard.allow_peer(TAG, &net("192.0.2.2")).unwrap();
+    guard.allow_port_from_peers(RESTRICTED, TAG).unwrap();
+    let peer = tcp4_from(SRC4, RESTRICTED);
+    let stranger = tcp4_from([198, 51, 100, 9], RESTRICTED);
+    assert_eq!(run(&guard, &peer), Verdict::Pass);
+    assert_eq!(run(&guard, &stranger), Verdict::Drop);
+    assert_eq!(run(&guard, &stranger), Verdict::Drop);
+    assert_eq!(
+        port_counters(&guard, RESTRICTED),
+        PortCounters {
+            passed: counted(&[&peer]),
+            dropped: counted(&[&stranger, &stranger])
+        }
+    );
+    // Host-wide: the session's drops under their own reason, none as scans.
+    assert_eq!(
+        guard.dropped_for(DropReason::PeerNotAllowed).unwrap(),
+        counted(&[&stranger, &stranger])
+    );
+    assert_eq!(
+        guard.dropped_for(DropReason::NotAllowed).unwrap(),
+        Counters::ZERO
+    );
+    // A port of no session stays a global drop, counted on no port.
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 100, 9], NOT_ALLOWED)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        guard.dropped_for(DropReason::NotAllowed).unwrap().packets,
+        1
+    );
+    assert_eq!(port_counters(&guard, RESTRICTED).dropped.packets, 2);
+    // An unrestricted session's port still takes any source.
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 100, 9], ALLOWED)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn peer_networks_match_by_prefix() {
+    let mut guard = guard_on_range_or_skip!();
+    guard.allow_peer(TAG, &net("198.51.100.77/24")).unwrap(); // host bits ignored
+    guard.allow_peer(TAG, &net("2001:db8:1::/48")).unwrap();
+    guard.allow_port_from_peers(RESTRICTED, TAG).unwrap();
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 100, 0], RESTRICTED)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 100, 255], RESTRICTED)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 101, 1], RESTRICTED)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        run(&guard, &tcp4_from([198, 51, 99, 255], RESTRICTED)),
+        Verdict::Drop
+    );
+    let mut inside = SRC6;
+    inside[5] = 1; // 2001:db8:1::2
+    assert_eq!(run(&guard, &tcp6_from(inside, RESTRICTED)), Verdict::Pass);
+    assert_eq!(run(&guard, &tcp6_from(SRC6, RESTRICTED)), Verdict::Drop); // 2001:db8::2
+    assert_eq!(port_counters(&guard, RESTRICTED).passed.packets, 3);
+    assert_eq!(port_counters(&guard, RESTRICTED).dropped.packets, 3);
+}
+
+#[test]
+fn ipv4_networks_never_admit_ipv6_sources() {
+    let mut guard = guard_on_range_or_skip!();
+    // Every IPv4 source: lives under ::ffff:0:0/96 in the trie, so no native
+    // IPv6 address falls in it.
+    guard.allow_peer(TAG, &net("0.0.0.0/0")).unwrap();
+    guard.allow_port_from_peers(RESTRICTED, TAG).unwrap();
+    assert_eq!(
+        run(&guard, &tcp4_from([203, 0, 113, 5], RESTRICTED)),
+        Verdict::Pass
+    );
+    assert_eq!(run(&guard, &tcp6_from(SRC6, RESTRICTED)), Verdict::Drop);
+    let mut zero6 = [0u8; 16];
+    zero6[15] = 1; // ::1, all-zero leading bits
+    assert_eq!(run(&guard, &tcp6_from(zero6, RESTRICTED)), Verdict::Drop);
+}
+
+#[test]
+fn one_sessions_peers_do_not_open_another_sessions_port() {
+    let mut guard = guard_on_range_or_skip!();
+    const OTHER: u16 = 5103;
+    guard.allow_peer(TAG, &net("192.0.2.2")).unwrap();
+    guard.allow_port_from_peers(RESTRICTED, TAG).unwrap();
+    guard.allow_peer(TAG + 1, &net("203.0.113.1")).unwrap();
+    guard.allow_port_from_peers(OTHER, TAG + 1).unwrap();
+    assert_eq!(run(&guard, &tcp4_from(SRC4, OTHER)), Verdict::Drop);
+    assert_eq!(
+        run(&guard, &tcp4_from([203, 0, 113, 1], RESTRICTED)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        run(&guard, &tcp4_from([203, 0, 113, 1], OTHER)),
+        Verdict::Pass
+    );
+    assert_eq!(port_counters(&guard, RESTRICTED).dropped.packets, 1);
+    assert_eq!(port_counters(&guard, OTHER).dropped.packets, 1);
+}
+
+#[test]
+fn restricted_port_without_peers_passes_nothing_and_denied_peers_stop_passing() {
+    let mut guard = guard_on_range_or_skip!();
+    guard.allow_port_from_peers(RESTRICTED, TAG).unwrap();
+    assert_eq!(run(&guard, &tcp4_from(SRC4, RESTRICTED)), Verdict::Drop);
+    guard.allow_peer(TAG, &net("192.0.2.0/24")).unwrap();
+    assert_eq!(run(&guard, &tcp4_from(SRC4, RESTRICTED)), Verdict::Pass);
+    guard.deny_peer(TAG, &net("192.0.2.0/24")).unwrap();
+    guard.deny_peer(TAG, &net("192.0.2.0/24")).unwrap(); // absent: not an error
+    assert_eq!(run(&guard, &tcp4_from(SRC4, RESTRICTED)), Verdict::Drop);
+}
+
+#[test]
+fn restricting_a_live_port_keeps_its_counters() {
+    let mut guard = guard_on_range_or_skip!();
+    let frame = tcp4_from([198, 51, 100, 9], ALLOWED);
+    assert_eq!(run(&guard, &frame), Verdict::Pass);
+    guard.allow_port_from_peers(ALLOWED, 1).unwrap(); // same session (tag 1)
+    assert_eq!(run(&guard, &frame), Verdict::Drop);
+    assert_eq!(
+        port_counters(&guard, ALLOWED),
+        PortCounters {
+            passed: counted(&[&frame]),
+            dropped: counted(&[&frame])
+        }
+    );
+    guard.allow_port(ALLOWED, 1).unwrap();
+    assert_eq!(run(&guard, &frame), Verdict::Pass);
+    assert_eq!(port_counters(&guard, ALLOWED).passed.packets, 2);
+}
+
+// --- Transports with TCP's port layout.
+
+#[test]
+fn sctp_dccp_and_udplite_are_guarded_like_tcp() {
+    let guard = guard_on_range_or_skip!();
+    const DCCP: u8 = 33;
+    const SCTP: u8 = 132;
+    const UDPLITE: u8 = 136;
+    for proto in [DCCP, SCTP, UDPLITE] {
+        let header = |dport: u16| {
+            [
+                &40000u16.to_be_bytes()[..],
+                &dport.to_be_bytes(),
+                &[0u8; 12],
+            ]
+            .concat()
+        };
+        let to = |dport| ethernet(ETH_P_IP, &ipv4(proto, &header(dport)));
+        assert_eq!(
+            run(&guard, &to(NOT_ALLOWED)),
+            Verdict::Drop,
+            "protocol {proto}"
+        );
+        assert_eq!(run(&guard, &to(ALLOWED)), Verdict::Pass, "protocol {proto}");
+        assert_eq!(run(&guard, &to(OUTSIDE)), Verdict::Pass, "protocol {proto}");
+        let v6 = ethernet(ETH_P_IPV6, &ipv6(proto, &header(NOT_ALLOWED)));
+        assert_eq!(
+            run(&guard, &v6),
+            Verdict::Drop,
+            "protocol {proto} over IPv6"
+        );
+    }
+    // SCTP's common header is 12 bytes: 8 cannot be a packet to a socket.
+    let short_sctp = ethernet(
+        ETH_P_IP,
+        &ipv4(
+            SCTP,
+            &[&40000u16.to_be_bytes()[..], &ALLOWED.to_be_bytes(), &[0; 4]].concat(),
+        ),
+    );
+    assert_eq!(run(&guard, &short_sctp), Verdict::Drop);
+    assert_eq!(guard.dropped_for(DropReason::Malformed).unwrap().packets, 1);
+}
+
+// --- IPv6 extension headers: every way a port can hide behind them.
+
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const AUTH: u8 = 51;
+const DEST_OPTS: u8 = 60;
+
+/// A fragment header; `offset_flags` is the 16-bit offset + M field.
+fn ipv6_frag(next_header: u8, offset_flags: u16, rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![next_header, 0];
+    p.extend_from_slice(&offset_flags.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 7]);
+    p.extend_from_slice(rest);
+    p
+}
+
+/// An AH of 24 bytes (payload length field 4: (4 + 2) * 4), ICV zero.
+fn ipv6_auth(next_header: u8, rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![next_header, 4, 0, 0];
+    p.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 1]); // SPI, sequence
+    p.extend_from_slice(&[0; 12]);
+    p.extend_from_slice(rest);
+    p
+}
+
+/// A 24-byte routing header (length field 2), segments left 0.
+fn ipv6_routing(next_header: u8, rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![next_header, 2, 4, 0];
+    p.extend_from_slice(&[0; 20]);
+    p.extend_from_slice(rest);
+    p
+}
+
+#[test]
+fn ports_behind_every_ipv6_extension_header_are_checked() {
+    let guard = guard_on_range_or_skip!();
+    let chains: [(&str, u8, fn(u16) -> Vec<u8>); 6] = [
+        ("routing", ROUTING, |p| ipv6_routing(TCP, &tcp(p))),
+        ("auth", AUTH, |p| ipv6_auth(TCP, &tcp(p))),
+        ("dest opts", DEST_OPTS, |p| ipv6_ext(TCP, &tcp(p))),
+        ("first fragment", FRAGMENT, |p| {
+            ipv6_frag(TCP, 0x0001, &tcp(p))
+        }),
+        ("hop, routing, frag, dest, auth", HOP_BY_HOP, |p| {
+            ipv6_ext(
+                ROUTING,
+                &ipv6_routing(
+                    FRAGMENT,
+                    &ipv6_frag(DEST_OPTS, 1, &ipv6_ext(AUTH, &ipv6_auth(TCP, &tcp(p)))),
+                ),
+            )
+        }),
+        ("auth, then udp", AUTH, |p| ipv6_auth(UDP, &udp(p))),
+    ];
+    for (name, first, chain) in chains {
+        let frame = |port| ethernet(ETH_P_IPV6, &ipv6(first, &chain(port)));
+        assert_eq!(run(&guard, &frame(NOT_ALLOWED)), Verdict::Drop, "{name}");
+        assert_eq!(run(&guard, &frame(ALLOWED)), Verdict::Pass, "{name}");
+        assert_eq!(run(&guard, &frame(OUTSIDE)), Verdict::Pass, "{name}");
+    }
+    assert_eq!(
+        guard.dropped_for(DropReason::NotAllowed).unwrap().packets,
+        6
+    );
+    assert_eq!(
+        guard.dropped_for(DropReason::Malformed).unwrap(),
+        Counters::ZERO
+    );
+}
+
+#[test]
+fn ipv6_extension_chains_that_cannot_be_walked_are_dropped() {
+    let guard = guard_on_range_or_skip!();
+    let cases: [(&str, Vec<u8>); 4] = [
+        // Length field says 8 * (255 + 1) bytes; the frame ends long before.
+        (
+            "overlong dest opts",
+            ipv6(
+                DEST_OPTS,
+                &[&[TCP, 255][..], &[0; 6], &tcp(OUTSIDE)].concat(),
+            ),
+        ),
+        ("hop-by-hop cut inside", ipv6(HOP_BY_HOP, &[TCP])),
+        ("fragment header cut", ipv6(FRAGMENT, &[TCP, 0, 0, 1])),
+        // The first fragment ends before the TCP ports (RFC 7112 forbids it).
+        (
+            "first fragment without ports",
+            ipv6(FRAGMENT, &ipv6_frag(TCP, 0x0001, &tcp(ALLOWED)[..2])),
+        ),
+    ];
+    for (name, packet) in &cases {
+        assert_eq!(
+            run(&guard, &ethernet(ETH_P_IPV6, packet)),
+            Verdict::Drop,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        guard.dropped_for(DropReason::Malformed).unwrap().packets,
+        cases.len() as u64
+    );
+    // Exactly as many headers as the program walks, then TCP: still checked.
+    let mut six = ipv6_ext(TCP, &tcp(NOT_ALLOWED));
+    for _ in 0..5 {
+        six = ipv6_ext(DEST_OPTS, &six);
+    }
+    assert_eq!(
+        run(&guard, &ethernet(ETH_P_IPV6, &ipv6(DEST_OPTS, &six))),
+        Verdict::Drop
+    );
+    assert_eq!(
+        guard.dropped_for(DropReason::NotAllowed).unwrap().packets,
+        1,
+        "six headers are walked to the port"
+    );
+}
+
+#[test]
+fn ipv6_non_first_fragments_and_final_headers_pass() {
+    let guard = guard_on_range_or_skip!();
+    // Offset 8 (in 8-byte units): no transport header in it, like IPv4 tails.
+    let tail = ipv6(FRAGMENT, &ipv6_frag(TCP, 8 << 3, &tcp(NOT_ALLOWED)));
+    assert_eq!(run(&guard, &ethernet(ETH_P_IPV6, &tail)), Verdict::Pass);
+    // No Next Header, ESP (a terminated tunnel), mobility: the stack never
+    // hands what follows to a TCP or UDP socket.
+    for last in [59u8, 50, 135] {
+        let frame = ethernet(
+            ETH_P_IPV6,
+            &ipv6(DEST_OPTS, &ipv6_ext(last, &tcp(NOT_ALLOWED))),
+        );
+        assert_eq!(run(&guard, &frame), Verdict::Pass, "next header {last}");
+    }
+    assert_eq!(guard.dropped().unwrap(), Counters::ZERO);
 }
 
 // --- A real interface.

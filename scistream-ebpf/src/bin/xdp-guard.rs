@@ -1,6 +1,9 @@
 //! XDP guard: on the data port range, only TCP/UDP to ports that a live
 //! session holds passes; everything else aimed at the range is dropped at the
 //! driver. Traffic outside the range is none of its business and passes.
+//! A session may also name the peers it accepts: then a frame to its port
+//! from any other source is dropped and counted on that port, so a session's
+//! own drops are told apart from scans of ports nobody holds.
 //!
 //! Rules where the headers leave doubt (conservative: nothing that might be
 //! TCP/UDP to the range gets through unchecked):
@@ -18,6 +21,13 @@
 //!   reassemble the datagram, so a tail alone never reaches a socket (Linux
 //!   also discards overlapping fragments, which could otherwise rewrite the
 //!   ports). Per-port byte counts therefore exclude non-first fragments.
+//!   The same holds for the peer check: a tail's source is not checked.
+//! - SCTP, DCCP and UDP-Lite carry their ports where TCP and UDP do and reach
+//!   sockets the same way, so they are guarded like TCP/UDP.
+//! - IPv6 extension headers (hop-by-hop, routing, destination options,
+//!   fragment, AH) are walked to the transport header; any other next header
+//!   is the transport (Linux treats ESP, mobility, HIP and unknown numbers as
+//!   final, so a TCP header behind them never reaches a TCP socket).
 //! - Traffic that a tunnel or IPsec terminated on this host unwraps (GRE,
 //!   IP-in-IP, ESP) is not looked into.
 //!
@@ -30,22 +40,27 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
-use scistream_common::guard::{Counters, DropReason, GuardConfig, MAX_ALLOWED_PORTS};
+use scistream_common::guard::{
+    AllowedPort, Counters, DropReason, GuardConfig, PeerKey, PortCounters, MAX_ALLOWED_PORTS,
+    MAX_PEER_NETS,
+};
 
 // Static names are the map names user space looks up: keep them equal to
 // scistream_common::guard::*_MAP.
 #[map]
 static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 #[map]
-static GUARD_ALLOWED: HashMap<u16, u32> = HashMap::with_max_entries(MAX_ALLOWED_PORTS, 0);
+static GUARD_ALLOWED: HashMap<u16, AllowedPort> = HashMap::with_max_entries(MAX_ALLOWED_PORTS, 0);
 #[map]
-static GUARD_STATS: PerCpuHashMap<u16, Counters> =
+static GUARD_STATS: PerCpuHashMap<u16, PortCounters> =
     PerCpuHashMap::with_max_entries(MAX_ALLOWED_PORTS, 0);
 #[map]
 static GUARD_DROPS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+#[map]
+static GUARD_PEERS: LpmTrie<PeerKey, u8> = LpmTrie::with_max_entries(MAX_PEER_NETS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -56,8 +71,14 @@ const MAX_VLAN_TAGS: usize = 2;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DCCP: u8 = 33;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+/// DCCP's generic header without extended sequence numbers; SCTP's common header.
+const DCCP_HLEN: usize = 12;
+const SCTP_HLEN: usize = 12;
 
 const IPV6_HLEN: usize = 40;
 const NEXTHDR_HOP: u8 = 0;
@@ -80,43 +101,100 @@ pub fn xdp_guard(ctx: XdpContext) -> u32 {
     }
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     match verdict(&ctx, &config) {
-        Ok(None) => XDP_PASS,
-        Ok(Some(port)) => {
-            count(GUARD_STATS.get_ptr_mut(port), frame_len);
+        Outcome::Pass => XDP_PASS,
+        Outcome::PassTo(port) => {
+            if let Some(c) = GUARD_STATS.get_ptr_mut(port) {
+                // SAFETY: see `count`.
+                count(unsafe { &mut (*c).passed }, frame_len);
+            }
             XDP_PASS
         }
-        Err(reason) => {
-            count(GUARD_DROPS.get_ptr_mut(reason.index()), frame_len);
+        Outcome::Drop(reason) => {
+            count_drop(reason, frame_len);
+            XDP_DROP
+        }
+        Outcome::DropAt(port) => {
+            count_drop(DropReason::PeerNotAllowed, frame_len);
+            if let Some(c) = GUARD_STATS.get_ptr_mut(port) {
+                // SAFETY: see `count`.
+                count(unsafe { &mut (*c).dropped }, frame_len);
+            }
             XDP_DROP
         }
     }
 }
 
-/// `Ok(Some(port))`: passes, counted against `port`; `Ok(None)`: passes,
-/// not ours to count; `Err`: dropped.
-#[inline(always)]
-fn verdict(ctx: &XdpContext, config: &GuardConfig) -> Result<Option<u16>, DropReason> {
-    let Some(l4) = transport(ctx)? else {
-        return Ok(None);
-    };
-    let ports = bytes::<4>(ctx, l4.offset).ok_or(DropReason::Malformed)?;
-    let port = u16::from_be_bytes([ports[2], ports[3]]);
-    if !config.guards(port) {
-        return Ok(None);
-    }
-    if !has(ctx, l4.offset, l4.header_len) {
-        return Err(DropReason::Malformed);
-    }
-    if GUARD_ALLOWED.get_ptr(port).is_none() {
-        return Err(DropReason::NotAllowed);
-    }
-    Ok(Some(port))
+enum Outcome {
+    /// Not ours to check or count.
+    Pass,
+    /// To a live session's port: passes, counted on the port.
+    PassTo(u16),
+    /// Dropped, counted host-wide only.
+    Drop(DropReason),
+    /// To a live session's port from a source it does not allow: dropped,
+    /// counted host-wide and on the port.
+    DropAt(u16),
 }
 
-/// Where a TCP or UDP header starts, and how long its fixed part is.
+#[inline(always)]
+fn verdict(ctx: &XdpContext, config: &GuardConfig) -> Outcome {
+    let l4 = match transport(ctx) {
+        Ok(Some(l4)) => l4,
+        Ok(None) => return Outcome::Pass,
+        Err(reason) => return Outcome::Drop(reason),
+    };
+    let Some(ports) = bytes::<4>(ctx, l4.offset) else {
+        return Outcome::Drop(DropReason::Malformed);
+    };
+    let port = u16::from_be_bytes([ports[2], ports[3]]);
+    if !config.guards(port) {
+        return Outcome::Pass;
+    }
+    if !has(ctx, l4.offset, l4.header_len) {
+        return Outcome::Drop(DropReason::Malformed);
+    }
+    let Some(allowed) = GUARD_ALLOWED.get_ptr(port) else {
+        return Outcome::Drop(DropReason::NotAllowed);
+    };
+    // SAFETY: a hash map value stays valid memory for the whole program run
+    // (RCU), even if user space deletes the entry meanwhile.
+    let allowed = unsafe { *allowed };
+    if allowed.peers_restricted() && !peer_allowed(ctx, allowed.tag, &l4.source) {
+        return Outcome::DropAt(port);
+    }
+    Outcome::PassTo(port)
+}
+
+/// Whether the frame's source lies in one of the networks session `tag` allows.
+#[inline(always)]
+fn peer_allowed(ctx: &XdpContext, tag: u32, source: &Source) -> bool {
+    let key = if source.v6 {
+        match bytes::<16>(ctx, source.offset) {
+            Some(a) => PeerKey::v6(tag, *a),
+            None => return false,
+        }
+    } else {
+        match bytes::<4>(ctx, source.offset) {
+            Some(a) => PeerKey::v4(tag, *a),
+            None => return false,
+        }
+    };
+    GUARD_PEERS
+        .get(Key::new(PeerKey::EXACT_BITS, key))
+        .is_some()
+}
+
+/// Where a transport header starts, how long its fixed part is, and where
+/// the IP source address sits.
 struct Transport {
     offset: usize,
     header_len: usize,
+    source: Source,
+}
+
+struct Source {
+    offset: usize,
+    v6: bool,
 }
 
 /// `Ok(None)` when the frame carries no port to check: not IP, not TCP/UDP,
@@ -139,9 +217,22 @@ fn transport(ctx: &XdpContext) -> Result<Option<Transport>, DropReason> {
         ethertype = u16::from_be_bytes([tag[2], tag[3]]);
         offset += 4;
     }
-    let l3 = match ethertype {
-        ETH_P_IP => ipv4(ctx, offset)?,
-        ETH_P_IPV6 => ipv6(ctx, offset)?,
+    let (l3, source) = match ethertype {
+        // Source address: 12 bytes into IPv4, 8 into IPv6.
+        ETH_P_IP => (
+            ipv4(ctx, offset)?,
+            Source {
+                offset: offset + 12,
+                v6: false,
+            },
+        ),
+        ETH_P_IPV6 => (
+            ipv6(ctx, offset)?,
+            Source {
+                offset: offset + 8,
+                v6: true,
+            },
+        ),
         ETH_P_8021Q | ETH_P_8021AD => return Err(DropReason::Malformed),
         _ => return Ok(None),
     };
@@ -150,10 +241,16 @@ fn transport(ctx: &XdpContext) -> Result<Option<Transport>, DropReason> {
     };
     let header_len = match protocol {
         IPPROTO_TCP => TCP_HLEN,
-        IPPROTO_UDP => UDP_HLEN,
+        IPPROTO_UDP | IPPROTO_UDPLITE => UDP_HLEN,
+        IPPROTO_SCTP => SCTP_HLEN,
+        IPPROTO_DCCP => DCCP_HLEN,
         _ => return Ok(None),
     };
-    Ok(Some(Transport { offset, header_len }))
+    Ok(Some(Transport {
+        offset,
+        header_len,
+        source,
+    }))
 }
 
 /// `(protocol, offset of the L4 header)`, or `None` for a non-first fragment.
@@ -228,15 +325,21 @@ fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
     Some(unsafe { &*(start as *const [u8; N]) })
 }
 
+// The counters handed to `count` come from map lookups of this CPU's slot
+// (per-CPU maps), so nothing else writes them while this program runs. User
+// space may delete a per-port entry meanwhile: preallocated elements stay
+// valid memory, so the worst case is one frame counted in a deleted entry,
+// or in the next port that reuses the element.
 #[inline(always)]
-fn count(counters: Option<*mut Counters>, frame_len: u64) {
-    if let Some(c) = counters {
-        // SAFETY: the pointer comes from a map lookup of this CPU's slot
-        // (per-CPU maps), so nothing else writes it while this program runs.
-        // User space may delete a per-port entry meanwhile: preallocated
-        // elements stay valid memory, so the worst case is one frame counted
-        // in a deleted entry, or in the next port that reuses the element.
-        unsafe { (*c).count_frame(frame_len) };
+fn count(counters: &mut Counters, frame_len: u64) {
+    counters.count_frame(frame_len);
+}
+
+#[inline(always)]
+fn count_drop(reason: DropReason, frame_len: u64) {
+    if let Some(c) = GUARD_DROPS.get_ptr_mut(reason.index()) {
+        // SAFETY: see `count`.
+        count(unsafe { &mut *c }, frame_len);
     }
 }
 

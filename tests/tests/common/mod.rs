@@ -155,3 +155,19 @@ pub fn closed_within(stream: &testbed::Stream, within: Duration) -> Option<Durat
 pub fn ports(addrs: &[SocketAddr]) -> Vec<u16> {
     addrs.iter().map(SocketAddr::port).collect()
 }
+
+/// Plain HTTP/1.1 GET from inside a namespace (the `/metrics` page).
+pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    testbed::in_netns(ns, || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    })
+}
