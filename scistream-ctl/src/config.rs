@@ -157,6 +157,22 @@ pub struct ServerArgs {
     #[arg(long = "tunnel_timeout", alias = "tunnel-timeout", default_value_t = 10)]
     pub tunnel_timeout: u64,
 
+    /// Seconds a control client has, from connecting, to complete the TLS
+    /// handshake and send its HTTP/2 preface; a silent one is closed then.
+    #[arg(long = "control_timeout", alias = "control-timeout", default_value_t = 10)]
+    pub control_timeout: u64,
+
+    /// Seconds a control connection with no call in flight stays open.
+    #[arg(long = "control_idle_timeout", alias = "control-idle-timeout", default_value_t = 300)]
+    pub control_idle_timeout: u64,
+
+    /// Most control connections open at once; over it a new one is closed
+    /// before its TLS handshake (and a warning logged), so a flood of
+    /// connections cannot exhaust s2cs's descriptors or memory.
+    #[arg(long = "max_control_connections", alias = "max-control-connections", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_control_connections: u32,
+
     /// Seconds a `req` waits for its `hello` before the session is released.
     #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180)]
     pub hello_timeout: u64,
@@ -228,6 +244,14 @@ pub struct ServerArgs {
 impl ServerArgs {
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_secs(self.hello_timeout)
+    }
+
+    pub fn control_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_timeout.max(1))
+    }
+
+    pub fn control_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_idle_timeout.max(1))
     }
 
     pub fn tunnel_timeout(&self) -> Duration {

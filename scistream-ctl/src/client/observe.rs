@@ -10,23 +10,27 @@ use super::{status_error, Connection};
 use crate::proto::SessionInfo;
 
 pub fn info_json(s: &SessionInfo) -> serde_json::Value {
+    // Unknown counters are null, never a zero that reads as "idle".
+    let seen = counters_observable(s);
+    let n = |v: u64| if seen { serde_json::json!(v) } else { serde_json::Value::Null };
     serde_json::json!({
         "uid": s.uid, "role": s.role, "backend": s.backend,
         "listeners": s.listeners, "targets": s.targets,
         "hello_received": s.hello_received, "rate_kbps": s.rate, "num_conn": s.num_conn,
-        "connections_active": s.connections_active, "connections_total": s.connections_total,
-        "connections_failed": s.connections_failed,
-        "bytes_forward": s.bytes_forward, "bytes_backward": s.bytes_backward,
+        "connections_active": n(s.connections_active), "connections_total": n(s.connections_total),
+        "connections_failed": n(s.connections_failed),
+        "bytes_forward": n(s.bytes_forward), "bytes_backward": n(s.bytes_backward),
         "auth_failures": s.auth_failures, "age_ms": s.age_ms, "owner": s.owner,
         "guard_dropped_packets": s.guard_dropped_packets, "guard_dropped_bytes": s.guard_dropped_bytes,
-        "counters_observable": counters_observable(&s.backend),
+        "counters_observable": seen,
     })
 }
 
-/// The compat backends (`StunnelSubprocess`, `HaproxySubprocess`) run another
-/// program, whose byte counts s2cs cannot see: their zeros mean "unknown".
-fn counters_observable(backend: &str) -> bool {
-    !backend.ends_with("Subprocess")
+/// Whether the session's counters are real. Servers say so
+/// (`counters_available`); an older s2cs does not, and then its compat
+/// backends (`StunnelSubprocess`, `HaproxySubprocess`) counted nothing.
+fn counters_observable(s: &SessionInfo) -> bool {
+    s.counters_available.unwrap_or(!s.backend.ends_with("Subprocess"))
 }
 
 fn bytes(n: u64) -> String {
@@ -62,9 +66,9 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
             s.uid,
             s.role,
             s.backend,
-            s.connections_active,
-            if counters_observable(&s.backend) { bytes(s.bytes_forward) } else { "-".into() },
-            if counters_observable(&s.backend) { bytes(s.bytes_backward) } else { "-".into() },
+            if counters_observable(s) { s.connections_active.to_string() } else { "n/a".into() },
+            if counters_observable(s) { bytes(s.bytes_forward) } else { "n/a".into() },
+            if counters_observable(s) { bytes(s.bytes_backward) } else { "n/a".into() },
             s.age_ms / 1000,
             s.listeners.join(","),
             if s.targets.is_empty() { "(not set)".to_string() } else { s.targets.join(",") },
@@ -79,14 +83,14 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     println!("listeners:   {}", s.listeners.join(", "));
     println!("targets:     {}", if s.targets.is_empty() { "(not set yet)".into() } else { s.targets.join(", ") });
     println!("hello:       {}", if s.hello_received { "received" } else { "waiting" });
-    if counters_observable(&s.backend) {
+    if counters_observable(s) {
         println!("connections: {} active, {} total, {} failed", s.connections_active, s.connections_total, s.connections_failed);
         println!("forward:     {}", bytes(s.bytes_forward));
         println!("back:        {}", bytes(s.bytes_backward));
     } else {
         println!("counters:    not observable: the {} backend's program moves the bytes outside s2cs", s.backend);
     }
-    if let Some((f, b)) = rates {
+    if let Some((f, b)) = rates.filter(|_| counters_observable(s)) {
         println!("rate:        {f} forward, {b} back");
     }
     if s.auth_failures > 0 {

@@ -43,7 +43,6 @@ pub fn render(reg: &Registry) -> String {
     let failed = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
     let refused = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
     let guard_session = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
-    let guard_session = Family::<SessionLabels, Counter<u64, AtomicU64>>::default();
     let available = Family::<SessionLabels, Gauge>::default();
     let sessions = Gauge::<i64>::default();
     let views = reg.list(None);
@@ -51,10 +50,6 @@ pub fn render(reg: &Registry) -> String {
     for v in &views {
         let l = SessionLabels { uid: v.uid.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
         let d = |direction| DirLabels { uid: l.uid.clone(), role: l.role.clone(), backend: l.backend.clone(), direction };
-        // The guard sees frames whatever the backend, so before the skip below.
-        if let Some(d) = reg.guard_session_dropped(&v.uid) {
-            guard_session.get_or_create(&l).inc_by(d.packets);
-        }
         // The guard sees frames whatever the backend, so before the skip below.
         if let Some(d) = reg.guard_session_dropped(&v.uid) {
             guard_session.get_or_create(&l).inc_by(d.packets);
@@ -77,7 +72,6 @@ pub fn render(reg: &Registry) -> String {
     prom.register("scistream_session_connections", "Connections a session accepted", total);
     prom.register("scistream_session_connections_failed", "Connections that ended with an error", failed);
     prom.register("scistream_tunnel_auth_failures", "Tunnel peers refused (handshake or session proof)", refused);
-    prom.register("scistream_guard_session_dropped_packets", "Packets the XDP guard dropped at a session's ports from sources it does not allow", guard_session);
     prom.register("scistream_guard_session_dropped_packets", "Packets the XDP guard dropped at a session's ports from sources it does not allow", guard_session);
     prom.register(
         "scistream_session_counters_available",

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tonic::transport::{Identity as TonicIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use super::auth::{AuthConfig, Authenticator};
 use super::guard::PortGuard;
@@ -28,10 +28,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 65_536;
 /// tonic's default of 4 MiB would let every stream buffer 600 times that.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Time a client has to complete the control channel's TLS handshake. Without
-/// it (tonic has none by default) a connection that never speaks holds its
-/// socket and a task for ever.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+mod conn;
 
 /// Serves until `shutdown` resolves, then releases every session.
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
@@ -68,11 +65,16 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
 
     let addr = SocketAddr::new(args.control_ip, args.port);
     let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    if args.ssl {
-        let id = TonicIdentity::from_pem(&identity.cert_pem, &identity.key_pem);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(id).timeout(HANDSHAKE_TIMEOUT)).context("control channel TLS")?;
+    // TLS is ours, not tonic's: the connection cap must act before the
+    // handshake, and the preface and idle deadlines need the plaintext.
+    let tls = if args.ssl {
+        Some(control_tls(&identity).context("control channel TLS")?)
     } else {
         tracing::warn!("--ssl false: the control channel is NOT encrypted");
+        None
+    };
+    if args.session_ttl > 0 && args.backend == crate::config::BackendKind::StunnelSubprocess {
+        tracing::warn!("--session_ttl cannot see traffic through stunnel (it has no counters): StunnelSubprocess sessions never expire");
     }
     let metrics = match args.metrics_addr {
         Some(a) => {
@@ -99,7 +101,12 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     if let Some(a) = &auth {
         println!("s2cs: authentication on: tokens need scope {}, checked at {}", a.required_scope(), a.introspect_url());
     }
-    let incoming = tokio_stream_from(listener);
+    let limits = conn::Limits {
+        max_connections: args.max_control_connections as usize,
+        preface: args.control_timeout(),
+        idle: args.control_idle_timeout(),
+    };
+    let incoming = conn::incoming(listener, tls, limits);
     let pending = registry.clone();
     let shutdown = async move {
         shutdown.await;
@@ -107,9 +114,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     };
     let reg = registry.clone();
     builder
-        .add_service(OversizeIsResourceExhausted(
+        .add_service(CountsCalls(OversizeIsResourceExhausted(
             ControlServer::new(ControlService::new(registry.clone(), auth)).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        ))
+        )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("control server")?;
@@ -138,16 +145,50 @@ fn bind_control(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(s.into())
 }
 
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(Arc::new(listener), |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
+/// The control channel's TLS: what tonic would configure (ring, TLS 1.2 and
+/// 1.3, ALPN h2), so SciStream 1.2's Python clients still connect.
+fn control_tls(identity: &tls::Identity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = tls::load_certs(&identity.cert_path)?;
+    let key = tls::load_key(&identity.key_path)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Marks each call in flight on its connection, so the idle timeout closes
+/// only connections with nothing pending (a `req` may wait minutes for its hello).
+#[derive(Clone)]
+struct CountsCalls<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountsCalls<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for CountsCalls<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let guard = req.extensions().get::<conn::ConnInfo>().map(conn::ConnInfo::begin_call);
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            drop(guard);
+            r
+        })
+    }
 }
 
 /// tonic refuses a request over [`MAX_MESSAGE_BYTES`] with OUT_OF_RANGE, but

@@ -115,5 +115,6 @@ fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
         owner: v.owner.clone().unwrap_or_default(),
         guard_dropped_packets: guard_dropped.packets,
         guard_dropped_bytes: guard_dropped.bytes,
+        counters_available: Some(v.counters_observable),
     }
 }

@@ -94,6 +94,9 @@ pub struct Session {
     pub created: std::time::Instant,
     hello: watch::Sender<HelloState>,
     inner: Mutex<Inner>,
+    /// Set once the warning that this owned session is managed without
+    /// authentication has been logged.
+    unowned_use_warned: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -115,6 +118,9 @@ pub struct SessionView {
     pub rate: i32,
     pub num_conn: usize,
     pub stats: StatsSnapshot,
+    /// False when the backend's program moves the bytes where they cannot
+    /// be counted (stunnel): `stats` is then unknown, not zero.
+    pub counters_observable: bool,
     pub age: Duration,
     pub owner: Option<String>,
 }
@@ -200,12 +206,23 @@ impl Registry {
 
     /// Only the creator (or an identity linked to it) may touch a session
     /// that has an owner; sessions made with authentication off have none.
+    /// `caller` is `None` only with authentication off (with it on, a call
+    /// without a valid token never gets here). Then nobody can prove who
+    /// they are, so an owner (a session stored while authentication was on)
+    /// cannot be enforced: the call is accepted and that is logged once per
+    /// session, instead of the session being stuck until its lease ends.
     fn check_owner(session: &Session, caller: Option<&Identity>) -> Result<(), ControlError> {
         match (&session.owner, caller) {
             (None, _) => Ok(()),
             (Some(owner), Some(who)) if who.is(owner) => Ok(()),
-            (Some(owner), who) => {
-                warn!(uid = %session.uid, owner = %owner, caller = ?who.map(|w| w.id.as_str()), "call from another identity refused");
+            (Some(owner), None) => {
+                if !session.unowned_use_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    warn!(uid = %session.uid, owner = %owner, "session owned by another identity is managed without authentication (s2cs runs without --client_secret); its owner is not enforced");
+                }
+                Ok(())
+            }
+            (Some(owner), Some(who)) => {
+                warn!(uid = %session.uid, owner = %owner, caller = %who.id, "call from another identity refused");
                 Err(ControlError::NotOwner { uid: session.uid.clone() })
             }
         }
@@ -244,6 +261,7 @@ impl Registry {
                 created: std::time::Instant::now(),
                 hello: watch::Sender::new(HelloState::Pending),
                 inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+                unowned_use_warned: Default::default(),
             });
             sessions.insert(uid.clone(), session.clone());
             session
@@ -491,6 +509,7 @@ impl Registry {
             created: std::time::Instant::now().checked_sub(age).unwrap_or_else(std::time::Instant::now),
             hello: watch::Sender::new(HelloState::Received(r.prod_listeners)),
             inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+            unowned_use_warned: Default::default(),
         });
         if !r.targets.is_empty() {
             self.forward(&session, r.targets)?;
@@ -582,13 +601,20 @@ impl Registry {
 
     /// Each session's traffic so far (bytes both ways plus connections
     /// accepted), for the lease: a count that moved means the session is used.
+    /// Sessions whose traffic cannot be seen are left out: silence there
+    /// says nothing about use, so the lease never takes them.
     pub fn activity(&self) -> Vec<(String, u64)> {
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         sessions
             .iter()
-            .map(|s| {
-                let st = lock(&s.inner).forwarder.as_ref().map(|f| f.stats()).unwrap_or_default();
-                (s.uid.clone(), st.bytes_forward + st.bytes_backward + st.connections_total)
+            .filter_map(|s| {
+                let inner = lock(&s.inner);
+                let st = match inner.forwarder.as_ref() {
+                    Some(f) if !f.counters_observable() => return None,
+                    Some(f) => f.stats(),
+                    None => StatsSnapshot::default(),
+                };
+                Some((s.uid.clone(), st.bytes_forward + st.bytes_backward + st.connections_total))
             })
             .collect()
     }
@@ -630,15 +656,15 @@ impl Registry {
         Ok(self.view_of(&session))
     }
 
-    /// Every session the caller may see (all of them with authentication off).
+    /// Every session the caller may see (all of them with authentication
+    /// off, owned ones included: see [`Registry::check_owner`]).
     pub fn list(&self, caller: Option<&Identity>) -> Vec<SessionView> {
         let sessions: Vec<Arc<Session>> = lock(&self.sessions).values().cloned().collect();
         let mut views: Vec<SessionView> = sessions
             .iter()
             .filter(|s| match (&s.owner, caller) {
-                (None, _) => true,
+                (None, _) | (Some(_), None) => true,
                 (Some(owner), Some(who)) => who.is(owner),
-                (Some(_), None) => false,
             })
             .map(|s| self.view_of(s))
             .collect();
@@ -659,6 +685,7 @@ impl Registry {
             rate: s.rate,
             num_conn: s.num_conn,
             stats: inner.forwarder.as_ref().map(|f| f.stats()).unwrap_or_default(),
+            counters_observable: inner.forwarder.as_ref().is_none_or(|f| f.counters_observable()),
             age: s.created.elapsed(),
             owner: s.owner.clone(),
         }

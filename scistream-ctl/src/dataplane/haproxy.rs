@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
 
-use super::subprocess::{Compat, Listeners, Retarget};
-use super::SessionSpec;
+use super::subprocess::{control_command_within, Compat, Listeners, Retarget};
+use super::{SessionSpec, StatsSnapshot};
+
+/// How long a `/metrics` scrape or `status` call waits for HAProxy's counters.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct Haproxy;
 
@@ -48,6 +51,33 @@ pub fn config(uid: &str, fds: &[i32], targets: &[SocketAddr], socket: &Path) -> 
         let _ = write!(c, "\nfrontend f{i}\n    bind fd@{fd}\n    default_backend b{i}\n\nbackend b{i}\n    server s{i} {}\n", server(*t));
     }
     c
+}
+
+/// A session's counters from HAProxy's `show stat` CSV: its frontends' bytes
+/// in (from the accepting side: forward) and out, current and total
+/// sessions, and its backends' failed connects to the target. `None` when
+/// the answer has no header line naming those columns.
+pub fn parse_show_stat(csv: &str) -> Option<StatsSnapshot> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches('#').trim().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (sv, scur, stot, bin, bout, econ) = (col("svname")?, col("scur")?, col("stot")?, col("bin")?, col("bout")?, col("econ")?);
+    let mut s = StatsSnapshot::default();
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match f.get(sv) {
+            Some(&"FRONTEND") => {
+                s.bytes_forward += num(bin);
+                s.bytes_backward += num(bout);
+                s.connections_active += num(scur);
+                s.connections_total += num(stot);
+            }
+            Some(&"BACKEND") => s.connections_failed += num(econ),
+            _ => {}
+        }
+    }
+    Some(s)
 }
 
 impl Compat for Haproxy {
@@ -94,6 +124,13 @@ impl Compat for Haproxy {
         false
     }
 
+    const COUNTERS: bool = true;
+
+    fn counters(&self, config: &Path) -> std::io::Result<StatsSnapshot> {
+        let answer = control_command_within(&control_socket(config), "show stat", STATS_TIMEOUT)?;
+        parse_show_stat(&answer).ok_or_else(|| std::io::Error::other(format!("unexpected `show stat` answer: {:.200}", answer.trim())))
+    }
+
     fn retarget(&self, config: &Path, _pid: Pid, targets: &[SocketAddr]) -> Retarget {
         let lines = (0..targets.len())
             .map(|i| {
@@ -114,6 +151,21 @@ impl Compat for Haproxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn show_stat_sums_frontend_bytes_and_sessions_and_backend_connect_errors() {
+        // Trimmed from HAProxy 2.6's answer for a two-listener session.
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,\n\
+                   f0,FRONTEND,,,1,1,100,3,1000,20,0,0,0,,,\n\
+                   b0,s0,0,0,1,1,,3,1000,20,,0,,0,0,\n\
+                   b0,BACKEND,0,0,1,1,10,3,1000,20,0,0,,2,0,\n\
+                   f1,FRONTEND,,,0,1,100,1,24,4000,0,0,0,,,\n\
+                   b1,BACKEND,0,0,0,1,10,1,24,4000,0,0,,0,0,\n\n";
+        let s = parse_show_stat(csv).expect("parsed");
+        assert_eq!((s.bytes_forward, s.bytes_backward), (1024, 4020));
+        assert_eq!((s.connections_active, s.connections_total, s.connections_failed), (1, 4, 2));
+        assert_eq!(parse_show_stat("Unknown command.\n"), None);
+    }
 
     #[test]
     fn haproxy_config_binds_inherited_fds_and_cycles_targets() {

@@ -88,6 +88,11 @@ pub trait Forwarder: Send + Sync {
     /// New connections use the new targets; live ones keep theirs.
     fn set_targets(&self, targets: Vec<SocketAddr>);
     fn stats(&self) -> StatsSnapshot;
+    /// False when the bytes move where s2cs cannot count them (stunnel),
+    /// so [`Forwarder::stats`]' zeros mean "unknown", not "idle".
+    fn counters_observable(&self) -> bool {
+        true
+    }
     /// Closes the listeners and every live connection; resolves once they are
     /// closed, so their ports can be reused at once. Idempotent.
     fn release(&self) -> futures::future::BoxFuture<'_, ()>;

@@ -72,6 +72,16 @@ pub trait Compat: Send + Sync + 'static {
     /// How the running program `pid` takes new targets while it keeps its
     /// live connections.
     fn retarget(&self, config: &Path, pid: Pid, targets: &[SocketAddr]) -> Retarget;
+
+    /// Whether the program keeps per-session counters s2cs can read with
+    /// [`Compat::counters`]; without them the session's counters show as
+    /// unavailable, never as zeros.
+    const COUNTERS: bool = false;
+
+    /// The session's counters, read from the running program.
+    fn counters(&self, _config: &Path) -> io::Result<StatsSnapshot> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("{} keeps no counters", Self::PROGRAM)))
+    }
 }
 
 /// How a program takes new targets.
@@ -341,6 +351,11 @@ impl Supervised {
 
 /// One command over a program's unix control socket; returns its answer.
 fn control_command(socket: &Path, line: &str) -> io::Result<String> {
+    control_command_within(socket, line, READY_TIMEOUT)
+}
+
+/// [`control_command`] with its own limit on the answer's wait.
+pub(super) fn control_command_within(socket: &Path, line: &str, limit: Duration) -> io::Result<String> {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
         io::Error::new(
@@ -348,7 +363,8 @@ fn control_command(socket: &Path, line: &str) -> io::Result<String> {
             format!("control socket {}: {e}", socket.display()),
         )
     })?;
-    s.set_read_timeout(Some(READY_TIMEOUT))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     s.write_all(format!("{line}\n").as_bytes())?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;
@@ -492,7 +508,8 @@ impl<C: Compat> SubprocessBackend<C> {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        info!(backend = C::NAME, program = %exe.display(), "compat backend: one {} process per session; byte counters are not observable", C::PROGRAM);
+        let counters = if C::COUNTERS { "counters read from it" } else { "its byte counters cannot be seen" };
+        info!(backend = C::NAME, program = %exe.display(), "compat backend: one {} process per session; {counters}", C::PROGRAM);
         Ok(Self {
             compat: Arc::new(compat),
             exe,
@@ -570,6 +587,7 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
                 files,
                 procs: vec![proc],
             }),
+            last_counters: Mutex::default(),
         }))
     }
 }
@@ -611,6 +629,9 @@ struct SubprocessForwarder<C> {
     config: PathBuf,
     ctx: SpawnContext,
     state: Mutex<State>,
+    /// The program's counters at the last good reading, shown when a
+    /// reading fails (the program busy or gone) rather than zeros.
+    last_counters: Mutex<StatsSnapshot>,
 }
 
 impl<C: Compat> Forwarder for SubprocessForwarder<C> {
@@ -668,9 +689,18 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        // The bytes move inside another process; zeros here mean "unknown",
-        // and the backend name tells status readers so.
-        StatsSnapshot::default()
+        let mut last = self.last_counters.lock().unwrap_or_else(|p| p.into_inner());
+        if C::COUNTERS {
+            match self.compat.counters(&self.config) {
+                Ok(now) => *last = now,
+                Err(e) => debug!(uid = %self.spec.uid, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
+            }
+        }
+        *last
+    }
+
+    fn counters_observable(&self) -> bool {
+        C::COUNTERS
     }
 
     fn release(&self) -> BoxFuture<'_, ()> {
