@@ -36,7 +36,9 @@ pub struct Args {
     streams: Vec<u32>,
     /// Configurations, comma-separated: direct (kernel routing), direct-xdp-path
     /// (kernel routing with the veth settings `xdp` needs), haproxy, stunnel, and any
-    /// `s2cs --type` (tls, splice, sockmap, xdp, ...); one the host cannot run is skipped.
+    /// `s2cs --type` (tls, splice, sockmap, xdp, ...); `<type>-noguard` runs that type
+    /// with `s2cs --guard false`, and the report gives the guard's cost as the
+    /// ratio of the two. One the host cannot run is skipped.
     #[arg(
         long,
         value_delimiter = ',',
@@ -195,6 +197,14 @@ pub fn main(args: &Args) -> Result<ExitCode> {
     })
 }
 
+/// Whether `node`'s veth on `link` carries an XDP program (`ip link` says `xdp`).
+fn xdp_attached(topo: &Topology, node: Node, link: Link) -> Result<bool> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["-n", topo.ns(node), "link", "show", "dev", topo.iface(node, link)]);
+    let out = run_command(cmd, Duration::from_secs(10))?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(" xdp"))
+}
+
 /// Builds `label`'s path: a topology, an iperf3 server on the producer, and the
 /// gateways (none for `direct`).
 fn prepare(label: &str, state: &Path) -> Result<Bed> {
@@ -221,9 +231,21 @@ fn prepare(label: &str, state: &Path) -> Result<Bed> {
             let entry = pair.entry;
             (Forwarding::Peers(pair), entry)
         }
-        backend => {
-            let gws = Gateways::start(&topo, backend, state, backend)
-                .with_context(|| format!("s2cs --type {backend}"))?;
+        label => {
+            // The XDP guard is on by default (as root); the twin without it
+            // prices the guard within the same run.
+            let (backend, extra): (&str, &[&str]) = match label.strip_suffix(bench_report::NOGUARD_SUFFIX) {
+                Some(backend) => (backend, &["--guard", "false"]),
+                None => (label, &[]),
+            };
+            let gws = Gateways::start_with(&topo, backend, state, label, extra)
+                .with_context(|| format!("s2cs --type {backend} {}", extra.join(" ")))?;
+            // A guard cost is only a cost if the twins differ in the guard alone.
+            let guarded = xdp_attached(&topo, Node::InboundGw, Link::Wan)?;
+            if !extra.is_empty() && guarded {
+                bail!("an XDP program is on the inbound gateway's WAN veth despite --guard false");
+            }
+            println!("{label}: XDP program on the inbound gateway's data interface: {}", if guarded { "yes" } else { "no" });
             // One listener: iperf3's control and data connections all go to the
             // same port, and the gateway forwards every connection it accepts.
             let session = gws.session(producer, 1)?;

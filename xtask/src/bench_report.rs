@@ -1,5 +1,7 @@
 //! The results of `cargo xtask bench`: medians and ratios per configuration and
 //! stream count, printed as a table and written as JSON and an SVG bar chart.
+//! A configuration run with and without the XDP guard (`splice` and
+//! `splice-noguard`) also gets the guard's cost, from the paired rounds.
 
 use std::path::Path;
 
@@ -102,6 +104,29 @@ fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Label suffix of a configuration run with `s2cs --guard false`.
+pub const NOGUARD_SUFFIX: &str = "-noguard";
+
+/// What the XDP guard costs one configuration: its runs against its
+/// `-noguard` twin's runs of the same rounds.
+pub struct GuardCost {
+    pub config: String,
+    pub streams: u32,
+    /// Median over rounds of (with guard / without), throughput.
+    pub throughput_ratio: f64,
+    /// Rounds where both twins produced a sample.
+    pub paired_rounds: usize,
+    /// Median gateway CPU per GB with the guard over without.
+    pub cpu_per_gb_ratio: Option<f64>,
+}
+
+impl GuardCost {
+    /// Throughput lost to the guard, in percent (negative: the guarded twin was faster).
+    pub fn cost_percent(&self) -> f64 {
+        (1.0 - self.throughput_ratio) * 100.0
+    }
+}
+
 pub struct Report {
     pub machine: Machine,
     seconds: u32,
@@ -176,6 +201,57 @@ impl Report {
         cells
     }
 
+    /// Each configuration with a `-noguard` twin, per stream count. Rounds run
+    /// the twins back to back, so each round's pair saw the same machine load:
+    /// the median of the per-round ratios is steadier than a ratio of medians.
+    pub fn guard_costs(&self, cells: &[Cell]) -> Vec<GuardCost> {
+        let mut costs = Vec::new();
+        for &streams in &self.streams {
+            for twin in &self.order {
+                let Some(base) = twin.strip_suffix(NOGUARD_SUFFIX) else {
+                    continue;
+                };
+                let with = self.per_round(base, streams);
+                let without = self.per_round(twin, streams);
+                let ratios: Vec<f64> = with
+                    .iter()
+                    .zip(&without)
+                    .filter_map(|(w, wo)| Some((*w)? / (*wo).filter(|g| *g > 0.0)?))
+                    .collect();
+                let Some(throughput_ratio) = median(&ratios) else {
+                    continue;
+                };
+                let cpu = |label: &str| {
+                    cells
+                        .iter()
+                        .find(|c| c.label == label && c.streams == streams)
+                        .and_then(|c| c.cpu_s_per_gb)
+                };
+                costs.push(GuardCost {
+                    config: base.to_owned(),
+                    streams,
+                    throughput_ratio,
+                    paired_rounds: ratios.len(),
+                    cpu_per_gb_ratio: cpu(base)
+                        .zip(cpu(twin))
+                        .filter(|(_, wo)| *wo > 0.0)
+                        .map(|(w, wo)| w / wo),
+                });
+            }
+        }
+        costs
+    }
+
+    /// Throughput of each run of `label` at `streams`, in round order; `None`
+    /// for a failed run.
+    fn per_round(&self, label: &str, streams: u32) -> Vec<Option<f64>> {
+        self.runs
+            .iter()
+            .filter(|(l, s, _)| l == label && *s == streams)
+            .map(|(_, _, outcome)| outcome.as_ref().ok().map(|s| s.gbps))
+            .collect()
+    }
+
     fn summarise(&self, label: &str, streams: u32) -> Cell {
         let mut samples = Vec::new();
         let mut errors = Vec::new();
@@ -239,6 +315,19 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
                 runs.join(" ")
             );
         }
+    }
+    for g in report.guard_costs(cells) {
+        println!(
+            "\nXDP guard, {} P{}: {:.3}x of {}{NOGUARD_SUFFIX} (median of {} paired rounds; {:+.1}% throughput){}",
+            g.config,
+            g.streams,
+            g.throughput_ratio,
+            g.config,
+            g.paired_rounds,
+            -g.cost_percent(),
+            g.cpu_per_gb_ratio
+                .map_or_else(String::new, |r| format!(", gateway CPU/GB {r:.3}x"))
+        );
     }
     for c in cells {
         if let Some(e) = c.errors.first() {
@@ -336,6 +425,15 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             "streams": report.streams,
         },
         "results": results,
+        "guard_cost": report.guard_costs(cells).iter().map(|g| json!({
+            "config": g.config,
+            "without_guard": format!("{}{NOGUARD_SUFFIX}", g.config),
+            "streams": g.streams,
+            "throughput_ratio": g.throughput_ratio,
+            "cost_percent": g.cost_percent(),
+            "paired_rounds": g.paired_rounds,
+            "gateway_cpu_per_gb_ratio": g.cpu_per_gb_ratio,
+        })).collect::<Vec<_>>(),
         "skipped": report.skipped.iter().map(|(l, r)| json!({"config": l, "reason": r})).collect::<Vec<_>>(),
         "session_setup": latency,
         "idle_sessions": report.idle.as_ref().map(|m| json!({
@@ -425,6 +523,18 @@ pub fn write_svg(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             .background_style(WHITE.mix(0.8))
             .position(SeriesLabelPosition::UpperRight)
             .draw()?;
+        let costs: Vec<String> = report
+            .guard_costs(cells)
+            .iter()
+            .map(|g| format!("{} P{} {:.3}x", g.config, g.streams, g.throughput_ratio))
+            .collect();
+        if !costs.is_empty() {
+            let note = format!(
+                "XDP guard, with/without (paired rounds): {}",
+                costs.join(", ")
+            );
+            root.draw(&Text::new(note, (70, 470), ("sans-serif", 13)))?;
+        }
         root.present()?;
         Ok(())
     };
@@ -465,5 +575,44 @@ mod tests {
             .expect("cell");
         assert_eq!(tls4.ratio_to_direct, Some(0.5));
         assert_eq!(tls4.cpu_s_per_gb, Some(2.0));
+    }
+
+    #[test]
+    fn guard_cost_pairs_each_round_with_its_noguard_twin() {
+        let mut r = Report::new(5, 3, &[1]);
+        let s = |gbps, cpu| {
+            Ok(Sample {
+                gbps,
+                bytes: 1_000_000_000,
+                gateway_cpu_s: Some(cpu),
+                peak_rss_kib: None,
+            })
+        };
+        // Load swings between rounds; within a round the twins see the same.
+        for (with, without) in [(9.0, 10.0), (4.75, 5.0), (19.0, 20.0)] {
+            r.record("splice", 1, s(with, 1.1));
+            r.record("splice-noguard", 1, s(without, 1.0));
+        }
+        r.record("splice", 1, Err("iperf3 died".into())); // unpaired: ignored
+        r.record("splice-noguard", 1, s(1.0, 1.0));
+        let cells = r.cells();
+        let costs = r.guard_costs(&cells);
+        assert_eq!(costs.len(), 1);
+        let g = &costs[0];
+        assert_eq!(
+            (g.config.as_str(), g.streams, g.paired_rounds),
+            ("splice", 1, 3)
+        );
+        assert!(
+            (g.throughput_ratio - 0.95).abs() < 1e-9,
+            "{}",
+            g.throughput_ratio
+        );
+        assert!((g.cost_percent() - 5.0).abs() < 1e-9);
+        assert!((g.cpu_per_gb_ratio.unwrap() - 1.1).abs() < 1e-9);
+        // Without a twin there is no cost to give.
+        let mut lone = Report::new(5, 1, &[1]);
+        lone.record("splice", 1, s(9.0, 1.0));
+        assert!(lone.guard_costs(&lone.cells()).is_empty());
     }
 }

@@ -146,6 +146,17 @@ impl Gateways {
     /// under `state/<label>-{gin,gout}`. Fails with the daemon's log when it
     /// refuses to start.
     pub fn start(topo: &Topology, backend: &str, state: &Path, label: &str) -> Result<Gateways> {
+        Self::start_with(topo, backend, state, label, &[])
+    }
+
+    /// Like [`start`](Self::start), with `extra` s2cs options for both gateways.
+    pub fn start_with(
+        topo: &Topology,
+        backend: &str,
+        state: &Path,
+        label: &str,
+        extra: &[&str],
+    ) -> Result<Gateways> {
         let s2cs = bin("s2cs");
         let gin_dir = state.join(format!("{label}-gin"));
         let gout_dir = state.join(format!("{label}-gout"));
@@ -172,7 +183,9 @@ impl Gateways {
                 backend,
                 "--state_dir",
                 &path_str(&gin_dir)?,
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied()),
         )?;
         wait_listening(
             &mut inbound,
@@ -205,7 +218,9 @@ impl Gateways {
                 &path_str(&gout_dir)?,
                 "--peer_ca",
                 &path_str(&inbound_cert)?,
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied()),
         )?;
         wait_listening(
             &mut outbound,
