@@ -24,7 +24,7 @@ const PRODUCER: SocketAddr = SocketAddr::new(IpAddr::V4(addr::PRODUCER), 7001);
 /// A plaintext port that socat relays over TLS to the inbound gateway's
 /// control port: the test's gRPC client speaks HTTP/2 without TLS.
 const BRIDGE: SocketAddr = SocketAddr::new(IpAddr::V4(addr::OUTBOUND_GW_WAN), 6000);
-/// s2cs's control-channel TLS handshake timeout (control/server.rs).
+/// s2cs's default `--control_timeout`: TLS handshake and HTTP/2 preface.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// s2cs's request size limit (control/server.rs MAX_MESSAGE_BYTES).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
