@@ -153,7 +153,14 @@ impl RateBucket {
 
     /// GCRA: the new `tat` if a segment of `cost_ns` arriving at `now`
     /// conforms to a direction whose state is `tat`, else `None` (drop it).
+    /// A direction never used (`tat` 0) starts with an empty bucket: a full
+    /// one would let a short transfer through at line rate.
     pub const fn admit(&self, tat: u64, now: u64, cost_ns: u64) -> Option<u64> {
+        let tat = if tat == 0 {
+            now.saturating_add(self.tolerance_ns)
+        } else {
+            tat
+        };
         if tat > now.saturating_add(self.tolerance_ns) {
             return None;
         }
@@ -397,27 +404,26 @@ mod tests {
     }
 
     #[test]
-    fn bucket_admits_its_depth_at_once_then_only_the_rate() {
+    fn bucket_starts_empty_fills_at_the_rate_and_holds_at_most_its_depth() {
         // 80 Mbit/s = 10 MB/s: 100 ns per byte; 100 KB deep = 10 ms.
         let b = RateBucket::new(80_000, 100_000);
         assert_eq!(b.cost_ns(1000), 100_000);
         assert_eq!(b.tolerance_ns, 10_000_000);
+        let drain = |tat: &mut u64, now: u64| {
+            let mut admitted = 0;
+            while let Some(t) = b.admit(*tat, now, b.cost_ns(1000)) {
+                *tat = t;
+                admitted += 1;
+            }
+            admitted
+        };
         let (mut tat, now) = (0u64, 1_000_000_000u64);
-        let mut admitted = 0;
-        while let Some(t) = b.admit(tat, now, b.cost_ns(1000)) {
-            tat = t;
-            admitted += 1;
-        }
-        // A full bucket (100 KB) plus the segment that finds it just full.
-        assert_eq!(admitted, 101);
-        // 1 ms later: 10 KB more worth of time has passed.
-        let later = now + 1_000_000;
-        let mut more = 0;
-        while let Some(t) = b.admit(tat, later, b.cost_ns(1000)) {
-            tat = t;
-            more += 1;
-        }
-        assert_eq!(more, 10);
+        assert_eq!(drain(&mut tat, now), 1, "a new bucket is empty");
+        // 1 ms later: 10 KB worth of time has passed.
+        assert_eq!(drain(&mut tat, now + 1_000_000), 10);
+        // A second later the bucket is full, not fuller: 100 KB (+ the
+        // segment that finds it just full).
+        assert_eq!(drain(&mut tat, now + 1_001_000_000), 101);
     }
 
     #[test]

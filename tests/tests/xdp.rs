@@ -24,7 +24,9 @@ use std::time::Duration;
 use common::{Gateway, MIB};
 use testbed::netns::addr;
 use testbed::process::Signal;
-use testbed::{consume_parallel, in_netns, require_root, Node, Producer, Stream, Topology};
+use testbed::{
+    consume, consume_parallel, in_netns, require_root, Node, Producer, Stream, Topology,
+};
 
 const PRODUCER_PORT: u16 = 7000;
 const RANGE: &str = "5100-5199";
@@ -606,4 +608,163 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// 80 Mbit/s, as the other backends' rate tests use.
+const RATE_KBPS: u64 = 80_000;
+
+#[test]
+fn xdp_enforced_rate_holds_a_session_within_10_percent_of_its_rate() {
+    const TEST: &str = "xdp_enforced_rate_holds_a_session_within_10_percent_of_its_rate";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let bytes = 24 * MIB;
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+        bytes,
+    )
+    .expect("producer");
+    let rate = RATE_KBPS.to_string();
+    let s = xdp_session_with(
+        &topo,
+        producer.addr(),
+        1,
+        &["--enforce_rate"],
+        &["--rate", &rate],
+    );
+    let t = consume(topo.ns(Node::Consumer), s.listeners[0], bytes, 1)
+        .unwrap_or_else(|e| panic!("transfer: {e:#}\n{}", logs(&s)));
+    let seen = producer
+        .wait_for(1, Duration::from_secs(30))
+        .expect("producer record");
+    t.verify_with(&seen, bytes).expect("every byte intact");
+    let got = t.received_bytes as f64 * 8.0 / t.elapsed.as_secs_f64() / 1e6;
+    let want = RATE_KBPS as f64 / 1000.0;
+    eprintln!(
+        "{TEST}: {got:.1} Mbit/s from the producer with rate {want} Mbit/s ({:?} for {} bytes each way)",
+        t.elapsed, t.received_bytes
+    );
+    assert!(
+        (got - want).abs() <= want * 0.10,
+        "{got:.1} Mbit/s is not within 10 % of the session's {want} Mbit/s\n{}",
+        logs(&s)
+    );
+}
+
+/// The session's `connections_active` as `s2uc status --json` reports it.
+fn connections_active(gw: &Gateway, uid: &str) -> u64 {
+    let out = gw.s2uc(&gw.ns, "status", &[uid, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    v["connections_active"]
+        .as_u64()
+        .expect("connections_active")
+}
+
+/// Polls until `connections_active` is `want` (the figure is at most 1 s old).
+fn wait_for_active(gw: &Gateway, uid: &str, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = connections_active(gw, uid);
+        if now == want || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn xdp_reports_open_connections_from_its_flows_and_nat_drops_in_metrics() {
+    const TEST: &str = "xdp_reports_open_connections_from_its_flows_and_nat_drops_in_metrics";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+    )
+    .expect("echo producer");
+    let s = xdp_session_with(
+        &topo,
+        echo.addr(),
+        2,
+        &["--metrics_addr", "0.0.0.0:9100"],
+        &[],
+    );
+    assert_eq!(connections_active(&s.gout, &s.uid), 0, "no connection yet");
+    let connect = |to: SocketAddr| {
+        let mut c = in_netns(topo.ns(Node::Consumer), || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        assert_eq!(echo_round(&mut c, b"ping").expect("echo"), b"ping");
+        c
+    };
+    let (mut first, second) = (connect(s.listeners[0]), connect(s.listeners[1]));
+    let third = connect(s.listeners[1]);
+    for gw in [&s.gout, &s.gin] {
+        assert_eq!(
+            wait_for_active(gw, &s.uid, 3),
+            3,
+            "three open connections\n{}",
+            logs(&s)
+        );
+    }
+    // A FIN each way closes the first; a reset the third (linger 0).
+    first
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut rest = Vec::new();
+    first
+        .read_to_end(&mut rest)
+        .expect("the echo server closes too");
+    nix::sys::socket::setsockopt(
+        &third,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER");
+    drop(third);
+    for gw in [&s.gout, &s.gin] {
+        assert_eq!(
+            wait_for_active(gw, &s.uid, 1),
+            1,
+            "closed connections still counted\n{}",
+            logs(&s)
+        );
+    }
+    drop(second);
+
+    // A SYN to a data port no session holds is dropped at the driver and counted.
+    let unused = SocketAddr::new(addr::OUTBOUND_GW_LAN.into(), 5150);
+    let refused = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&unused, Duration::from_millis(300))
+    });
+    assert!(refused.is_err(), "a connection to an unused data port");
+    let metrics = SocketAddr::new(addr::OUTBOUND_GW_LAN.into(), 9100);
+    let page = common::http_get(topo.ns(Node::OutboundGw), metrics, "/metrics");
+    let dropped: u64 = page
+        .lines()
+        .find(|l| l.starts_with("scistream_xdp_nat_dropped_packets_total{reason=\"not_allowed\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no NAT drop counter:\n{page}"));
+    assert!(dropped >= 1, "the SYN was not counted:\n{page}");
+    assert!(
+        page.contains("scistream_xdp_nat_dropped_packets_total{reason=\"over_rate\"} 0"),
+        "{page}"
+    );
 }

@@ -7,7 +7,7 @@
 //! elsewhere they skip with one line on stderr.
 
 use crate::error_chain;
-use scistream_common::nat::{Event, FlowKey, Service};
+use scistream_common::nat::{Event, FlowKey, RateBucket, Service};
 
 use super::{Action, Nat};
 
@@ -474,4 +474,130 @@ fn overlapping_or_empty_ranges_are_rejected() {
     assert!(nat.set_ranges((5200, 5100), NAT_PORTS).is_err());
     assert!(nat.set_ranges(DATA, (0, 0)).is_err());
     assert!(nat.set_ranges(DATA, NAT_PORTS).is_ok());
+}
+
+// --- Rate policer, connection tracking, pinning.
+
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+#[test]
+fn policed_session_drops_payload_over_its_rate_but_never_a_bare_ack() {
+    let mut nat = nat_or_skip!();
+    nat.retarget(
+        LISTENER,
+        Service {
+            flags: Service::POLICED,
+            ..service(1)
+        },
+    )
+    .unwrap();
+    // 8 kbit/s = 1000 bytes a second, 64 KiB deep: the bucket starts empty,
+    // so after the first segment nothing with payload passes within this test.
+    nat.set_bucket(1, RateBucket::new(8, 64 * 1024)).unwrap();
+    open_flow(&nat, CONSUMER_PORT);
+    let data = tcp4(
+        (CONSUMER, CONSUMER_PORT),
+        (GATEWAY_IN, LISTENER),
+        PSH_ACK,
+        &[7; 1000],
+    );
+    let ack = tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), ACK, &[]);
+    translated(&nat, &data);
+    for _ in 0..3 {
+        assert_eq!(run(&nat, &data).0, Action::Drop, "over the rate");
+        translated(&nat, &ack);
+    }
+    let c = nat.session_counters(LISTENER).unwrap().unwrap();
+    assert_eq!((c.over_rate_packets, c.over_rate_bytes), (3, 3000));
+    assert_eq!(
+        c.forward_bytes, 1000,
+        "only the conforming segment counted as moved"
+    );
+    assert_eq!(nat.events(Event::OverRate).unwrap().packets, 3);
+    // Without the flag the same session is not policed.
+    nat.retarget(LISTENER, service(1)).unwrap();
+    translated(&nat, &data);
+}
+
+#[test]
+fn open_connections_end_with_a_fin_each_way_or_one_reset() {
+    let nat = nat_or_skip!();
+    let now = || {
+        std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let (a, b) = (open_flow(&nat, 40001), open_flow(&nat, 40002));
+    let open = |n: &Nat| {
+        n.open_connections(now(), 120)
+            .unwrap()
+            .get(&LISTENER)
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(open(&nat), 2);
+    // a: FIN from the consumer, then from the target (its reply direction).
+    translated(
+        &nat,
+        &tcp4((CONSUMER, 40001), (GATEWAY_IN, LISTENER), FIN_ACK, &[]),
+    );
+    assert_eq!(open(&nat), 2, "half-closed is still open");
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, a), FIN_ACK, &[]),
+    );
+    assert_eq!(open(&nat), 1);
+    // b: a reset from the target.
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, b), RST, &[]),
+    );
+    assert_eq!(open(&nat), 0);
+    // Idle flows stop counting: none seen within the last 0 s of a clock
+    // a minute ahead.
+    open_flow(&nat, 40003);
+    assert_eq!(
+        nat.open_connections(now() + 60, 30).unwrap().get(&LISTENER),
+        None
+    );
+}
+
+/// A bpffs directory for one test, removed with its pins on drop.
+struct TestPins(std::path::PathBuf);
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = Nat::remove_pins(&self.0);
+    }
+}
+
+#[test]
+fn a_pinned_nat_is_adopted_with_its_flows_and_leaves_nothing_once_unpinned() {
+    let Some(_) = load_nat() else { return };
+    let root = std::path::Path::new("/sys/fs/bpf");
+    super::ensure_bpffs(root).expect("bpffs");
+    let pins = TestPins(root.join(format!("scistream-nat-test-{}", std::process::id())));
+    let mut first = Nat::load_pinned(&pins.0).expect("pinned load");
+    assert!(!first.adopted());
+    first.set_ranges(DATA, NAT_PORTS).unwrap();
+    first.add_service(LISTENER, service(9)).unwrap();
+    let port = open_flow(&first, CONSUMER_PORT);
+    drop(first); // as a killed s2cs: the pins hold the maps
+
+    let mut second = Nat::load_pinned(&pins.0).expect("adopting load");
+    assert!(second.adopted());
+    assert_eq!(second.services().unwrap(), vec![(LISTENER, service(9))]);
+    // The same session's service again keeps its flow and counters.
+    second.add_service(LISTENER, service(9)).unwrap();
+    assert_eq!(second.session_counters(LISTENER).unwrap().unwrap().flows, 1);
+    let reply = tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, port), PSH_ACK, b"on");
+    assert_eq!(translated(&second, &reply).dst, (CONSUMER, CONSUMER_PORT));
+
+    second.unpin().expect("unpin");
+    assert!(!pins.0.exists(), "pins left in {}", pins.0.display());
 }
