@@ -161,10 +161,8 @@ impl TlsPump {
             match ktls_ready(&tunnel) {
                 Ok(()) => {
                     let handed = hand_over(tunnel, &log)?;
-                    return match self.tier {
-                        Tier::Kernel { .. } => offload(handed, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
-                        Tier::Rustls { .. } => in_user_space(handed, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await,
-                    };
+                    let kernel = matches!(self.tier, Tier::Kernel { .. });
+                    return carry_handed(handed, kernel, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await;
                 }
                 Err(why) => tracing::warn!("staying in rustls for this connection: {why}"),
             }
@@ -234,52 +232,43 @@ fn hand_over(mut tunnel: Tunnel, log: &SecretLog) -> io::Result<HandedOver> {
     Ok(HandedOver { sock: io.into_inner(), secrets, keys, early })
 }
 
-/// Writes the plaintext rustls decrypted before the hand-over, so the order
-/// of bytes is kept.
-async fn write_early(plain: &mut TcpStream, early: &[u8], from_tunnel: &AtomicU64) -> io::Result<()> {
+/// Carries a handed-over tunnel: in kernel TLS with splice, re-keying in
+/// the kernel (see [`ktls::rekey`]), or in the user-space record layer
+/// ([`records`]). Plaintext rustls decrypted before the hand-over goes out
+/// first, so the order of bytes is kept.
+async fn carry_handed(
+    handed: HandedOver,
+    kernel: bool,
+    mut plain: TcpStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+    rekey_every: Option<u64>,
+    rekeys: &AtomicU64,
+) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
+    let HandedOver { sock, secrets, keys, early } = handed;
+    let user_keys = if kernel {
+        ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+        None
+    } else {
+        Some((RecordKey::from_extracted(&secrets.tx)?, RecordKey::from_extracted(&secrets.rx)?))
+    };
+    drop(secrets);
     if !early.is_empty() {
-        plain.write_all(early).await?;
+        plain.write_all(&early).await?;
         from_tunnel.fetch_add(early.len() as u64, Ordering::Relaxed);
     }
-    Ok(())
-}
-
-/// Hands the keys to the kernel and splices, re-keying in the kernel (see
-/// [`ktls::rekey`]).
-async fn offload(
-    handed: HandedOver,
-    mut plain: TcpStream,
-    to_tunnel: &AtomicU64,
-    from_tunnel: &AtomicU64,
-    rekey_every: Option<u64>,
-    rekeys: &AtomicU64,
-) -> io::Result<()> {
-    let HandedOver { sock, secrets, keys, early } = handed;
-    ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
-    drop(secrets);
-    write_early(&mut plain, &early, from_tunnel).await?;
-    tracing::debug!("tunnel offloaded to kernel TLS");
-    let rekey = Rekey::new(keys, rekey_every, rekeys);
-    super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
-}
-
-/// Carries the tunnel in the user-space record layer ([`records`]).
-async fn in_user_space(
-    handed: HandedOver,
-    mut plain: TcpStream,
-    to_tunnel: &AtomicU64,
-    from_tunnel: &AtomicU64,
-    rekey_every: Option<u64>,
-    rekeys: &AtomicU64,
-) -> io::Result<()> {
-    let HandedOver { sock, secrets, keys, early } = handed;
-    let tx = RecordKey::from_extracted(&secrets.tx)?;
-    let rx = RecordKey::from_extracted(&secrets.rx)?;
-    drop(secrets);
-    write_early(&mut plain, &early, from_tunnel).await?;
-    let shared = records::Shared::new(keys, rekey_every, rekeys);
-    records::carry(&plain, &sock, tx, rx, &shared, to_tunnel, from_tunnel).await
+    match user_keys {
+        None => {
+            tracing::debug!("tunnel offloaded to kernel TLS");
+            let rekey = Rekey::new(keys, rekey_every, rekeys);
+            super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
+        }
+        Some((tx, rx)) => {
+            let shared = records::Shared::new(keys, rekey_every, rekeys);
+            records::carry(&plain, &sock, tx, rx, &shared, to_tunnel, from_tunnel).await
+        }
+    }
 }
 
 /// Bounds a tunnel set-up step and, when it fails, counts the refusal and
