@@ -68,6 +68,12 @@ fn bench(c: &mut Criterion) {
     };
     guard.set_port_range(DATA.0, DATA.1).expect("guard range");
     guard.allow_port(LISTENER, 1).expect("guard port");
+    // A session that names its peers: one more (LPM trie) lookup per frame.
+    let restricted = LISTENER + 1;
+    let peer = format!("{}/32", std::net::Ipv4Addr::from(CONSUMER.0));
+    guard.allow_peer(2, &peer.parse().expect("peer")).expect("guard peer");
+    guard.allow_port_from_peers(restricted, 2).expect("guard restricted port");
+    let from_peer = frame(CONSUMER, (GATEWAY_IN, restricted), 0x10, PAYLOAD);
     nat.set_ranges(DATA, (CONSUMER.1, CONSUMER.1))
         .expect("nat ranges");
     let fixed_point = Service {
@@ -100,9 +106,12 @@ fn bench(c: &mut Criterion) {
     let allowed = frame(CONSUMER, (GATEWAY_IN, LISTENER), 0x10, PAYLOAD);
 
     let mut g = c.benchmark_group("xdp_per_packet");
-    let cases: [(&str, &dyn Fn(u32) -> Duration); 7] = [
+    let cases: [(&str, &dyn Fn(u32) -> Duration); 8] = [
         ("guard/session_port_pass", &|n| {
             guard.time_per_frame(&allowed, n).expect("run")
+        }),
+        ("guard/peer_restricted_pass", &|n| {
+            guard.time_per_frame(&from_peer, n).expect("run")
         }),
         ("guard/outside_range_pass", &|n| {
             guard.time_per_frame(&outside, n).expect("run")
