@@ -16,7 +16,12 @@
 //!
 //! Then a peer that knows the session secret floods KeyUpdates: it must be
 //! cut off, nothing may reach the producer, and the session's failed
-//! connection counter must move. With `--compare-mib`, child processes time
+//! connection counter must move. With `--mixed-mib` (and `--netns`), two more
+//! sessions run with one gateway in a child process under `SCISTREAM_KTLS=off`
+//! (rustls) and the other in kernel TLS, once each way round, both forcing
+//! re-keys: the data must arrive intact and each namespace's tls_stat must
+//! show kernel TLS, re-keyed both ways, only on the kernel side. With
+//! `--compare-mib`, child processes time
 //! the same exchange over plain loopback, through kernel TLS and through
 //! rustls, and print throughput and CPU per GB (under TCG only the ratios
 //! mean anything). The last line is the marker the xtask looks for:
@@ -36,6 +41,7 @@ use scistream_ctl::config::ServerArgs;
 use scistream_ctl::dataplane::ktls::{self, Tier};
 use scistream_ctl::dataplane::session_auth::{self, Role, SessionSecret};
 use scistream_ctl::dataplane::tls::REKEY_VAR;
+use scistream_ctl::dataplane::Side;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,6 +63,17 @@ struct Args {
     /// Inbound side in its own network namespace behind a veth (root; busybox `ip`).
     #[arg(long)]
     netns: bool,
+    /// MiB each way for each mixed-tier session (one gateway in rustls, the
+    /// other in kernel TLS, both forcing re-keys); 0: none. Needs `--netns`.
+    #[arg(long, default_value_t = 0)]
+    mixed_mib: u64,
+    /// Internal: run one s2cs gateway on this IP until stdin closes (the
+    /// mixed test's user-space gateway, started with SCISTREAM_KTLS=off).
+    #[arg(long)]
+    serve: Option<String>,
+    /// Internal, with `--serve`: its state directory.
+    #[arg(long, default_value = "/tmp/s2cs-user")]
+    state: String,
 }
 
 /// Where the four parties listen; `ns` runs the inbound side's sockets.
@@ -170,6 +187,13 @@ impl InboundNs {
     }
 }
 
+impl InboundNs {
+    /// The namespace's kernel TLS counters, as its thread sees them.
+    fn tls_stat(&self) -> String {
+        format!("/proc/self/task/{}/net/tls_stat", self.tid)
+    }
+}
+
 impl Drop for InboundNs {
     fn drop(&mut self) {
         // Deleting one end removes the pair now, not when the namespace is reaped.
@@ -238,6 +262,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let Some(ip) = &args.serve {
+        let code = match rt.block_on(serve(ip, &args.state)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("s2cs on {ip}: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
     if let Some(what) = &args.measure {
         match rt.block_on(measure(what, args.size_mib << 20, args.netns)) {
             Ok((secs, cpu)) => println!("MEASURE {secs:.3} {cpu:.3}"),
@@ -294,7 +328,7 @@ async fn run(args: &Args) -> Result<()> {
 
     let size = args.size_mib << 20;
     let net = Net::new(args.netns)?;
-    let report = with_gateways(&net, || session(&net, size)).await?;
+    let report = with_gateways(&net, None, || session(&net, size)).await?;
     // The comparison's children build their own namespaces.
     drop(net);
     let d = |name: &str| report.after.get(name) - report.before.get(name);
@@ -379,6 +413,17 @@ async fn run(args: &Args) -> Result<()> {
         _ => {}
     }
 
+    if args.mixed_mib > 0 {
+        let every = match (rekey_every, &tier, args.netns) {
+            (Some(every), Tier::Kernel { rekey: true }, true) => every,
+            _ => bail!(
+                "--mixed-mib needs --netns, a kernel that re-keys TLS 1.3 and {REKEY_VAR}; here: tier {tier:?}, {REKEY_VAR} {rekey_every:?}"
+            ),
+        };
+        for user_space in [Side::Outbound, Side::Inbound] {
+            mixed(user_space, args.mixed_mib << 20, every).await?;
+        }
+    }
     if args.compare_mib > 0 {
         compare(args.compare_mib, &tier, args.netns).await?;
     }
@@ -463,7 +508,7 @@ async fn measure(what: &str, size: u64, netns: bool) -> Result<(f64, f64)> {
             Ok((secs, cpu))
         }
         "tunnel" => {
-            with_gateways(&net, || async {
+            with_gateways(&net, None, || async {
                 let producer = net.producer_listener().await?;
                 let s = Session::open(&net, &uuid::Uuid::new_v4().to_string()).await?;
                 let (secs, cpu) = timed_exchange(&producer, s.consumer_addr, size).await?;
@@ -495,9 +540,20 @@ impl TlsStat {
     /// network namespace, and each holds one end of the tunnel.
     fn read(net: &Net) -> Self {
         let mut paths = vec!["/proc/self/net/tls_stat".to_string()];
-        if let Some(ns) = &net.ns {
-            paths.push(format!("/proc/self/task/{}/net/tls_stat", ns.tid));
+        paths.extend(net.ns.as_ref().map(InboundNs::tls_stat));
+        Self::sum(paths)
+    }
+
+    /// One gateway's counters: its end of the tunnel is alone in its
+    /// namespace (needs `--netns`).
+    fn side(net: &Net, side: Side) -> Self {
+        match (side, &net.ns) {
+            (Side::Inbound, Some(ns)) => Self::sum([ns.tls_stat()]),
+            _ => Self::sum(["/proc/self/net/tls_stat".to_string()]),
         }
+    }
+
+    fn sum(paths: impl IntoIterator<Item = String>) -> Self {
         let mut sum: Vec<(String, u64)> = Vec::new();
         for p in paths {
             let text = std::fs::read_to_string(p).unwrap_or_default();
@@ -556,18 +612,25 @@ fn gateway(ip: &str, state: &str) -> ServerArgs {
     ])
 }
 
-/// Runs `body` with the two gateways up, then stops them.
-async fn with_gateways<T, F, Fut>(net: &Net, body: F) -> Result<T>
+/// Runs `body` with the two gateways up, then stops them. `user_space`: the
+/// gateway on that side runs as a child process in the rustls tier, forcing
+/// a re-key every so many bytes.
+async fn with_gateways<T, F, Fut>(net: &Net, user_space: Option<(Side, u64)>, body: F) -> Result<T>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for (ip, state, inbound) in [
-        (net.out_ip, "/tmp/s2cs-out", false),
-        (net.in_ip, "/tmp/s2cs-in", true),
+    let mut child = None;
+    for (ip, state, side) in [
+        (net.out_ip, "/tmp/s2cs-out", Side::Outbound),
+        (net.in_ip, "/tmp/s2cs-in", Side::Inbound),
     ] {
+        if let Some((user_side, every)) = user_space.filter(|u| u.0 == side) {
+            child = Some(UserSpaceGateway::start(net, user_side, every)?);
+            continue;
+        }
         let mut rx = stop_rx.clone();
         let args = gateway(ip, state);
         let server = async move {
@@ -577,8 +640,8 @@ where
             .await
         };
         // The inbound gateway opens its sockets in the inbound namespace.
-        servers.push(match (&net.ns, inbound) {
-            (Some(ns), true) => ns.handle.spawn(server),
+        servers.push(match (&net.ns, side) {
+            (Some(ns), Side::Inbound) => ns.handle.spawn(server),
             _ => tokio::spawn(server),
         });
     }
@@ -587,7 +650,71 @@ where
     for s in servers {
         s.await.context("s2cs task")?.context("s2cs")?;
     }
+    if let Some(c) = child {
+        c.stop().await?;
+    }
     result.context("timed out")?
+}
+
+/// A gateway in its own process with `SCISTREAM_KTLS=off`, so its tunnel
+/// stays in rustls whatever the kernel offers; it stops when its stdin
+/// closes, and is killed if dropped before [`Self::stop`].
+struct UserSpaceGateway {
+    child: tokio::process::Child,
+}
+
+impl UserSpaceGateway {
+    fn start(net: &Net, side: Side, rekey_every: u64) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let (ip, state) = match side {
+            Side::Outbound => (net.out_ip, "/tmp/s2cs-out-user"),
+            Side::Inbound => (net.in_ip, "/tmp/s2cs-in-user"),
+        };
+        let mut cmd = match (side, &net.ns) {
+            (Side::Inbound, Some(ns)) => {
+                let mut c = tokio::process::Command::new("/bin/busybox");
+                c.args(["nsenter", "-t", &ns.tid.to_string(), "-n"])
+                    .arg(exe);
+                c
+            }
+            _ => tokio::process::Command::new(exe),
+        };
+        let child = cmd
+            .args(["--serve", ip, "--state", state])
+            .env(ktls::MODE_VAR, "off")
+            .env(REKEY_VAR, rekey_every.to_string())
+            .stdin(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the user-space gateway")?;
+        Ok(Self { child })
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        drop(self.child.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .context("the user-space gateway did not stop within 30 s")??;
+        ensure!(
+            status.success(),
+            "the user-space gateway exited with {status}"
+        );
+        Ok(())
+    }
+}
+
+/// `--serve`: one gateway until stdin reaches EOF (the parent let go).
+async fn serve(ip: &str, state: &str) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        let _ = tx.send(());
+    });
+    scistream_ctl::control::server::run(gateway(ip, state), async move {
+        let _ = rx.await;
+    })
+    .await
 }
 
 async fn open(addr: &str) -> Result<Connection> {
@@ -671,25 +798,8 @@ async fn session(net: &Net, size: u64) -> Result<Report> {
     let producer = net.producer_listener().await?;
     let s = Session::open(net, &uuid::Uuid::new_v4().to_string()).await?;
     let before = TlsStat::read(net);
-    // Samples the kernel's live session counts while the data flows.
-    let streaming = AtomicBool::new(true);
-    let sampler = async {
-        let (mut tx, mut rx) = (0, 0);
-        while streaming.load(Ordering::Relaxed) {
-            let st = TlsStat::read(net);
-            tx = tx.max(st.get("TlsCurrTxSw"));
-            rx = rx.max(st.get("TlsCurrRxSw"));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        (tx, rx)
-    };
-    let exchange = async {
-        let r = timed_exchange(&producer, s.consumer_addr, size).await;
-        streaming.store(false, Ordering::Relaxed);
-        r
-    };
-    let (result, (max_curr_tx, max_curr_rx)) = tokio::join!(exchange, sampler);
-    let (secs, _) = result?;
+    let (secs, [peak]) =
+        sampled_exchange(&producer, s.consumer_addr, size, [&|| TlsStat::read(net)]).await?;
     let after = TlsStat::read(net);
     let flood = keyupdate_flood(net, &s, &producer).await?;
     s.release().await?;
@@ -697,10 +807,144 @@ async fn session(net: &Net, size: u64) -> Result<Report> {
         secs,
         before,
         after,
-        max_curr_tx,
-        max_curr_rx,
+        max_curr_tx: peak.tx,
+        max_curr_rx: peak.rx,
         flood,
     })
+}
+
+/// The most kernel TLS sessions open at once, sending and receiving.
+#[derive(Default, Clone, Copy)]
+struct Peak {
+    tx: u64,
+    rx: u64,
+}
+
+/// [`timed_exchange`] while each of `readers` samples the kernel's live TLS
+/// session counts every 500 ms; returns seconds and each reader's peak.
+async fn sampled_exchange<const N: usize>(
+    producer: &TcpListener,
+    consumer_addr: SocketAddr,
+    size: u64,
+    readers: [&dyn Fn() -> TlsStat; N],
+) -> Result<(f64, [Peak; N])> {
+    let streaming = AtomicBool::new(true);
+    let sampler = async {
+        let mut peaks = [Peak::default(); N];
+        while streaming.load(Ordering::Relaxed) {
+            for (peak, read) in peaks.iter_mut().zip(readers) {
+                let st = read();
+                peak.tx = peak.tx.max(st.get("TlsCurrTxSw"));
+                peak.rx = peak.rx.max(st.get("TlsCurrRxSw"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        peaks
+    };
+    let exchange = async {
+        let r = timed_exchange(producer, consumer_addr, size).await;
+        streaming.store(false, Ordering::Relaxed);
+        r
+    };
+    let (result, peaks) = tokio::join!(exchange, sampler);
+    Ok((result?.0, peaks))
+}
+
+/// One gateway in the rustls tier (its own process), the other in kernel
+/// TLS, both forcing KeyUpdates that ask the peer to update too: `size`
+/// bytes each way must arrive intact, the kernel side's tls_stat must show
+/// its tunnel end in kernel TLS installing new keys both ways, and the
+/// user-space side's namespace must show no kernel TLS at all. The
+/// user-space side re-keys twice as often (every `every / 2` bytes) as the
+/// kernel side, so the kernel's count of keys received proves that side's
+/// own KeyUpdates, not only its answers to the kernel's.
+async fn mixed(user_space: Side, size: u64, every: u64) -> Result<()> {
+    let kernel = match user_space {
+        Side::Outbound => Side::Inbound,
+        Side::Inbound => Side::Outbound,
+    };
+    let name = |side| match side {
+        Side::Outbound => "outbound",
+        Side::Inbound => "inbound",
+    };
+    let user_every = (every / 2).max(1);
+    let what = format!(
+        "rustls {} <-> kernel TLS {}",
+        name(user_space),
+        name(kernel)
+    );
+    let net = Net::new(true)?;
+    let (secs, k, u, peak_k, peak_u) =
+        with_gateways(&net, Some((user_space, user_every)), || async {
+            let producer = net.producer_listener().await?;
+            let s = Session::open(&net, &uuid::Uuid::new_v4().to_string()).await?;
+            let (k0, u0) = (TlsStat::side(&net, kernel), TlsStat::side(&net, user_space));
+            let (secs, [peak_k, peak_u]) = sampled_exchange(
+                &producer,
+                s.consumer_addr,
+                size,
+                [&|| TlsStat::side(&net, kernel), &|| {
+                    TlsStat::side(&net, user_space)
+                }],
+            )
+            .await?;
+            let (k1, u1) = (TlsStat::side(&net, kernel), TlsStat::side(&net, user_space));
+            s.release().await?;
+            let delta = |a: &TlsStat, b: &TlsStat| {
+                TlsStat(
+                    a.0.iter()
+                        .map(|(n, v)| (n.clone(), v.saturating_sub(b.get(n))))
+                        .collect(),
+                )
+            };
+            Ok((secs, delta(&k1, &k0), delta(&u1, &u0), peak_k, peak_u))
+        })
+        .await
+        .with_context(|| format!("mixed session {what}"))?;
+    println!(
+        "mixed {what} (re-keys forced every {} KiB by rustls, {} KiB by the kernel side): \
+         {} MiB each way in {secs:.1} s ({:.2} MB/s per direction), SHA-256 equal both ways; \
+         kernel side TlsCurrTxSw up to {}, TlsCurrRxSw up to {}, TlsTxRekeyOk +{}, TlsRxRekeyOk +{}, \
+         TlsRxRekeyReceived +{}, rekey errors +{}/+{}; rustls side TlsCurrTxSw up to {}, TlsTxSw +{}, TlsRxSw +{}",
+        user_every >> 10,
+        every >> 10,
+        size >> 20,
+        size as f64 / secs / 1e6,
+        peak_k.tx,
+        peak_k.rx,
+        k.get("TlsTxRekeyOk"),
+        k.get("TlsRxRekeyOk"),
+        k.get("TlsRxRekeyReceived"),
+        k.get("TlsTxRekeyError"),
+        k.get("TlsRxRekeyError"),
+        peak_u.tx,
+        u.get("TlsTxSw"),
+        u.get("TlsRxSw"),
+    );
+    ensure!(
+        peak_k.tx >= 1 && peak_k.rx >= 1,
+        "{what}: the kernel side's tunnel end was not in kernel TLS during the stream"
+    );
+    ensure!(
+        peak_u.tx == 0 && peak_u.rx == 0 && u.get("TlsTxSw") == 0 && u.get("TlsRxSw") == 0,
+        "{what}: the rustls side opened kernel TLS sessions"
+    );
+    // A sending key carries at most `every` bytes on the kernel side and
+    // `user_every` on the rustls side. Answers alone (one per request of the
+    // kernel side, at most its own updates, about size / every) cannot reach
+    // the RX bound: only the rustls side's own updates can.
+    let (forced_tx, forced_rx) = ((size - 1) / every, (size - 1) / user_every);
+    let (tx, rx) = (k.get("TlsTxRekeyOk"), k.get("TlsRxRekeyOk"));
+    ensure!(
+        tx >= forced_tx && rx >= forced_rx,
+        "{what}: expected at least {forced_tx} sending and {forced_rx} receiving re-keys on the kernel side, \
+         it counted TX {tx}, RX {rx}"
+    );
+    ensure!(
+        k.get("TlsTxRekeyError") == 0 && k.get("TlsRxRekeyError") == 0,
+        "{what}: the kernel refused a re-key"
+    );
+    Ok(())
 }
 
 /// A peer that knows the session secret (so passes the proof) and then sends

@@ -9,7 +9,11 @@
 //! sid's current kernel re-keys TLS 1.3, so the tunnel runs in kernel TLS and
 //! is forced to re-key every `--rekey-mib` MiB mid-stream; bookworm's 6.1
 //! cannot re-key, so the tunnel stays in rustls. On both, a KeyUpdate flood
-//! is cut off. The kernel TLS vs rustls comparison runs on re-keying kernels.
+//! is cut off. On re-keying kernels two mixed sessions follow, one gateway
+//! forced into rustls (`SCISTREAM_KTLS=off`, its own process) and the other
+//! in kernel TLS, each way round, re-keying against each other (the kernel
+//! side every `--rekey-mib` MiB, the rustls side twice as often) over
+//! `--mixed-mib` MiB each way; then the kernel TLS vs rustls comparison.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +50,11 @@ pub struct Args {
     /// MiB each way for the kernel TLS vs rustls comparison on kernels that re-key; 0: none.
     #[arg(long, default_value_t = 32)]
     compare_mib: u64,
+    /// MiB each way for each mixed-tier session on kernels that re-key (one
+    /// gateway in rustls, the other in kernel TLS, both re-keying; both
+    /// ways round); 0: none.
+    #[arg(long, default_value_t = 64)]
+    mixed_mib: u64,
     /// Give up on a VM after this many seconds (TCG emulation is slow).
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -132,8 +141,12 @@ fn test_command(args: &Args, suite: vm_kernel::Suite) -> String {
         env.push_str(&format!(" SCISTREAM_REKEY_BYTES={}", args.rekey_mib << 20));
     }
     let compare = if rekeys { args.compare_mib } else { 0 };
+    // The kernel half of a mixed session needs kernel TLS that re-keys.
+    let mixed = if rekeys && expect == "kernel" && args.rekey_mib > 0 { args.mixed_mib } else { 0 };
     let size = if rekeys { args.size_mib } else { args.fallback_mib };
-    format!("{env} /bin/vm_ktls --netns --expect {expect} --size-mib {size} --compare-mib {compare}")
+    format!(
+        "{env} /bin/vm_ktls --netns --expect {expect} --size-mib {size} --compare-mib {compare} --mixed-mib {mixed}"
+    )
 }
 
 /// A gzip'ed `newc` cpio with /init, busybox, the modules and the test.
