@@ -288,10 +288,17 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
         "\n{} CPUs ({}), kernel {}; iperf3 -R, {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes",
         m.cpus, m.cpu_model, m.kernel, report.seconds, report.rounds
     );
+    // Wide enough for the longest label ("splice-noguard").
+    let w = cells
+        .iter()
+        .map(|c| c.label.len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     for &streams in &report.streams {
         println!("\n{streams} stream(s):");
         println!(
-            "{:<10} {:>8} {:>10} {:>13} {:>14}  runs (Gbit/s)",
+            "{:<w$} {:>8} {:>10} {:>13} {:>14}  runs (Gbit/s)",
             "config", "Gbit/s", "vs direct", "gw CPU s/GB", "gw peak RSS"
         );
         for c in cells.iter().filter(|c| c.streams == streams) {
@@ -302,7 +309,7 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
                 format!(" ({} failed)", c.errors.len())
             };
             println!(
-                "{:<10} {:>8} {:>10} {:>13} {:>14}  {}{failed}",
+                "{:<w$} {:>8} {:>10} {:>13} {:>14}  {}{failed}",
                 c.label,
                 opt(c.median_gbps, 2),
                 c.ratio_to_direct
@@ -468,14 +475,16 @@ pub fn write_svg(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
         RGBColor(214, 39, 40),
     ];
 
-    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    // 24 px under the chart for the guard-cost note.
+    let root = SVGBackend::new(path, (900, 504)).into_drawing_area();
+    let (plot, note_area) = root.split_vertically(480);
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
         let caption = format!(
             "iperf3 through the gateways, median of {} x {} s ({} CPUs, kernel {})",
             report.rounds, report.seconds, report.machine.cpus, report.machine.kernel
         );
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(&plot)
             .caption(caption, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(36)
@@ -533,7 +542,7 @@ pub fn write_svg(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
                 "XDP guard, with/without (paired rounds): {}",
                 costs.join(", ")
             );
-            root.draw(&Text::new(note, (70, 470), ("sans-serif", 13)))?;
+            note_area.draw(&Text::new(note, (70, 4), ("sans-serif", 13)))?;
         }
         root.present()?;
         Ok(())
@@ -610,6 +619,17 @@ mod tests {
         );
         assert!((g.cost_percent() - 5.0).abs() < 1e-9);
         assert!((g.cpu_per_gb_ratio.unwrap() - 1.1).abs() < 1e-9);
+        // The same figures reach the JSON and the chart.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (json_path, svg_path) = (dir.path().join("b.json"), dir.path().join("b.svg"));
+        write_json(&r, &cells, &json_path).expect("json");
+        write_svg(&r, &cells, &svg_path).expect("svg");
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        assert_eq!(doc["guard_cost"][0]["without_guard"], "splice-noguard");
+        assert!((doc["guard_cost"][0]["cost_percent"].as_f64().unwrap() - 5.0).abs() < 1e-9);
+        let svg = std::fs::read_to_string(&svg_path).unwrap();
+        assert!(svg.contains("splice P1 0.950x"), "{svg}");
         // Without a twin there is no cost to give.
         let mut lone = Report::new(5, 1, &[1]);
         lone.record("splice", 1, s(9.0, 1.0));
