@@ -177,4 +177,18 @@ fn frames_from_peers_a_session_does_not_allow_are_dropped_and_counted_on_it() {
 
     let summary = stream.finish().expect("the allowed peer's bytes all came back intact");
     assert!(summary.echoed_bytes > 0);
+
+    // kill -9 and a new s2cs on the same state directory: the restored
+    // session keeps its peers, not just its ports.
+    gin.daemon.signal(nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    gin.daemon.wait_exit(Duration::from_secs(10)).expect("s2cs killed");
+    gin.respawn(&range, "splice", &["--metrics_addr", &metrics.to_string()]);
+    gin.daemon.wait_for_log("session restored", Duration::from_secs(10)).expect("session restored");
+    for (port, result) in scan(consumer_ns, gin_ip, session_ports.clone()) {
+        assert_eq!(result, Err(ErrorKind::TimedOut), "port {port}: the restored session must still refuse other peers");
+    }
+    assert!(status_dropped(&gin, gin_ns, &inbound.uid) > 0, "drops counted on the restored session");
+    let again = Stream::start(consumer_ns, outbound.listeners[0]).expect("stream after the restart");
+    again.assert_progress(Duration::from_secs(5));
+    again.finish().expect("the allowed peer streams again, intact");
 }

@@ -6,8 +6,9 @@
 //! to its ports from anyone else are dropped and counted on that session.
 
 use crate::error_chain;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -22,11 +23,18 @@ use scistream_common::guard::{MAX_ALLOWED_PORTS, MAX_PEER_NETS};
 /// host-wide peer map.
 pub const MAX_PEERS_PER_SESSION: usize = 64;
 
+/// In the state directory: each live peer-restricted session's networks, so
+/// a session restored after a restart (kill -9 included) keeps its restriction.
+const PEERS_FILE: &str = "guard-peers.json";
+
 /// The running guard of one `s2cs`.
 pub struct PortGuard {
     state: Mutex<State>,
     ifaces: Vec<String>,
     next_tag: AtomicU32,
+    peers_file: PathBuf,
+    /// `--keep_sessions`: a clean exit keeps the sessions, so their peers too.
+    keep_sessions: bool,
 }
 
 struct State {
@@ -35,6 +43,9 @@ struct State {
     sessions: HashMap<String, Allowed>,
     /// Peers named by a `req` whose session is not allowed yet.
     pending_peers: HashMap<String, Vec<PeerNet>>,
+    /// Peers of the sessions of the previous run, for the sessions the
+    /// registry restores; dropped once requests are served (restoring is over).
+    restored_peers: HashMap<String, Vec<PeerNet>>,
 }
 
 /// What the guard holds for one session.
@@ -108,8 +119,29 @@ impl PortGuard {
                 })?;
             }
         }
-        let state = State { guard, sessions: HashMap::new(), pending_peers: HashMap::new() };
-        Ok(Self { state: Mutex::new(state), ifaces, next_tag: AtomicU32::new(1) })
+        let peers_file = args.state_dir().join(PEERS_FILE);
+        let restored_peers = load_peers(&peers_file);
+        let state = State { guard, sessions: HashMap::new(), pending_peers: HashMap::new(), restored_peers };
+        Ok(Self { state: Mutex::new(state), ifaces, next_tag: AtomicU32::new(1), peers_file, keep_sessions: args.keep_sessions })
+    }
+
+    /// Writes the live sessions' peers (replacing the file whole, so a crash
+    /// leaves the old or the new list, never half of one).
+    fn save_peers(&self, state: &State) {
+        let live: BTreeMap<&str, Vec<String>> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.peers.is_empty())
+            .map(|(uid, s)| (uid.as_str(), s.peers.iter().map(ToString::to_string).collect()))
+            .collect();
+        let tmp = self.peers_file.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&live)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, &self.peers_file));
+        if let Err(e) = written {
+            warn!(file = %self.peers_file.display(), error = %e, "cannot store the sessions' allowed peers; after a restart they would accept any source");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -121,6 +153,8 @@ impl PortGuard {
     /// forgets what was recorded (a `req` that failed).
     pub fn expect_peers(&self, uid: &str, peers: Vec<PeerNet>) -> Result<(), ControlError> {
         let mut state = self.lock();
+        // Requests are served only once the stored sessions are back.
+        state.restored_peers.clear();
         state.pending_peers.remove(uid);
         if peers.is_empty() {
             return Ok(());
@@ -139,7 +173,11 @@ impl PortGuard {
     pub fn allow(&self, uid: &str, ports: &[u16]) {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
-        let peers = state.pending_peers.remove(uid).unwrap_or_default();
+        let peers = match state.pending_peers.remove(uid) {
+            Some(peers) => peers,
+            None => state.restored_peers.remove(uid).unwrap_or_default(),
+        };
+        let restricted = !peers.is_empty();
         let State { guard, sessions, .. } = &mut *state;
         // Peers before ports: a restricted port never passes a source early.
         let mut failed = peers.iter().find_map(|net| guard.allow_peer(tag, net).err());
@@ -160,6 +198,12 @@ impl PortGuard {
             info!(uid, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "XDP guard: session ports accept these peers only");
         }
         sessions.insert(uid.to_owned(), Allowed { tag, ports: ports.to_vec(), peers });
+        // A release does not rewrite the file (a --keep_sessions exit releases
+        // every session and must keep them); its entry goes at the next write,
+        // and the registry never restores a released session anyway.
+        if restricted {
+            self.save_peers(&state);
+        }
     }
 
     /// Drops a released session's ports again; returns what passed to them.
@@ -214,7 +258,38 @@ impl PortGuard {
         }
         let dropped = state.guard.dropped().unwrap_or_default();
         info!(ifaces = ?self.ifaces, dropped_packets = dropped.packets, dropped_bytes = dropped.bytes, "XDP guard detached");
+        if !self.keep_sessions {
+            // Every session is gone and forgotten: so are their peers.
+            let _ = std::fs::remove_file(&self.peers_file);
+        }
     }
+}
+
+/// The peers a previous run stored; a missing file is no peers, an unreadable
+/// one is logged (its sessions then accept any source).
+fn load_peers(path: &Path) -> HashMap<String, Vec<PeerNet>> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "cannot read the stored allowed peers; restored sessions accept any source");
+            return HashMap::new();
+        }
+    };
+    let stored: HashMap<String, Vec<String>> = match serde_json::from_slice(&text) {
+        Ok(stored) => stored,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "stored allowed peers are not valid; restored sessions accept any source");
+            return HashMap::new();
+        }
+    };
+    stored
+        .into_iter()
+        .map(|(uid, nets)| {
+            let nets = nets.iter().filter_map(|n| n.parse().map_err(|e| warn!(uid, error = %e, "stored peer skipped")).ok()).collect();
+            (uid, nets)
+        })
+        .collect()
 }
 
 /// `Request.allowed_peers` checked and handed to the guard ahead of the

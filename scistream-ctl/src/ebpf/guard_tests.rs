@@ -636,10 +636,13 @@ fn ipv6_routing(next_header: u8, rest: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A name, the first next-header value, and the headers behind it towards a port.
+type Chain = (&'static str, u8, fn(u16) -> Vec<u8>);
+
 #[test]
 fn ports_behind_every_ipv6_extension_header_are_checked() {
     let guard = guard_on_range_or_skip!();
-    let chains: [(&str, u8, fn(u16) -> Vec<u8>); 6] = [
+    let chains: [Chain; 6] = [
         ("routing", ROUTING, |p| ipv6_routing(TCP, &tcp(p))),
         ("auth", AUTH, |p| ipv6_auth(TCP, &tcp(p))),
         ("dest opts", DEST_OPTS, |p| ipv6_ext(TCP, &tcp(p))),
