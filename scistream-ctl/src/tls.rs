@@ -41,17 +41,22 @@ pub struct Identity {
     pub generated: bool,
 }
 
-/// Only AES-GCM (and ChaCha20) TLS 1.3 suites, over ring.
+/// Only AES-GCM (and ChaCha20) TLS 1.3 suites, over ring, AES-128-GCM
+/// first: it is TLS 1.3's mandatory suite, 128-bit secure, and its 10 AES
+/// rounds against AES-256's 14 make sealing a 16 KiB record about 11 %
+/// cheaper here (criterion `tls13_record_16KiB`), on a path where AES-GCM is
+/// the largest single cost. rustls' own order puts AES-256 first; a peer
+/// that prefers it still gets it.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.retain(|s| {
-        matches!(
-            s.suite(),
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-                | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-                | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-        )
-    });
+    let rank = |s: &rustls::SupportedCipherSuite| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => Some(0),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => Some(1),
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => Some(2),
+        _ => None,
+    };
+    p.cipher_suites.retain(|s| rank(s).is_some());
+    p.cipher_suites.sort_by_key(rank);
     Arc::new(p)
 }
 
@@ -183,7 +188,13 @@ pub fn tunnel_server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError
 /// certificate is verified against it; without, the channel is encrypted but
 /// the peer is unauthenticated (the caller warns).
 pub fn tunnel_client_config(peer_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    tunnel_client_config_with(peer_ca, provider())
+}
+
+/// As [`tunnel_client_config`] over another provider (tests narrow it to
+/// one cipher suite).
+pub(crate) fn tunnel_client_config_with(peer_ca: Option<&Path>, provider: Arc<CryptoProvider>) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut cfg = match peer_ca {
         Some(path) => {
@@ -195,7 +206,7 @@ pub fn tunnel_client_config(peer_ca: Option<&Path>) -> Result<Arc<ClientConfig>,
         }
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoPeerVerification(provider())))
+            .with_custom_certificate_verifier(Arc::new(NoPeerVerification(provider)))
             .with_no_client_auth(),
     };
     cfg.resumption = rustls::client::Resumption::disabled();

@@ -76,8 +76,20 @@ async fn inbound() -> Inbound {
 /// A real TLS 1.3 client that proves the session, then leaves rustls with
 /// the socket and its sending key, to write records by hand.
 async fn proven_client(tunnel: SocketAddr) -> (TcpStream, RecordKey) {
-    let connector =
-        tokio_rustls::TlsConnector::from(crate::tls::tunnel_client_config(None).unwrap());
+    let (tcp, key, _) = proven_client_with(tunnel, crate::tls::provider()).await;
+    (tcp, key)
+}
+
+/// As [`proven_client`] over `provider` (the server follows the client's
+/// suite order), with the key schedule for the client's next sending keys.
+async fn proven_client_with(
+    tunnel: SocketAddr,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> (TcpStream, RecordKey, KeySchedule) {
+    let log = Arc::new(crate::dataplane::ktls::rekey::SecretLog::default());
+    let mut cfg = (*crate::tls::tunnel_client_config_with(None, provider).unwrap()).clone();
+    cfg.key_log = log.clone();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(tunnel).await.unwrap();
     let mut tls = connector
         .connect(ServerName::IpAddress(tunnel.ip().into()), tcp)
@@ -90,9 +102,15 @@ async fn proven_client(tunnel: SocketAddr) -> (TcpStream, RecordKey) {
     )
     .await
     .unwrap();
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
     let (tcp, conn) = tls.into_inner();
     let secrets = conn.dangerous_extract_secrets().unwrap();
-    (tcp, RecordKey::from_extracted(&secrets.tx).unwrap())
+    let schedule = KeySchedule::new(&log, true, suite, &secrets).unwrap();
+    (
+        tcp,
+        RecordKey::from_extracted(&secrets.tx).unwrap(),
+        schedule,
+    )
 }
 
 fn record(key: &mut RecordKey, kind: u8, payload: &[u8]) -> Vec<u8> {
@@ -232,4 +250,35 @@ async fn a_handshake_record_other_than_key_update_is_refused() {
     let (e, got) = refused(gw).await;
     assert!(e.to_string().contains("not one KeyUpdate"), "{e}");
     assert!(got.is_empty());
+}
+
+/// Every suite the gateways offer works in the record layer, through a
+/// KeyUpdate from the peer (AES-256-GCM's schedule runs on SHA-384).
+#[tokio::test]
+async fn every_offered_suite_carries_records_through_a_key_update() {
+    for suite in [
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let mut provider = (*crate::tls::provider()).clone();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        assert_eq!(provider.cipher_suites.len(), 1, "{suite:?} is offered");
+        let gw = inbound().await;
+        let (mut tcp, mut key, mut schedule) =
+            proven_client_with(gw.tunnel, Arc::new(provider)).await;
+        let mut wire = record(&mut key, APPLICATION_DATA, b"before ");
+        wire.extend(record(&mut key, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0]));
+        let mut key = RecordKey::next(schedule.next_tx_key()).unwrap();
+        wire.extend(record(&mut key, APPLICATION_DATA, b"after"));
+        wire.extend(record(&mut key, ALERT, &[1, 0]));
+        tcp.write_all(&wire).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let relay = tokio::time::timeout(Duration::from_secs(10), gw.relay)
+            .await
+            .unwrap()
+            .unwrap();
+        relay.unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+        assert_eq!(gw.producer.await.unwrap(), b"before after", "{suite:?}");
+    }
 }
