@@ -49,10 +49,11 @@ const BATCH: usize = 4;
 /// moved to the front only when less than one record's room is left.
 const RX_BUF: usize = 256 * 1024;
 
-const ALERT: u8 = 21;
-const HANDSHAKE: u8 = 22;
-const APPLICATION_DATA: u8 = 23;
-const KEY_UPDATE: u8 = 24;
+/// TLS content types (RFC 8446 5.1) and the KeyUpdate handshake type.
+pub const ALERT: u8 = 21;
+pub const HANDSHAKE: u8 = 22;
+pub const APPLICATION_DATA: u8 = 23;
+pub const KEY_UPDATE: u8 = 24;
 /// TLS 1.3 records carry 0x0303 as their legacy version (RFC 8446 5.1).
 const LEGACY_VERSION: [u8; 2] = [3, 3];
 
@@ -126,6 +127,22 @@ impl RecordKey {
             .map_err(|_| io::Error::other("sealing a TLS record failed"))?;
         slot[HEADER + len + 1..HEADER + body].copy_from_slice(tag.as_ref());
         Ok(HEADER + body)
+    }
+
+    /// One whole record of content `kind` around `payload` (at most 16 KiB),
+    /// as a peer sends it; for tests and the fuzz target.
+    pub fn seal_record(&mut self, kind: u8, payload: &[u8]) -> io::Result<Vec<u8>> {
+        if payload.len() > MAX_PLAIN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TLS record holds at most 16 KiB",
+            ));
+        }
+        let mut slot = vec![0u8; HEADER + payload.len() + 1 + TAG];
+        slot[HEADER..HEADER + payload.len()].copy_from_slice(payload);
+        let len = self.seal(&mut slot, payload.len(), kind)?;
+        slot.truncate(len);
+        Ok(slot)
     }
 
     /// Opens one record's body in place; returns the inner plaintext
@@ -303,41 +320,15 @@ async fn open_loop(
         end += n;
         spans.clear();
         let mut closed = false;
-        while end - start >= HEADER {
-            let h: [u8; HEADER] = buf[start..start + HEADER].try_into().expect("five bytes");
-            let len = u16::from_be_bytes([h[3], h[4]]) as usize;
-            if h[0] != APPLICATION_DATA || h[1..3] != LEGACY_VERSION {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("not a TLS 1.3 protected record after the handshake: header {h:02x?}"),
-                ));
-            }
-            if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("a TLS record of {len} bytes (record_overflow)"),
-                ));
-            }
-            if end - start < HEADER + len {
-                break;
-            }
-            let body = start + HEADER;
-            let inner = key.open(h, &mut buf[body..body + len])?;
-            // Content, then its type, then zero padding (RFC 8446 5.4).
-            let Some(at) = inner.iter().rposition(|b| *b != 0) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a TLS record without a content type",
-                ));
-            };
-            match (inner[at], &inner[..at]) {
-                (APPLICATION_DATA, data) => {
+        while let Some((record, used)) = open_record(&mut key, &mut buf[start..end])? {
+            match record {
+                Record::Data { at, len } => {
                     keyupdates_in_a_row = 0;
-                    if !data.is_empty() {
-                        spans.push((body, data.len()));
+                    if len > 0 {
+                        spans.push((start + at, len));
                     }
                 }
-                (HANDSHAKE, [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => {
+                Record::KeyUpdate { requested } => {
                     keyupdates_in_a_row += 1;
                     if keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
                         return Err(io::Error::new(
@@ -345,41 +336,18 @@ async fn open_loop(
                             format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
                         ));
                     }
-                    let requested = *r == 1;
                     key = RecordKey::next(shared.keys().next_rx_key())?;
                     if requested {
                         shared.answer_due.store(true, Ordering::Release);
                     }
                     tracing::debug!(requested, "user-space TLS: receiving key updated");
                 }
-                (HANDSHAKE, m) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "peer sent a TLS handshake record ({} bytes) that is not one KeyUpdate",
-                            m.len()
-                        ),
-                    ))
-                }
-                (ALERT, [_, 0]) => {
-                    closed = true;
-                    start += HEADER + len;
-                    break;
-                }
-                (ALERT, [_, d]) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!("peer sent TLS alert {d}"),
-                    ))
-                }
-                (t, _) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("unexpected TLS record of content type {t}"),
-                    ))
-                }
+                Record::CloseNotify => closed = true,
             }
-            start += HEADER + len;
+            start += used;
+            if closed {
+                break;
+            }
         }
         if !spans.is_empty() {
             let mut iov: Vec<IoSlice<'_>> = spans
@@ -408,6 +376,83 @@ async fn open_loop(
             (start, end) = (0, end - start);
         }
     }
+}
+
+/// One opened record, as [`open_record`] found it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Application data at `buf[at..at + len]` (plaintext, in place).
+    Data { at: usize, len: usize },
+    /// The peer's next records use its next key; `requested`: it asks us to
+    /// update ours too.
+    KeyUpdate { requested: bool },
+    /// The peer finished sending.
+    CloseNotify,
+}
+
+/// Opens the record at the head of `buf` in place under `key` (which then
+/// moves to the next sequence number). Ok(None): the record is not complete
+/// yet. Ok(Some((record, bytes used))). Every malformed, oversize, forged or
+/// unexpected record is an error; nothing of it is returned as data. Bytes
+/// come from the network: this is what the `records` fuzz target drives.
+pub fn open_record(key: &mut RecordKey, buf: &mut [u8]) -> io::Result<Option<(Record, usize)>> {
+    let Some(h) = buf.first_chunk::<HEADER>().copied() else {
+        return Ok(None);
+    };
+    let len = u16::from_be_bytes([h[3], h[4]]) as usize;
+    if h[0] != APPLICATION_DATA || h[1..3] != LEGACY_VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a TLS 1.3 protected record after the handshake: header {h:02x?}"),
+        ));
+    }
+    if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a TLS record of {len} bytes (record_overflow)"),
+        ));
+    }
+    let Some(body) = buf.get_mut(HEADER..HEADER + len) else {
+        return Ok(None);
+    };
+    let inner = key.open(h, body)?;
+    // Content, then its type, then zero padding (RFC 8446 5.4).
+    let Some(at) = inner.iter().rposition(|b| *b != 0) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a TLS record without a content type",
+        ));
+    };
+    let record = match (inner[at], &inner[..at]) {
+        (APPLICATION_DATA, _) => Record::Data {
+            at: HEADER,
+            len: at,
+        },
+        (HANDSHAKE, [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => Record::KeyUpdate { requested: *r == 1 },
+        (HANDSHAKE, m) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "peer sent a TLS handshake record ({} bytes) that is not one KeyUpdate",
+                    m.len()
+                ),
+            ))
+        }
+        (ALERT, [_, 0]) => Record::CloseNotify,
+        (ALERT, [_, d]) => {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("peer sent TLS alert {d}"),
+            ))
+        }
+        (t, _) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected TLS record of content type {t}"),
+            ))
+        }
+    };
+    Ok(Some((record, HEADER + len)))
 }
 
 /// Writes every byte of `iov` to a non-blocking socket.

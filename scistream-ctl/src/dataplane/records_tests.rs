@@ -114,11 +114,7 @@ async fn proven_client_with(
 }
 
 fn record(key: &mut RecordKey, kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut slot = vec![0u8; HEADER + payload.len() + 1 + TAG];
-    slot[HEADER..HEADER + payload.len()].copy_from_slice(payload);
-    let len = key.seal(&mut slot, payload.len(), kind).unwrap();
-    slot.truncate(len);
-    slot
+    key.seal_record(kind, payload).unwrap()
 }
 
 async fn refused(gw: Inbound) -> (io::Error, Vec<u8>) {
