@@ -1,6 +1,7 @@
-//! rustls record protection as the `tls` backend's user-space fallback runs it:
-//! 16 KiB application-data records sealed by a client and opened by a server,
-//! both in memory (no sockets), per AES-GCM suite of scistream's provider.
+//! TLS 1.3 record protection per 16 KiB application-data record, in memory
+//! (no sockets), per AES-GCM suite: rustls' buffered connection (a client
+//! sealing, a server opening; what `SCISTREAM_TLS_RECORDS=rustls` runs) and
+//! the `tls` backend's own record layer (sealed and opened in place).
 //!
 //! `cargo bench -p scistream-benches --bench tls_records`
 
@@ -115,6 +116,45 @@ fn records(c: &mut Criterion) {
                 shuttle_client_to_server(&mut client, &mut server, &mut wire);
                 server.reader().read_exact(&mut out).expect("plaintext");
                 std::hint::black_box(&out);
+            })
+        });
+    }
+
+    // The `tls` backend's own record layer (dataplane/records.rs), as it
+    // runs after the hand-over: sealed in place in a record slot, opened in
+    // place in the receive buffer; no copy.
+    use scistream_ctl::dataplane::ktls::Cipher;
+    use scistream_ctl::dataplane::records::{open_record, RecordKey, APPLICATION_DATA, SLOT};
+    for (name, cipher, key_len) in [
+        ("aes128gcm", Cipher::Aes128Gcm, 16),
+        ("aes256gcm", Cipher::Aes256Gcm, 32),
+    ] {
+        let key = vec![7u8; key_len];
+        let (mut sealer, mut opener) = (
+            RecordKey::new(cipher, &key, &[9; 12], 0).expect("key"),
+            RecordKey::new(cipher, &key, &[9; 12], 0).expect("key"),
+        );
+        let mut slot = vec![0u8; SLOT];
+        group.bench_function(BenchmarkId::new("records_seal", name), |b| {
+            b.iter(|| {
+                slot[5..5 + RECORD].copy_from_slice(&plaintext);
+                let n = sealer
+                    .seal(&mut slot, RECORD, APPLICATION_DATA)
+                    .expect("seal");
+                std::hint::black_box(&slot[..n]);
+            })
+        });
+        let mut sealer = RecordKey::new(cipher, &key, &[9; 12], 0).expect("key");
+        group.bench_function(BenchmarkId::new("records_seal_open", name), |b| {
+            b.iter(|| {
+                slot[5..5 + RECORD].copy_from_slice(&plaintext);
+                let n = sealer
+                    .seal(&mut slot, RECORD, APPLICATION_DATA)
+                    .expect("seal");
+                let (record, used) = open_record(&mut opener, &mut slot[..n])
+                    .expect("open")
+                    .expect("a whole record");
+                std::hint::black_box((record, used));
             })
         });
     }

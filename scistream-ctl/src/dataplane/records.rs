@@ -42,7 +42,7 @@ const TAG: usize = 16;
 /// The largest ciphertext a peer may send: 2^14 + 256 (RFC 8446 5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
 /// One outgoing record's room: header, payload, inner content type, tag.
-const SLOT: usize = HEADER + MAX_PLAIN + 1 + TAG;
+pub const SLOT: usize = HEADER + MAX_PLAIN + 1 + TAG;
 /// Records read, sealed and sent per batch: 64 KiB of plaintext per readv.
 const BATCH: usize = 4;
 /// Receive buffer: many records per read(2); a partial record at its end is
@@ -110,8 +110,10 @@ impl RecordKey {
     }
 
     /// Seals `slot[HEADER..HEADER + len]` into a whole record of content
-    /// `kind` in place; returns the record's length.
-    fn seal(&mut self, slot: &mut [u8], len: usize, kind: u8) -> io::Result<usize> {
+    /// `kind` in place; returns the record's length. `slot` must hold the
+    /// header, the payload, the content type and the tag ([`SLOT`] bytes
+    /// for a full record).
+    pub fn seal(&mut self, slot: &mut [u8], len: usize, kind: u8) -> io::Result<usize> {
         let body = len + 1 + TAG;
         let header = header(body);
         slot[..HEADER].copy_from_slice(&header);
