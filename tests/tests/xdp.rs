@@ -768,3 +768,78 @@ fn xdp_reports_open_connections_from_its_flows_and_nat_drops_in_metrics() {
         "{page}"
     );
 }
+
+/// One echo round on a fresh connection through `listener`.
+fn fresh_echo(topo: &Topology, listener: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listener, Duration::from_secs(2))
+    })?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    echo_round(&mut c, data)
+}
+
+#[test]
+fn xdp_stop_with_keep_sessions_leaves_the_nat_pinned_for_the_next_start_to_adopt() {
+    const TEST: &str =
+        "xdp_stop_with_keep_sessions_leaves_the_nat_pinned_for_the_next_start_to_adopt";
+    if !require_root(TEST) {
+        return;
+    }
+    let topo = topology();
+    let bind = SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT);
+    let echo = Producer::start_echo(topo.ns(Node::Producer), bind).expect("echo producer");
+    let mut s = xdp_session_with(&topo, echo.addr(), 1, &["--keep_sessions"], &[]);
+    let listener = s.listeners[0];
+    assert_eq!(fresh_echo(&topo, listener, b"before").expect("echo"), b"before");
+    let gw_ns = topo.ns(Node::InboundGw);
+    let pins = pin_dir_of(&s.gin);
+
+    // SIGTERM with --keep_sessions: the session is stored, the NAT stays
+    // attached and pinned (guarding the range) for the next start.
+    s.gin.daemon.signal(Signal::SIGTERM).expect("signal");
+    s.gin
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("s2cs exits");
+    assert_eq!(
+        xdp_programs(gw_ns).lines().count(),
+        2,
+        "--keep_sessions must leave the NAT attached:\n{}",
+        s.gin.daemon.log_contents()
+    );
+    assert!(pins.exists(), "pins gone after a --keep_sessions stop");
+
+    // The next start restores the session into the adopted NAT.
+    s.gin.respawn(RANGE, "xdp", &["--keep_sessions"]);
+    s.gin
+        .daemon
+        .wait_for_log("restored 1 stored sessions", Duration::from_secs(10))
+        .expect("session restored");
+    let log = s.gin.daemon.log_contents();
+    assert!(log.contains("adopted the pinned xdp NAT"), "{log}");
+    assert_eq!(xdp_programs(gw_ns).lines().count(), 2, "one program per veth, not two");
+    assert_eq!(
+        fresh_echo(&topo, listener, b"after").unwrap_or_else(|e| panic!("{e}\n{}", logs(&s))),
+        b"after"
+    );
+
+    // A start without --keep_sessions and a SIGTERM then leave nothing.
+    s.gin.daemon.signal(Signal::SIGTERM).expect("signal");
+    s.gin
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("s2cs exits");
+    s.gin.respawn(RANGE, "xdp", &[]);
+    s.gin
+        .daemon
+        .wait_for_log("restored 1 stored sessions", Duration::from_secs(10))
+        .expect("session restored");
+    s.gin.daemon.signal(Signal::SIGTERM).expect("signal");
+    s.gin
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("s2cs exits");
+    let left = xdp_programs(gw_ns);
+    assert!(left.is_empty(), "XDP program left after SIGTERM:\n{left}");
+    assert!(!pins.exists(), "pins left in {}", pins.display());
+}
