@@ -356,8 +356,11 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
         .stderr(Stdio::null())
         .spawn()
         .expect("socat");
+    // Wait for socat's listener without connecting to it: each connection
+    // makes socat open one more TLS connection to s2cs, which would count
+    // against the cap until socat noticed the probe had gone.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(bridge).is_err() {
+    while !listening_on(bridge.port()) {
         assert!(Instant::now() < deadline, "socat does not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -664,4 +667,15 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
         "connections and both byte columns say n/a: {line}"
     );
     c.release(&uid, "INVALID_TOKEN").expect("release");
+}
+
+/// Whether a TCP socket listens on `port` (IPv4), from /proc/net/tcp.
+fn listening_on(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!(":{port:04X}");
+    // Columns: sl, local_address, rem_address, st (0A = LISTEN).
+    table.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.len() > 3 && cols[1].ends_with(&local) && cols[3] == "0A"
+    })
 }
