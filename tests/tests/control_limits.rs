@@ -348,7 +348,7 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
     // The test's gRPC client speaks plaintext; socat carries it over one TLS
     // connection to s2cs.
     let bridge = SocketAddr::from(([127, 0, 0, 1], 43159));
-    let mut socat = Command::new("socat")
+    let socat = Command::new("socat")
         .args([
             format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", bridge.port()),
             format!("OPENSSL:{},verify=0", gw.control),
@@ -356,6 +356,9 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
         .stderr(Stdio::null())
         .spawn()
         .expect("socat");
+    // Killed also when an assertion fails, so no socat outlives the test
+    // holding its fixed port.
+    let _socat = KillOnDrop(socat);
     // Wait for socat's listener without connecting to it: each connection
     // makes socat open one more TLS connection to s2cs, which would count
     // against the cap until socat noticed the probe had gone.
@@ -424,8 +427,6 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
         text(&out.stderr)
     );
     drop(c);
-    let _ = socat.kill();
-    let _ = socat.wait();
 }
 
 #[test]
@@ -678,4 +679,14 @@ fn listening_on(port: u16) -> bool {
         let cols: Vec<&str> = l.split_whitespace().collect();
         cols.len() > 3 && cols[1].ends_with(&local) && cols[3] == "0A"
     })
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
