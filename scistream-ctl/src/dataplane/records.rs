@@ -232,10 +232,12 @@ async fn seal_loop(
     loop {
         let n = loop {
             plain.readable().await?;
-            let mut iov: Vec<IoSliceMut<'_>> = buf
-                .chunks_mut(SLOT)
-                .map(|slot| IoSliceMut::new(&mut slot[HEADER..HEADER + MAX_PLAIN]))
-                .collect();
+            // On the stack: this runs once per 64 KiB moved.
+            let mut slots = buf.chunks_mut(SLOT);
+            let mut iov: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                let slot = slots.next().expect("BATCH slots");
+                IoSliceMut::new(&mut slot[HEADER..HEADER + MAX_PLAIN])
+            });
             match plain.try_read_vectored(&mut iov) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -278,13 +280,14 @@ async fn seal_loop(
             left -= take;
             records += 1;
         }
-        let mut iov: Vec<IoSlice<'_>> = buf
-            .chunks(SLOT)
-            .zip(lens)
-            .filter(|(_, len)| *len > 0)
-            .map(|(slot, len)| IoSlice::new(&slot[..len]))
-            .collect();
-        write_all(tunnel, &mut iov).await?;
+        // readv fills the slots in order: the sealed records are a prefix.
+        let sealed = lens.iter().take_while(|len| **len > 0).count();
+        let mut slots = buf.chunks(SLOT).zip(lens);
+        let mut iov: [IoSlice<'_>; BATCH] = std::array::from_fn(|_| {
+            let (slot, len) = slots.next().expect("BATCH slots");
+            IoSlice::new(&slot[..len])
+        });
+        write_all(tunnel, &mut iov[..sealed]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         bytes += n as u64;
     }
