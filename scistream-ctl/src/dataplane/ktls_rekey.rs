@@ -2,7 +2,9 @@
 //! An AES-GCM key may protect at most 2^24 records, so a long stream must
 //! move to new keys; in rustls that happens by itself, under kernel TLS it
 //! happens here: [`Rekey`] sends a KeyUpdate and installs the next sending key
-//! when a budget runs out, and follows each KeyUpdate of the peer.
+//! when a budget runs out, and follows each KeyUpdate of the peer. The
+//! bookkeeping behind it, [`KeyUpdates`], also drives the user-space record
+//! layer ([`crate::dataplane::records`]), which installs keys its own way.
 //!
 //! rustls computes next keys only for a `rustls::kernel::KernelConnection`,
 //! which only its unbuffered connections become; tokio-rustls drives buffered
@@ -219,9 +221,14 @@ fn expand_label(suite: &'static Tls13CipherSuite, secret: &[u8], label: &[u8], o
         .expect("HKDF output of a key, iv or secret length");
 }
 
-/// The re-keying state of one tunnel connection in kernel TLS, shared by its
-/// two directions (they run in one task, so the lock is never contended).
-pub struct Rekey<'a> {
+/// The KeyUpdate bookkeeping of one tunnel connection (RFC 8446 4.6.3),
+/// the same for both tiers: which update is due before our next data, what
+/// went out under the current sending key, and how many peer KeyUpdates came
+/// in a row. The tiers differ only in how a next key is installed (a
+/// setsockopt for kernel TLS, a new record key in user space), so they pass
+/// that in. Both directions of a tunnel run in one task, so the lock is
+/// never contended; callers take it once per splice or batch of records.
+pub struct KeyUpdates<'a> {
     state: Mutex<State>,
     /// Send a KeyUpdate after this many bytes (the test knob), else only at
     /// [`RECORD_BUDGET`].
@@ -239,7 +246,7 @@ struct State {
     keyupdates_in_a_row: u32,
 }
 
-impl<'a> Rekey<'a> {
+impl<'a> KeyUpdates<'a> {
     pub fn new(keys: KeySchedule, every_bytes: Option<u64>, initiated: &'a AtomicU64) -> Self {
         Self {
             state: Mutex::new(State {
@@ -258,13 +265,91 @@ impl<'a> Rekey<'a> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The KeyUpdate to send, under the current key, before our next data:
+    /// Some(true) when ours fell due (it asks the peer to update too),
+    /// Some(false) for the answer the peer asked for.
+    pub fn due(&self) -> Option<bool> {
+        self.lock().due
+    }
+
+    /// The due KeyUpdate went out: steps the sending secret, lets `install`
+    /// put the next key in place, and starts counting afresh under it.
+    pub fn sent_key_update<T>(
+        &self,
+        install: impl FnOnce(&mut KeySchedule) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut st = self.lock();
+        let installed = install(&mut st.keys)?;
+        st.due = None;
+        st.bytes = 0;
+        st.records = 0;
+        Ok(installed)
+    }
+
+    /// `bytes` in at most `records` records went out under the current key;
+    /// once the knob's bytes or the record budget are used up, our own
+    /// KeyUpdate falls due (counted once, when it falls due).
+    pub fn sent(&self, bytes: u64, records: u64) {
+        let mut st = self.lock();
+        st.bytes += bytes;
+        st.records += records;
+        if st.due.is_none() && (st.bytes >= self.every_bytes || st.records >= RECORD_BUDGET) {
+            st.due = Some(true);
+            self.initiated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Application data arrived: the run of bare KeyUpdates is over.
+    pub fn received_data(&self) {
+        self.lock().keyupdates_in_a_row = 0;
+    }
+
+    /// The peer sent a KeyUpdate: unless it is one too many in a row (a
+    /// flood, refused), steps the receiving secret and lets `install` put
+    /// the peer's next key in place. When the peer asked, our answer falls
+    /// due, unless an update of ours already is (that one answers it).
+    pub fn peer_key_update<T>(
+        &self,
+        requested: bool,
+        install: impl FnOnce(&mut KeySchedule) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut st = self.lock();
+        st.keyupdates_in_a_row += 1;
+        if st.keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
+            ));
+        }
+        let installed = install(&mut st.keys)?;
+        if requested && st.due.is_none() {
+            // Our answer goes out before our next data (RFC 8446 4.6.3).
+            st.due = Some(false);
+        }
+        Ok(installed)
+    }
+}
+
+/// Re-keying of one tunnel connection in kernel TLS: [`KeyUpdates`] with
+/// the kernel's sockets, shared by the connection's two directions.
+pub struct Rekey<'a> {
+    updates: KeyUpdates<'a>,
+}
+
+impl<'a> Rekey<'a> {
+    pub fn new(keys: KeySchedule, every_bytes: Option<u64>, initiated: &'a AtomicU64) -> Self {
+        Self {
+            updates: KeyUpdates::new(keys, every_bytes, initiated),
+        }
+    }
+
     /// Before more data goes into `sock`: when a KeyUpdate is due (the
     /// budget ran out, or the peer asked), sends it under the current key and
     /// switches the kernel to the next one. Nothing is lost: records already
     /// handed to the kernel were sealed under the old key, and the kernel
     /// closes a partly filled record before it sends the KeyUpdate.
     pub async fn before_send(&self, sock: &TcpStream) -> io::Result<()> {
-        let Some(request) = self.lock().due else {
+        let Some(request) = self.updates.due() else {
             return Ok(());
         };
         loop {
@@ -280,12 +365,8 @@ impl<'a> Rekey<'a> {
                 }
             }
         }
-        let mut st = self.lock();
-        let info = st.keys.next_tx();
-        super::install_next(sock, true, &info)?;
-        st.due = None;
-        st.bytes = 0;
-        st.records = 0;
+        self.updates
+            .sent_key_update(|keys| super::install_next(sock, true, &keys.next_tx()))?;
         tracing::debug!(request, "kernel TLS: sending key updated");
         Ok(())
     }
@@ -293,18 +374,13 @@ impl<'a> Rekey<'a> {
     /// `n` bytes went into the socket in one splice(2): at most one record
     /// per 16 KiB plus a partly filled one.
     pub fn sent(&self, n: usize) {
-        let mut st = self.lock();
-        st.bytes += n as u64;
-        st.records += (n as u64).div_ceil(RECORD_PAYLOAD) + 1;
-        if st.due.is_none() && (st.bytes >= self.every_bytes || st.records >= RECORD_BUDGET) {
-            st.due = Some(true);
-            self.initiated.fetch_add(1, Ordering::Relaxed);
-        }
+        let n = n as u64;
+        self.updates.sent(n, n.div_ceil(RECORD_PAYLOAD) + 1);
     }
 
     /// Application data arrived: the run of bare KeyUpdates is over.
     pub fn received_data(&self) {
-        self.lock().keyupdates_in_a_row = 0;
+        self.updates.received_data();
     }
 
     /// Handles the non-data record at the head of `sock` (splice refused
@@ -314,20 +390,9 @@ impl<'a> Rekey<'a> {
     pub fn on_control_record(&self, sock: &TcpStream) -> io::Result<ControlRecord> {
         let record = super::read_control_record(sock)?;
         if let ControlRecord::KeyUpdate { update_requested } = record {
-            let mut st = self.lock();
-            st.keyupdates_in_a_row += 1;
-            if st.keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
-                ));
-            }
-            let info = st.keys.next_rx();
-            super::install_next(sock, false, &info)?;
-            if update_requested && st.due.is_none() {
-                // Our answer goes out before our next data (RFC 8446 4.6.3).
-                st.due = Some(false);
-            }
+            self.updates.peer_key_update(update_requested, |keys| {
+                super::install_next(sock, false, &keys.next_rx())
+            })?;
             tracing::debug!(update_requested, "kernel TLS: receiving key updated");
         }
         Ok(record)
@@ -502,10 +567,10 @@ mod tests {
         let counter = AtomicU64::new(0);
         let r = Rekey::new(schedule().await, Some(1000), &counter);
         r.sent(600);
-        assert_eq!(r.lock().due, None);
+        assert_eq!(r.updates.due(), None);
         r.sent(600);
         assert_eq!(
-            r.lock().due,
+            r.updates.due(),
             Some(true),
             "due, asking the peer to update too"
         );
@@ -523,10 +588,79 @@ mod tests {
         let r = Rekey::new(schedule().await, None, &counter);
         // Full records: one splice of (budget - 2) records counts budget - 1.
         r.sent(((RECORD_BUDGET - 2) * RECORD_PAYLOAD) as usize);
-        assert_eq!(r.lock().due, None);
+        assert_eq!(r.updates.due(), None);
         // A splice of one byte counts as up to two records (a full and a partial one).
         r.sent(1);
-        assert_eq!(r.lock().due, Some(true));
+        assert_eq!(r.updates.due(), Some(true));
+    }
+
+    /// The user-space tier counts exact records: the budget alone makes an
+    /// update of ours due, and after it goes out both counts start afresh.
+    #[tokio::test]
+    async fn our_update_falls_due_at_the_record_budget_and_counting_restarts_after_it() {
+        let counter = AtomicU64::new(0);
+        let u = KeyUpdates::new(schedule().await, None, &counter);
+        u.sent(1, RECORD_BUDGET - 1);
+        assert_eq!(u.due(), None);
+        u.sent(1, 1);
+        assert_eq!(u.due(), Some(true));
+        u.sent_key_update(|keys| Ok(keys.next_tx_key())).unwrap();
+        assert_eq!(u.due(), None, "sent, so no longer due");
+        u.sent(1, RECORD_BUDGET - 1);
+        assert_eq!(u.due(), None, "the budget counts from the update on");
+        assert_eq!(counter.load(Ordering::Relaxed), 1);
+    }
+
+    /// A peer's request is answered once, before our next data; when our own
+    /// update is already due, that one answers it and nothing more is sent.
+    #[tokio::test]
+    async fn a_peer_request_is_answered_once_and_not_when_ours_is_already_due() {
+        let counter = AtomicU64::new(0);
+        let u = KeyUpdates::new(schedule().await, Some(1000), &counter);
+        u.peer_key_update(true, |keys| Ok(keys.next_rx_key()))
+            .unwrap();
+        assert_eq!(u.due(), Some(false), "an answer, not a request of ours");
+        u.received_data();
+        u.peer_key_update(true, |keys| Ok(keys.next_rx_key()))
+            .unwrap();
+        assert_eq!(u.due(), Some(false), "still one answer");
+        u.sent_key_update(|keys| Ok(keys.next_tx_key())).unwrap();
+        assert_eq!(u.due(), None);
+        assert_eq!(counter.load(Ordering::Relaxed), 0, "answers are not ours");
+
+        u.sent(1000, 1);
+        assert_eq!(u.due(), Some(true));
+        u.peer_key_update(true, |keys| Ok(keys.next_rx_key()))
+            .unwrap();
+        assert_eq!(u.due(), Some(true), "ours answers the peer too");
+        u.sent_key_update(|keys| Ok(keys.next_tx_key())).unwrap();
+        assert_eq!(u.due(), None, "one update for both");
+        assert_eq!(counter.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn peer_key_updates_beyond_the_bound_without_data_are_a_flood() {
+        let counter = AtomicU64::new(0);
+        let u = KeyUpdates::new(schedule().await, None, &counter);
+        for _ in 0..MAX_KEYUPDATES_IN_A_ROW {
+            u.peer_key_update(false, |keys| Ok(keys.next_rx_key()))
+                .unwrap();
+        }
+        u.received_data();
+        for _ in 0..MAX_KEYUPDATES_IN_A_ROW {
+            u.peer_key_update(false, |keys| Ok(keys.next_rx_key()))
+                .expect("data between runs starts the count afresh");
+        }
+        let mut installed = false;
+        let e = u
+            .peer_key_update(false, |_| {
+                installed = true;
+                Ok(())
+            })
+            .expect_err("one over the bound");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("(a KeyUpdate flood)"), "{e}");
+        assert!(!installed, "no key derived for the flood");
     }
 
     // Half of AES-GCM's 2^24 records per key, checked when compiling.

@@ -7,7 +7,7 @@
 //! more on each side (plaintext into its send queue and out of its receive
 //! queue, and the deframer shifts its buffer), and tokio's copy adds one
 //! more. Profiles of the `tls` backend showed those copies and the read(2)
-//! calls of 4 KiB each next to AES-GCM itself. Here a batch of up to four
+//! calls of 4 KiB each next to AES-GCM itself. Here a batch of up to 16
 //! records is read with one readv(2) straight into the record slots, sealed
 //! in place and sent with one writev(2); received records are opened in the
 //! read buffer and their plaintext goes out with one writev(2). User space
@@ -15,22 +15,22 @@
 //!
 //! What rustls did after the handshake happens here: a sequence number per
 //! direction in the nonce, the inner content type and padding of TLS 1.3
-//! records (RFC 8446 5.2-5.4), KeyUpdate both ways with the key schedule of
-//! [`KeySchedule`] (a KeyUpdate before a key's record budget runs out or
-//! after `SCISTREAM_REKEY_BYTES`, the peer's KeyUpdate followed at once, a
-//! flood of them cut off), close_notify both ways (a half-close), and any
-//! other alert, malformed or forged record ends the connection.
+//! records (RFC 8446 5.2-5.4), KeyUpdate both ways as kernel TLS does it,
+//! with the same [`KeyUpdates`] bookkeeping (a KeyUpdate before a key's
+//! record budget runs out or after `SCISTREAM_REKEY_BYTES`, the peer's
+//! KeyUpdate followed at once, a flood of them cut off), close_notify both
+//! ways (a half-close), and any other alert, malformed or forged record ends
+//! the connection.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::socket::{shutdown, Shutdown};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use tokio::net::TcpStream;
 
-use super::ktls::rekey::{KeySchedule, MAX_KEYUPDATES_IN_A_ROW, RECORD_BUDGET};
+use super::ktls::rekey::KeyUpdates;
 use super::ktls::{split_secrets, Cipher};
 
 /// TLS record header: type, legacy version (2), length (2).
@@ -176,32 +176,6 @@ fn header(body: usize) -> [u8; HEADER] {
     ]
 }
 
-/// What the two directions of one tunnel share: the key schedule, and the
-/// peer's request that we update our sending key too.
-pub struct Shared<'a> {
-    keys: Mutex<KeySchedule>,
-    answer_due: AtomicBool,
-    /// Send a KeyUpdate after this many bytes (the test knob).
-    every_bytes: u64,
-    /// KeyUpdates this gateway started (budget or knob).
-    initiated: &'a AtomicU64,
-}
-
-impl<'a> Shared<'a> {
-    pub fn new(keys: KeySchedule, every_bytes: Option<u64>, initiated: &'a AtomicU64) -> Self {
-        Self {
-            keys: Mutex::new(keys),
-            answer_due: AtomicBool::new(false),
-            every_bytes: every_bytes.unwrap_or(u64::MAX),
-            initiated,
-        }
-    }
-
-    fn keys(&self) -> std::sync::MutexGuard<'_, KeySchedule> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// Moves a proven tunnel's bytes both ways until each direction ended with
 /// a close_notify or an EOF, or the first error.
 pub async fn carry(
@@ -209,13 +183,13 @@ pub async fn carry(
     tunnel: &TcpStream,
     tx: RecordKey,
     rx: RecordKey,
-    shared: &Shared<'_>,
+    updates: &KeyUpdates<'_>,
     to_tunnel: &AtomicU64,
     from_tunnel: &AtomicU64,
 ) -> io::Result<()> {
     tokio::try_join!(
-        seal_loop(plain, tunnel, tx, shared, to_tunnel),
-        open_loop(tunnel, plain, rx, shared, from_tunnel)
+        seal_loop(plain, tunnel, tx, updates, to_tunnel),
+        open_loop(tunnel, plain, rx, updates, from_tunnel)
     )?;
     Ok(())
 }
@@ -227,11 +201,10 @@ async fn seal_loop(
     plain: &TcpStream,
     tunnel: &TcpStream,
     mut key: RecordKey,
-    shared: &Shared<'_>,
+    updates: &KeyUpdates<'_>,
     counter: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; SLOT * BATCH];
-    let (mut bytes, mut records) = (0u64, 0u64);
     loop {
         let n = loop {
             plain.readable().await?;
@@ -250,19 +223,13 @@ async fn seal_loop(
         // A KeyUpdate goes out before the next data under the key it
         // replaces: ours when the budget ran out, or the answer the peer
         // asked for (RFC 8446 4.6.3).
-        let ours = bytes >= shared.every_bytes || records >= RECORD_BUDGET;
-        let asked = shared.answer_due.swap(false, Ordering::AcqRel);
-        if ours || asked {
+        if let Some(request) = updates.due() {
             let mut rec = [0u8; HEADER + 5 + 1 + TAG];
-            rec[HEADER..HEADER + 5].copy_from_slice(&[KEY_UPDATE, 0, 0, 1, ours as u8]);
+            rec[HEADER..HEADER + 5].copy_from_slice(&[KEY_UPDATE, 0, 0, 1, request as u8]);
             let len = key.seal(&mut rec, 5, HANDSHAKE)?;
             write_all(tunnel, &mut [IoSlice::new(&rec[..len])]).await?;
-            key = RecordKey::next(shared.keys().next_tx_key())?;
-            (bytes, records) = (0, 0);
-            if ours {
-                shared.initiated.fetch_add(1, Ordering::Relaxed);
-            }
-            tracing::debug!(request = ours, "user-space TLS: sending key updated");
+            key = updates.sent_key_update(|keys| RecordKey::next(keys.next_tx_key()))?;
+            tracing::debug!(request, "user-space TLS: sending key updated");
         }
         if n == 0 {
             let mut rec = [0u8; HEADER + 2 + 1 + TAG];
@@ -281,7 +248,6 @@ async fn seal_loop(
             let take = left.min(MAX_PLAIN);
             *len = key.seal(slot, take, APPLICATION_DATA)?;
             left -= take;
-            records += 1;
         }
         // readv fills the slots in order: the sealed records are a prefix.
         let sealed = lens.iter().take_while(|len| **len > 0).count();
@@ -292,7 +258,7 @@ async fn seal_loop(
         });
         write_all(tunnel, &mut iov[..sealed]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        bytes += n as u64;
+        updates.sent(n as u64, sealed as u64);
     }
 }
 
@@ -303,12 +269,14 @@ async fn open_loop(
     tunnel: &TcpStream,
     plain: &TcpStream,
     mut key: RecordKey,
-    shared: &Shared<'_>,
+    updates: &KeyUpdates<'_>,
     counter: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; RX_BUF];
     let (mut start, mut end) = (0usize, 0usize);
-    let mut keyupdates_in_a_row = 0u32;
+    // Whether the last record was a KeyUpdate: data then ends the run of
+    // them, and only then is the shared state locked for it (not per record).
+    let mut after_keyupdate = false;
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(RX_BUF / MAX_PLAIN + 1);
     loop {
         let n = loop {
@@ -331,23 +299,18 @@ async fn open_loop(
         while let Some((record, used)) = open_record(&mut key, &mut buf[start..end])? {
             match record {
                 Record::Data { at, len } => {
-                    keyupdates_in_a_row = 0;
+                    if after_keyupdate {
+                        updates.received_data();
+                        after_keyupdate = false;
+                    }
                     if len > 0 {
                         spans.push((start + at, len));
                     }
                 }
                 Record::KeyUpdate { requested } => {
-                    keyupdates_in_a_row += 1;
-                    if keyupdates_in_a_row > MAX_KEYUPDATES_IN_A_ROW {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("peer sent over {MAX_KEYUPDATES_IN_A_ROW} TLS KeyUpdates without data between them (a KeyUpdate flood)"),
-                        ));
-                    }
-                    key = RecordKey::next(shared.keys().next_rx_key())?;
-                    if requested {
-                        shared.answer_due.store(true, Ordering::Release);
-                    }
+                    key = updates
+                        .peer_key_update(requested, |keys| RecordKey::next(keys.next_rx_key()))?;
+                    after_keyupdate = true;
                     tracing::debug!(requested, "user-space TLS: receiving key updated");
                 }
                 Record::CloseNotify => closed = true,

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::dataplane::ktls::rekey::KeySchedule;
 use crate::dataplane::session_auth::{self, SessionSecret};
 use crate::dataplane::tls::TlsPump;
 use crate::dataplane::{SessionSpec, Side, Stats};

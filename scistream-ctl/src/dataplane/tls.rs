@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::ktls::rekey::{KeySchedule, Rekey, SecretLog};
+use super::ktls::rekey::{KeySchedule, KeyUpdates, Rekey, SecretLog};
 use super::records::{self, RecordKey};
 use super::ktls::{self, RecordBounded, Tier};
 use super::relay::{connect, Pump};
@@ -265,8 +265,8 @@ async fn carry_handed(
             super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
         }
         Some((tx, rx)) => {
-            let shared = records::Shared::new(keys, rekey_every, rekeys);
-            records::carry(&plain, &sock, tx, rx, &shared, to_tunnel, from_tunnel).await
+            let updates = KeyUpdates::new(keys, rekey_every, rekeys);
+            records::carry(&plain, &sock, tx, rx, &updates, to_tunnel, from_tunnel).await
         }
     }
 }
