@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use auth_server::{
     failure, new_uid, text, OAuthServer, TokenClient, TokenSpec, User, RS_CLIENT_ID, RS_SECRET,
 };
+use common::closed_by_peer;
 use testbed::process::{run_command, Signal};
 use testbed::{bin, Daemon};
 use tonic::Code;
@@ -138,33 +139,6 @@ fn require_program(test: &str, program: &str) -> bool {
         );
     }
     found
-}
-
-/// How long after `since` the peer closed `s` (EOF or reset), reading and
-/// discarding what it sends; `None` if it is still open at `since + within`.
-fn closed_after(s: &TcpStream, since: Instant, within: Duration) -> Option<Duration> {
-    let mut buf = [0u8; 4096];
-    let mut r = s;
-    loop {
-        let left = (since + within).saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        r.set_read_timeout(Some(left)).expect("read timeout");
-        match r.read(&mut buf) {
-            Ok(0) => return Some(since.elapsed()),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return None
-            }
-            Err(_) => return Some(since.elapsed()),
-        }
-    }
 }
 
 /// `openssl s_client` that completes a TLS handshake (ALPN h2) and then
@@ -289,7 +263,8 @@ fn idle_control_connections_are_closed_but_a_call_in_flight_keeps_its_connection
     let since = Instant::now();
     let s = TcpStream::connect(gw.control).expect("connect");
     (&s).write_all(&PREFACE[..10]).expect("write");
-    let after = closed_after(&s, since, Duration::from_secs(5)).expect("half a preface is closed");
+    let after =
+        closed_by_peer(&s, since, Duration::from_secs(5)).expect("half a preface is closed");
     assert!(
         after >= Duration::from_millis(800),
         "closed after {after:?}"
@@ -308,7 +283,7 @@ fn idle_control_connections_are_closed_but_a_call_in_flight_keeps_its_connection
     s.read_exact(&mut head).expect("the server's first frame");
     assert_eq!(head[3], 0x4, "the server's first frame is SETTINGS");
     let after =
-        closed_after(&s, since, Duration::from_secs(8)).expect("an idle connection is closed");
+        closed_by_peer(&s, since, Duration::from_secs(8)).expect("an idle connection is closed");
     assert!(
         after >= Duration::from_millis(2700),
         "closed after {after:?}, before the idle timeout of 3 s"
@@ -380,7 +355,7 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
         .collect();
     let since = Instant::now();
     assert_eq!(
-        closed_after(&silent[1], since, Duration::from_millis(700)),
+        closed_by_peer(&silent[1], since, Duration::from_millis(700)),
         None,
         "a connection under the cap is held"
     );
@@ -389,7 +364,7 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
     for _ in 0..5 {
         let since = Instant::now();
         let s = TcpStream::connect(gw.control).expect("the kernel still accepts");
-        let after = closed_after(&s, since, Duration::from_secs(2))
+        let after = closed_by_peer(&s, since, Duration::from_secs(2))
             .expect("a connection over the cap is closed");
         assert!(
             after < Duration::from_secs(1),

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Outcome, MIB};
+use common::{closed_by_peer, Gateway, Outcome, MIB};
 use testbed::netns::addr;
 use testbed::process::Signal;
 use testbed::{consume, in_netns, require_root, spawn_in, Node, Producer, Topology};
@@ -65,26 +65,12 @@ fn streaming_consumer(p: &Path, at_least: usize) -> TcpStream {
     s
 }
 
-/// Reads until the stream ends; returns how it ended and how long it took.
-fn read_until_closed(mut s: TcpStream) -> (String, Duration) {
-    let start = Instant::now();
-    s.set_read_timeout(Some(CLOSE_SEEN_WITHIN)).unwrap();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return ("EOF".into(), start.elapsed()),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("the consumer saw no close within {CLOSE_SEEN_WITHIN:?}: it hangs")
-            }
-            Err(e) => return (format!("error: {e}"), start.elapsed()),
-        }
-    }
+/// How long `s` took to see its stream end (an EOF or a reset); panics
+/// if it hangs.
+fn seen_closed(s: &TcpStream) -> Duration {
+    closed_by_peer(s, Instant::now(), CLOSE_SEEN_WITHIN).unwrap_or_else(|| {
+        panic!("the consumer saw no close within {CLOSE_SEEN_WITHIN:?}: it hangs")
+    })
 }
 
 /// A fresh connection through the session streams `bytes` each way, verified.
@@ -135,8 +121,8 @@ fn producer_killed_mid_stream_closes_the_consumer_and_the_session_serves_the_nex
 
     doomed.signal(Signal::SIGKILL).unwrap();
     doomed.wait_exit(Duration::from_secs(5)).unwrap();
-    let (how, after) = read_until_closed(consumer);
-    eprintln!("consumer saw the producer's death as {how} after {after:?}");
+    let after = seen_closed(&consumer);
+    eprintln!("consumer saw the producer's death after {after:?}");
 
     // The session lives on: a new producer, a new connection, every byte checked.
     let bytes = 8 * MIB;
@@ -157,8 +143,8 @@ fn peer_gateway_killed_and_restarted_new_connections_work() {
     // The inbound gateway dies under a live stream.
     p.gin.daemon.signal(Signal::SIGKILL).unwrap();
     p.gin.daemon.wait_exit(Duration::from_secs(5)).unwrap();
-    let (how, after) = read_until_closed(consumer);
-    eprintln!("consumer saw the peer gateway's death as {how} after {after:?}");
+    let after = seen_closed(&consumer);
+    eprintln!("consumer saw the peer gateway's death after {after:?}");
     assert!(
         p.gout.daemon.is_running(),
         "the outbound gateway died with its peer"

@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::raw::{block_on, expect_code, new_uid, RawClient};
-use common::{Gateway, MIB};
+use common::{closed_by_peer, Gateway, MIB};
 use testbed::netns::addr;
 use testbed::{
     consume, in_netns, require_root, spawn_in, wait_for_tcp, Node, Producer, Stream, Topology,
@@ -47,31 +47,6 @@ fn wait_fds(pid: u32, within: Duration, ok: impl Fn(usize) -> bool) -> (usize, b
             return (n, ok(n));
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Reads until the peer closes (EOF or reset); panics if it still holds the
-/// connection open at `deadline`.
-fn closed_by_peer(mut s: &TcpStream, deadline: Instant, what: &str) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        s.set_read_timeout(Some(left)).expect("read timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("{what}: s2cs still holds the connection open")
-            }
-            Err(_) => return,
-        }
     }
 }
 
@@ -123,11 +98,8 @@ fn garbage_silent_and_oversize_clients_on_the_control_port_leave_sessions_stream
     for seed in 0..20 {
         let s = in_netns(ns_out, || TcpStream::connect(control)).expect("connect");
         let _ = (&s).write_all(&junk(16 * 1024, seed));
-        closed_by_peer(
-            &s,
-            Instant::now() + Duration::from_secs(5),
-            "garbage instead of TLS",
-        );
+        closed_by_peer(&s, Instant::now(), Duration::from_secs(5))
+            .expect("garbage instead of TLS: s2cs still holds the connection open");
     }
     stream.assert_progress(Duration::from_secs(5));
 
@@ -164,11 +136,8 @@ fn garbage_silent_and_oversize_clients_on_the_control_port_leave_sessions_stream
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: s2cs\r\n\r\n")
         .expect("write");
     let _ = (&s).write_all(&junk(64 * 1024, 99));
-    closed_by_peer(
-        &s,
-        Instant::now() + Duration::from_secs(5),
-        "garbage instead of HTTP/2 over TLS",
-    );
+    closed_by_peer(&s, Instant::now(), Duration::from_secs(5))
+        .expect("garbage instead of HTTP/2 over TLS: s2cs still holds the connection open");
 
     // An 8 MiB hello, refused with a status that says why; a 17 KiB one is
     // read and judged on its content (its uid is no UUID).
@@ -207,11 +176,8 @@ fn garbage_silent_and_oversize_clients_on_the_control_port_leave_sessions_stream
 
     // The handshake timeout closes every silent connection and gives its fd back.
     for s in &silent {
-        closed_by_peer(
-            s,
-            opened + HANDSHAKE_TIMEOUT + Duration::from_secs(5),
-            "a silent connection",
-        );
+        closed_by_peer(s, opened, HANDSHAKE_TIMEOUT + Duration::from_secs(5))
+            .expect("a silent connection: s2cs still holds the connection open");
     }
     let closed_after = opened.elapsed();
     assert!(

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testbed::{bin, run_in, spawn_in, wait_for_tcp, Daemon};
 
@@ -149,6 +149,33 @@ pub fn closed_within(stream: &testbed::Stream, within: Duration) -> Option<Durat
         std::thread::sleep(Duration::from_millis(5));
     }
     Some(start.elapsed())
+}
+
+/// How long after `since` the peer closed `s` (an EOF, or the error a reset
+/// gives), reading and discarding what it still sends; `None` if it held the
+/// connection open until `since + within`. A close already queued at the
+/// deadline still counts.
+pub fn closed_by_peer(s: &std::net::TcpStream, since: Instant, within: Duration) -> Option<Duration> {
+    use std::io::{ErrorKind, Read};
+    let deadline = since + within;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut r = s;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // std refuses a zero timeout, so the read at the deadline waits 1 ms.
+        r.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("read timeout");
+        match r.read(&mut buf) {
+            Ok(0) => return Some(since.elapsed()),
+            // Still sending at the deadline: still open.
+            Ok(_) if left.is_zero() => return None,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None
+            }
+            Err(_) => return Some(since.elapsed()),
+        }
+    }
 }
 
 /// The ports of some listener addresses.
