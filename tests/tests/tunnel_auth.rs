@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, MIB};
+use common::{closed_by_peer, Gateway, MIB};
 use testbed::netns::addr;
 use testbed::{consume, in_netns, require_root, Node, Producer, Stream, Topology};
 
@@ -25,20 +25,6 @@ fn wait_log_count(gw: &Gateway, needle: &str, n: usize, within: Duration) {
         }
         assert!(Instant::now() < deadline, "expected {n}x {needle:?} in the s2cs log:\n{log}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// True when the peer closes `s` (EOF or reset) within `within`, ignoring any bytes.
-fn closed_within(mut s: TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).expect("timeout");
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
-            Err(_) => return true,
-        }
     }
 }
 
@@ -98,12 +84,12 @@ fn garbage_tls12_silent_and_proofless_peers_are_cut_off() {
     // Plain TCP garbage.
     let s = in_netns(gout_ns, || TcpStream::connect(listener)).unwrap();
     (&s).write_all(&[0x42u8; 4096]).unwrap();
-    assert!(closed_within(s, Duration::from_secs(3)), "garbage must get the connection closed");
+    assert!(closed_by_peer(&s, Instant::now(), Duration::from_secs(3)).is_some(), "garbage must get the connection closed");
 
     // Silent peer: connects and says nothing; the handshake timeout cuts it.
     let s = in_netns(gout_ns, || TcpStream::connect(listener)).unwrap();
     let start = Instant::now();
-    assert!(closed_within(s, Duration::from_secs(6)), "a silent peer must be cut off");
+    assert!(closed_by_peer(&s, start, Duration::from_secs(6)).is_some(), "a silent peer must be cut off");
     assert!(start.elapsed() >= Duration::from_millis(1500), "cut at the configured timeout, not before");
 
     // TLS 1.2 is refused in the handshake.
