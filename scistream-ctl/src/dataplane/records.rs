@@ -208,7 +208,7 @@ async fn seal_loop(
     loop {
         let n = loop {
             plain.readable().await?;
-            // On the stack: this runs once per 64 KiB moved.
+            // On the stack: this runs once per batch (up to 256 KiB).
             let mut slots = buf.chunks_mut(SLOT);
             let mut iov: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
                 let slot = slots.next().expect("BATCH slots");
