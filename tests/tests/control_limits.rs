@@ -6,7 +6,9 @@
 //! `--max_control_connections` are closed before TLS while open ones keep
 //! working, a session stored under authentication can be managed after a
 //! restart without it, and the compat backends' counters are HAProxy's own
-//! or marked unavailable (stunnel). Each test has its own ports in 43100-43299.
+//! or marked unavailable (stunnel). Each test has its own ports in 29100-29299,
+//! below the ephemeral range (32768-60999 by default), so no outgoing
+//! connection can hold one while an s2cs restarts on it.
 
 mod auth_server;
 mod common;
@@ -215,7 +217,7 @@ fn a_tls_client_that_never_sends_the_http2_preface_is_closed_after_the_control_t
         return;
     }
     let timeout = Duration::from_secs(2);
-    let gw = Gw::start(43100, &state_dir("preface"), &["--control_timeout", "2"]);
+    let gw = Gw::start(29100, &state_dir("preface"), &["--control_timeout", "2"]);
     let mut silent: Vec<SilentTls> = (0..3).map(|_| SilentTls::open(gw.control)).collect();
 
     // While they hang on, a normal client is served at once.
@@ -245,7 +247,7 @@ fn a_tls_client_that_never_sends_the_http2_preface_is_closed_after_the_control_t
 #[test]
 fn idle_control_connections_are_closed_but_a_call_in_flight_keeps_its_connection() {
     let gw = Gw::start(
-        43120,
+        29120,
         &state_dir("idle"),
         &[
             "--ssl",
@@ -316,13 +318,13 @@ fn over_max_control_connections_new_ones_are_closed_before_tls_and_open_ones_kee
         return;
     }
     let gw = Gw::start(
-        43140,
+        29140,
         &state_dir("cap"),
         &["--max_control_connections", "3", "--control_timeout", "30"],
     );
     // The test's gRPC client speaks plaintext; socat carries it over one TLS
     // connection to s2cs.
-    let bridge = SocketAddr::from(([127, 0, 0, 1], 43159));
+    let bridge = SocketAddr::from(([127, 0, 0, 1], 29159));
     let socat = Command::new("socat")
         .args([
             format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", bridge.port()),
@@ -424,7 +426,7 @@ fn a_session_stored_under_authentication_is_managed_after_a_restart_without_it()
         "--introspect_url",
         &url,
     ];
-    let mut gw = Gw::start(43160, &dir, &with_auth);
+    let mut gw = Gw::start(29160, &dir, &with_auth);
     let c = TokenClient::connect(gw.control);
     let (uid, _) = open_session(&c, "127.0.0.1:9".parse().unwrap(), &token);
     assert_eq!(
@@ -513,7 +515,7 @@ fn haproxy_subprocess_counters_come_from_haproxy_into_metrics_and_status() {
     }
     const N: usize = 3 << 20;
     let gw = Gw::start(
-        43180,
+        29180,
         &state_dir("haproxy"),
         &[
             "--ssl",
@@ -521,7 +523,7 @@ fn haproxy_subprocess_counters_come_from_haproxy_into_metrics_and_status() {
             "--type",
             "HaproxySubprocess",
             "--metrics_addr",
-            "127.0.0.1:43189",
+            "127.0.0.1:29189",
         ],
     );
     let c = TokenClient::connect(gw.control);
@@ -545,7 +547,7 @@ fn haproxy_subprocess_counters_come_from_haproxy_into_metrics_and_status() {
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let page = loop {
-        let (code, page) = auth_server::http_get("http://127.0.0.1:43189/metrics");
+        let (code, page) = auth_server::http_get("http://127.0.0.1:29189/metrics");
         assert_eq!(code, 200);
         let fwd = series(&page, "scistream_session_bytes_total", &uid, "forward").unwrap_or(0.0);
         let bwd = series(&page, "scistream_session_bytes_total", &uid, "backward").unwrap_or(0.0);
@@ -589,7 +591,7 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
         return;
     }
     let gw = Gw::start(
-        43200,
+        29200,
         &state_dir("stunnel"),
         &[
             "--ssl",
@@ -597,13 +599,13 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
             "--type",
             "StunnelSubprocess",
             "--metrics_addr",
-            "127.0.0.1:43209",
+            "127.0.0.1:29209",
         ],
     );
     let c = TokenClient::connect(gw.control);
     let (uid, _) = open_session(&c, echo_server(), "INVALID_TOKEN");
 
-    let (code, page) = auth_server::http_get("http://127.0.0.1:43209/metrics");
+    let (code, page) = auth_server::http_get("http://127.0.0.1:29209/metrics");
     assert_eq!(code, 200);
     assert_eq!(
         series(&page, "scistream_session_counters_available", &uid, ""),
