@@ -1,7 +1,9 @@
 //! Authentication and session ownership end to end: the real `s2cs` and
 //! `s2uc` against a real OAuth2 server on loopback (tests/auth_server).
 //! No root needed: everything runs in the host namespace on 127.0.0.1, each
-//! test with its own control port in 42000-42099.
+//! test with its own control port in 28000-28099 (data ports next to it),
+//! below the ephemeral range (32768-60999 by default) so that no outgoing
+//! connection of another test can hold one of them.
 
 mod auth_server;
 mod common;
@@ -34,7 +36,7 @@ fn login_with_pkce_stores_tokens_0600_and_requests_send_them() {
     let oauth = OAuthServer::start();
     let alice = User::new("alice");
     oauth.set_login_user(&alice);
-    let gw = S2cs::with_auth(42000, &oauth, &[]);
+    let gw = S2cs::with_auth(28000, &oauth, &[]);
     let s2cs = gw.addr.to_string();
     let user = ClientUser::new(&oauth);
 
@@ -77,7 +79,7 @@ fn login_with_pkce_stores_tokens_0600_and_requests_send_them() {
 #[test]
 fn expired_access_token_is_refreshed_before_use() {
     let oauth = OAuthServer::start();
-    let gw = S2cs::with_auth(42010, &oauth, &[]);
+    let gw = S2cs::with_auth(28010, &oauth, &[]);
     let s2cs = gw.addr.to_string();
     let user = ClientUser::new(&oauth);
     oauth.set_access_lifetime(1);
@@ -106,7 +108,7 @@ fn expired_access_token_is_refreshed_before_use() {
 #[test]
 fn logout_revokes_every_token_at_the_server_and_deletes_them() {
     let oauth = OAuthServer::start();
-    let gw = S2cs::with_auth(42020, &oauth, &[]);
+    let gw = S2cs::with_auth(28020, &oauth, &[]);
     let s2cs = gw.addr.to_string();
     let user = ClientUser::new(&oauth);
     let other_scope = "https://auth.globus.org/scopes/0d9a1c1e-7e54-4f3a-9a47-1f3c4b7c2a11/scistream";
@@ -146,7 +148,7 @@ fn logout_revokes_every_token_at_the_server_and_deletes_them() {
 #[test]
 fn s2cs_rejects_expired_revoked_wrong_scope_anonymous_and_garbage_tokens() {
     let oauth = OAuthServer::start();
-    let gw = S2cs::with_auth(42030, &oauth, &[]);
+    let gw = S2cs::with_auth(28030, &oauth, &[]);
     let c = TokenClient::connect(gw.addr);
     let alice = User::new("alice");
 
@@ -191,7 +193,7 @@ fn unreachable_slow_or_refusing_introspection_gives_unavailable() {
 
     // Nothing listens at the introspection address.
     let url = format!("http://127.0.0.1:{}/introspect", closed_port());
-    let gw = S2cs::start(42040, &["--client_id", RS_CLIENT_ID, "--client_secret", RS_SECRET, "--introspect_url", &url]);
+    let gw = S2cs::start(28040, &["--client_id", RS_CLIENT_ID, "--client_secret", RS_SECRET, "--introspect_url", &url]);
     let (code, msg) = probe(&TokenClient::connect(gw.addr), &good).expect_err("never let through");
     assert_eq!(code, Code::Unavailable, "{msg}");
 
@@ -199,14 +201,14 @@ fn unreachable_slow_or_refusing_introspection_gives_unavailable() {
     let slow = OAuthServer::start();
     slow.set_introspect_delay(Duration::from_secs(20));
     let slow_token = slow.issue(TokenSpec::valid(&alice));
-    let gw_slow = S2cs::with_auth(42050, &slow, &[]);
+    let gw_slow = S2cs::with_auth(28050, &slow, &[]);
     let started = Instant::now();
     let (code, msg) = probe(&TokenClient::connect(gw_slow.addr), &slow_token).expect_err("never let through");
     assert_eq!(code, Code::Unavailable, "{msg}");
     assert!(started.elapsed() < Duration::from_secs(15), "s2cs gave up on its own timeout, took {:?}", started.elapsed());
 
     // The server refuses s2cs's own credentials.
-    let gw_bad = S2cs::start(42060, &["--client_id", RS_CLIENT_ID, "--client_secret", "wrong", "--introspect_url", &oauth.url("/introspect")]);
+    let gw_bad = S2cs::start(28060, &["--client_id", RS_CLIENT_ID, "--client_secret", "wrong", "--introspect_url", &oauth.url("/introspect")]);
     let (code, msg) = probe(&TokenClient::connect(gw_bad.addr), &good).expect_err("never let through");
     assert_eq!(code, Code::Unavailable, "{msg}");
     assert!(msg.contains("client"), "{msg}");
@@ -215,7 +217,7 @@ fn unreachable_slow_or_refusing_introspection_gives_unavailable() {
 #[test]
 fn revoked_token_stops_working_within_the_cache_age() {
     let oauth = OAuthServer::start();
-    let gw = S2cs::with_auth(42070, &oauth, &["--token_cache_secs", "1"]);
+    let gw = S2cs::with_auth(28070, &oauth, &["--token_cache_secs", "1"]);
     let c = TokenClient::connect(gw.addr);
     let token = oauth.issue(TokenSpec::valid(&User::new("alice")));
     probe(&c, &token).expect("accepted before revocation");
@@ -228,7 +230,7 @@ fn revoked_token_stops_working_within_the_cache_age() {
 #[test]
 fn only_the_session_owner_may_update_release_or_hello() {
     let oauth = OAuthServer::start();
-    let gw = S2cs::with_auth(42080, &oauth, &[]);
+    let gw = S2cs::with_auth(28080, &oauth, &[]);
     let c = TokenClient::connect(gw.addr);
     let (alice, bob) = (User::new("alice"), User::new("bob"));
     let (ta, tb) = (oauth.issue(TokenSpec::valid(&alice)), oauth.issue(TokenSpec::valid(&bob)));
@@ -269,7 +271,7 @@ fn only_the_session_owner_may_update_release_or_hello() {
 #[test]
 fn without_a_secret_authentication_is_off_with_a_warning() {
     let oauth = OAuthServer::start();
-    let mut gw = S2cs::start(42090, &["--client_id", RS_CLIENT_ID, "--introspect_url", &oauth.url("/introspect")]);
+    let mut gw = S2cs::start(28090, &["--client_id", RS_CLIENT_ID, "--introspect_url", &oauth.url("/introspect")]);
     gw.daemon.wait_for_log("authentication is OFF", Duration::from_secs(10)).expect("a warning at start");
     let c = TokenClient::connect(gw.addr);
     probe(&c, "INVALID_TOKEN").expect("accepted as SciStream does");

@@ -139,6 +139,8 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
+    //! Fixed ports in 28500-28600, below the ephemeral range (32768-60999 by
+    //! default), so that no outgoing connection elsewhere can hold one.
     use super::*;
 
     fn alloc(range: (u16, u16)) -> PortAllocator {
@@ -147,44 +149,44 @@ mod tests {
 
     #[test]
     fn ports_return_to_the_pool_when_the_reservation_drops() {
-        let a = alloc((47100, 47103));
+        let a = alloc((28500, 28503));
         let r = a.allocate(4).unwrap();
-        assert_eq!(r.ports, vec![47100, 47101, 47102, 47103]);
+        assert_eq!(r.ports, vec![28500, 28501, 28502, 28503]);
         assert!(a.allocate(1).is_err());
         drop(r);
         assert_eq!(a.in_use(), 0);
-        assert_eq!(a.allocate(2).unwrap().ports, vec![47100, 47101]);
+        assert_eq!(a.allocate(2).unwrap().ports, vec![28500, 28501]);
     }
 
     #[test]
     fn a_port_held_by_someone_else_is_skipped() {
-        let _other = TcpListener::bind("127.0.0.1:47111").unwrap();
-        let a = alloc((47110, 47113));
+        let _other = TcpListener::bind("127.0.0.1:28511").unwrap();
+        let a = alloc((28510, 28513));
         let r = a.allocate(3).unwrap();
-        assert_eq!(r.ports, vec![47110, 47112, 47113]);
+        assert_eq!(r.ports, vec![28510, 28512, 28513]);
     }
 
     #[test]
     fn exact_ports_are_reserved_or_refused_whole() {
-        let a = alloc((47130, 47135));
-        let r = a.reserve(&[47133, 47131]).unwrap();
-        assert_eq!(r.ports, vec![47133, 47131]);
-        let _other = TcpListener::bind("127.0.0.1:47134").unwrap();
-        for bad in [&[47132, 47134][..], &[47132, 47133], &[47132, 47200]] {
+        let a = alloc((28530, 28535));
+        let r = a.reserve(&[28533, 28531]).unwrap();
+        assert_eq!(r.ports, vec![28533, 28531]);
+        let _other = TcpListener::bind("127.0.0.1:28534").unwrap();
+        for bad in [&[28532, 28534][..], &[28532, 28533], &[28532, 28600]] {
             assert!(matches!(a.reserve(bad), Err(ControlError::FailedPrecondition(_))), "{bad:?}");
         }
         assert_eq!(a.in_use(), 2, "refused calls reserved nothing");
-        assert!(TcpListener::bind("127.0.0.1:47132").is_ok(), "47132 was let go");
+        assert!(TcpListener::bind("127.0.0.1:28532").is_ok(), "28532 was let go");
     }
 
     #[test]
     fn exhaustion_allocates_nothing() {
-        let a = alloc((47120, 47122));
+        let a = alloc((28520, 28522));
         let _r = a.allocate(2).unwrap();
         let e = a.allocate(2).err().unwrap();
         assert!(matches!(e, ControlError::PortsExhausted { wanted: 2, .. }), "{e}");
         assert_eq!(a.in_use(), 2, "the failed call reserved nothing");
         // and the free port is really free (its listener was closed)
-        assert!(TcpListener::bind("127.0.0.1:47122").is_ok());
+        assert!(TcpListener::bind("127.0.0.1:28522").is_ok());
     }
 }
