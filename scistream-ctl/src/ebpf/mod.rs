@@ -114,7 +114,21 @@ fn load_object(bytes: &[u8], object: &'static str) -> Result<(Ebpf, usize), Ebpf
     let possible_cpus =
         aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
     let ebpf = Ebpf::load(bytes).map_err(|source| EbpfError::Load { object, source })?;
+    return_freed_heap();
     Ok((ebpf, possible_cpus))
+}
+
+/// aya's loader parses the kernel's BTF (/sys/kernel/btf/vmlinux, about
+/// 5 MiB on 6.18) into some 16 MiB of heap and frees it once the object is
+/// loaded, but glibc keeps freed heap mapped: a gateway with the guard idled
+/// at 28 MiB RSS (17 MiB of it anonymous) against 11 MiB without. Handing
+/// the free pages back brings it down to what it really uses.
+fn return_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of glibc's own heap.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
 }
 
 /// The XDP program `name` of a loaded object.

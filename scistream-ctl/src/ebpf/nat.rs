@@ -132,6 +132,7 @@ impl Nat {
                 object: OBJECT,
                 source,
             })?;
+        super::return_freed_heap();
         Self::from_object(ebpf, possible_cpus, Some(dir.to_owned()), adopted)
     }
 

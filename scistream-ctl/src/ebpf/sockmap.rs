@@ -58,6 +58,7 @@ impl SockRedirect {
             return Err(EbpfError::NotBuilt);
         }
         let mut ebpf = Ebpf::load(OBJECT_BYTES).map_err(|source| EbpfError::Load { object: OBJECT, source })?;
+        super::return_freed_heap();
         let map = ebpf.take_map(layout::PEERS_MAP).ok_or(missing("map", layout::PEERS_MAP))?;
         let peers: SockHash<MapData, u64> = SockHash::try_from(map).map_err(map_error)?;
         let program: &mut SkSkb = ebpf
