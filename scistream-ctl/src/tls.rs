@@ -130,16 +130,17 @@ fn self_signed(state_dir: &Path, listener_ip: IpAddr) -> Result<Identity, TlsErr
     let wanted = names.join("\n");
     // Reuse the pair across restarts (peers may have pinned it) unless it was
     // made for other names.
-    if cert_path.is_file() && key_path.is_file() {
-        if fs::read_to_string(&names_path).map(|s| s == wanted).unwrap_or(false) {
-            return Ok(Identity {
-                cert_pem: read(&cert_path)?,
-                key_pem: read(&key_path)?,
-                cert_path,
-                key_path,
-                generated: false,
-            });
-        }
+    if cert_path.is_file()
+        && key_path.is_file()
+        && fs::read_to_string(&names_path).is_ok_and(|s| s == wanted)
+    {
+        return Ok(Identity {
+            cert_pem: read(&cert_path)?,
+            key_pem: read(&key_path)?,
+            cert_path,
+            key_path,
+            generated: false,
+        });
     }
     let write_err = |path: &Path| {
         let path = path.to_path_buf();

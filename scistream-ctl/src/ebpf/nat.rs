@@ -122,7 +122,7 @@ impl Nat {
         let paths: Vec<(&str, PathBuf)> = layout::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let possible_cpus =
             aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
@@ -596,6 +596,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Mounts bpffs at `path` unless one is there (what systemd does at boot;
 /// minimal container and VM images skip it). Pins need it.
 pub fn ensure_bpffs(path: &Path) -> Result<(), EbpfError> {
+    // The magic's C type (__fsword_t) is not i64 on every architecture.
+    #[allow(clippy::unnecessary_cast)]
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
     };
