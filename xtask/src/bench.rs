@@ -294,6 +294,7 @@ fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
         reset_peak_rss(pid)?;
     }
     let cpu_before = cpu_seconds(&pids)?;
+    let host_before = host_busy_seconds()?;
     let mut cmd = netns_command(bed.topo.ns(Node::Consumer), "iperf3");
     cmd.args(["-c", &bed.target.ip().to_string()])
         .args(["-p", &bed.target.port().to_string()])
@@ -307,6 +308,7 @@ fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
     let out = run_command(cmd, Duration::from_secs(u64::from(seconds) + 15))?;
     let wall = started.elapsed();
     let cpu = cpu_seconds(&pids)? - cpu_before;
+    let host_busy_s = host_busy_seconds()? - host_before;
     let peak_rss_kib = pids
         .iter()
         .map(|&pid| peak_rss_kib(pid))
@@ -318,6 +320,8 @@ fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
         bytes,
         gateway_cpu_s: (!pids.is_empty()).then_some(cpu),
         peak_rss_kib: (!pids.is_empty()).then_some(peak_rss_kib),
+        host_busy_s,
+        wall_s: wall.as_secs_f64(),
     })
 }
 
@@ -379,6 +383,31 @@ fn parse_cpu_ticks(stat: &str) -> Result<u64> {
     Ok(field(14)? + field(15)?)
 }
 
+/// CPU seconds the whole machine has spent working so far, over all CPUs:
+/// everything in /proc/stat's `cpu` line but idle, iowait and steal (steal
+/// is the hypervisor running someone else). Guest time is already in user.
+fn host_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    Ok(parse_host_busy_ticks(&stat).context("parsing /proc/stat")? as f64 / USER_HZ)
+}
+
+fn parse_host_busy_ticks(stat: &str) -> Result<u64> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no `cpu` line")?;
+    let ticks = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse::<u64>().with_context(|| format!("`{f}` is not a number")))
+        .collect::<Result<Vec<u64>>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = ticks[..] else {
+        bail!("the `cpu` line has {} fields, not at least 7", ticks.len());
+    };
+    Ok(user + nice + system + irq + softirq)
+}
+
 /// Writing 5 to clear_refs resets VmHWM to the current RSS, so each run's peak
 /// is its own even though the gateways live through all rounds.
 fn reset_peak_rss(pid: u32) -> Result<()> {
@@ -400,6 +429,14 @@ mod tests {
         let stat = "4242 (s2cs) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 1 1";
         assert_eq!(parse_cpu_ticks(stat).expect("parses"), 325);
         assert!(parse_cpu_ticks("4242 (s2cs) S 1").is_err());
+    }
+
+    #[test]
+    fn host_busy_time_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 5 50 9000 40 3 7 11 0 0\ncpu0 50 2 25 4500 20 1 3 5 0 0\nintr 1\n";
+        assert_eq!(parse_host_busy_ticks(stat).expect("parses"), 165);
+        assert!(parse_host_busy_ticks("cpu  1 2 3\n").is_err());
+        assert!(parse_host_busy_ticks("intr 1\n").is_err());
     }
 
     #[test]

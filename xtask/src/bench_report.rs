@@ -17,12 +17,28 @@ pub struct Sample {
     pub gateway_cpu_s: Option<f64>,
     /// VmHWM of the two gateways, summed; None for kernel routing.
     pub peak_rss_kib: Option<u64>,
+    /// CPU seconds the whole machine worked during the run (gateways, both
+    /// iperf3 ends, softirq charged to nobody, and anything else running).
+    pub host_busy_s: f64,
+    /// Wall time of the run.
+    pub wall_s: f64,
 }
 
 impl Sample {
     fn cpu_s_per_gb(&self) -> Option<f64> {
         let gb = self.bytes as f64 / 1e9;
         self.gateway_cpu_s.filter(|_| gb > 0.0).map(|cpu| cpu / gb)
+    }
+
+    fn host_cpu_s_per_gb(&self) -> Option<f64> {
+        let gb = self.bytes as f64 / 1e9;
+        (gb > 0.0).then(|| self.host_busy_s / gb)
+    }
+
+    /// How much of the machine was busy: near 1 means every CPU was, so
+    /// throughput is set by CPU per GB, not by latency.
+    fn host_busy_fraction(&self, cpus: usize) -> Option<f64> {
+        (cpus > 0 && self.wall_s > 0.0).then(|| self.host_busy_s / (cpus as f64 * self.wall_s))
     }
 }
 
@@ -150,6 +166,10 @@ pub struct Cell {
     pub median_gbps: Option<f64>,
     pub ratio_to_direct: Option<f64>,
     pub cpu_s_per_gb: Option<f64>,
+    /// The whole machine's busy CPU seconds per GB: with every CPU busy,
+    /// throughput is the CPU count over this.
+    pub host_cpu_s_per_gb: Option<f64>,
+    pub host_busy_fraction: Option<f64>,
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -265,12 +285,19 @@ impl Report {
         }
         let gbps: Vec<f64> = samples.iter().map(|s| s.gbps).collect();
         let cpu: Vec<f64> = samples.iter().filter_map(Sample::cpu_s_per_gb).collect();
+        let host: Vec<f64> = samples.iter().filter_map(Sample::host_cpu_s_per_gb).collect();
+        let busy: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.host_busy_fraction(self.machine.cpus))
+            .collect();
         Cell {
             label: label.to_owned(),
             streams,
             median_gbps: median(&gbps),
             ratio_to_direct: None,
             cpu_s_per_gb: median(&cpu),
+            host_cpu_s_per_gb: median(&host),
+            host_busy_fraction: median(&busy),
             peak_rss_kib: samples.iter().filter_map(|s| s.peak_rss_kib).max(),
             samples,
             errors,
@@ -285,7 +312,7 @@ fn opt(v: Option<f64>, precision: usize) -> String {
 pub fn print_table(report: &Report, cells: &[Cell]) {
     let m = &report.machine;
     println!(
-        "\n{} CPUs ({}), kernel {}; iperf3 -R, {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes",
+        "\n{} CPUs ({}), kernel {}; iperf3 -R, {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes; host CPU = the whole machine's busy time (iperf3 and softirq too), busy = its share of all CPUs",
         m.cpus, m.cpu_model, m.kernel, report.seconds, report.rounds
     );
     // Wide enough for the longest label ("splice-noguard").
@@ -298,8 +325,8 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
     for &streams in &report.streams {
         println!("\n{streams} stream(s):");
         println!(
-            "{:<w$} {:>8} {:>10} {:>13} {:>14}  runs (Gbit/s)",
-            "config", "Gbit/s", "vs direct", "gw CPU s/GB", "gw peak RSS"
+            "{:<w$} {:>8} {:>10} {:>13} {:>15} {:>5} {:>14}  runs (Gbit/s)",
+            "config", "Gbit/s", "vs direct", "gw CPU s/GB", "host CPU s/GB", "busy", "gw peak RSS"
         );
         for c in cells.iter().filter(|c| c.streams == streams) {
             let runs: Vec<String> = c.samples.iter().map(|s| format!("{:.2}", s.gbps)).collect();
@@ -309,12 +336,15 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
                 format!(" ({} failed)", c.errors.len())
             };
             println!(
-                "{:<w$} {:>8} {:>10} {:>13} {:>14}  {}{failed}",
+                "{:<w$} {:>8} {:>10} {:>13} {:>15} {:>5} {:>14}  {}{failed}",
                 c.label,
                 opt(c.median_gbps, 2),
                 c.ratio_to_direct
                     .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
                 opt(c.cpu_s_per_gb, 2),
+                opt(c.host_cpu_s_per_gb, 2),
+                c.host_busy_fraction
+                    .map_or_else(|| "-".to_owned(), |b| format!("{:.0}%", b * 100.0)),
                 c.peak_rss_kib.map_or_else(
                     || "-".to_owned(),
                     |k| format!("{:.1} MiB", k as f64 / 1024.0)
@@ -393,11 +423,15 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
                 "median_gbit_per_s": c.median_gbps,
                 "ratio_to_direct": c.ratio_to_direct,
                 "gateway_cpu_s_per_gb": c.cpu_s_per_gb,
+                "host_cpu_s_per_gb": c.host_cpu_s_per_gb,
+                "host_busy_fraction": c.host_busy_fraction,
                 "gateway_peak_rss_kib": c.peak_rss_kib,
                 "runs": c.samples.iter().map(|s| json!({
                     "gbit_per_s": s.gbps,
                     "bytes": s.bytes,
                     "gateway_cpu_s": s.gateway_cpu_s,
+                    "host_busy_s": s.host_busy_s,
+                    "wall_s": s.wall_s,
                     "gateway_peak_rss_kib": s.peak_rss_kib,
                 })).collect::<Vec<_>>(),
                 "errors": c.errors,
@@ -571,6 +605,8 @@ mod tests {
                 bytes: 1_000_000_000,
                 gateway_cpu_s: Some(2.0),
                 peak_rss_kib: Some(10),
+                host_busy_s: 3.0,
+                wall_s: 1.0,
             })
         };
         r.record("direct", 1, s(20.0));
@@ -584,6 +620,10 @@ mod tests {
             .expect("cell");
         assert_eq!(tls4.ratio_to_direct, Some(0.5));
         assert_eq!(tls4.cpu_s_per_gb, Some(2.0));
+        // 3 busy CPU seconds for 1 GB in 1 s of wall time.
+        assert_eq!(tls4.host_cpu_s_per_gb, Some(3.0));
+        let cpus = r.machine.cpus as f64;
+        assert_eq!(tls4.host_busy_fraction, Some(3.0 / cpus));
     }
 
     #[test]
@@ -595,6 +635,8 @@ mod tests {
                 bytes: 1_000_000_000,
                 gateway_cpu_s: Some(cpu),
                 peak_rss_kib: None,
+                host_busy_s: 3.0,
+                wall_s: 1.0,
             })
         };
         // Load swings between rounds; within a round the twins see the same.
