@@ -17,7 +17,7 @@ pub use scistream_common::guard::{Counters, DropReason};
 use aya::{
     maps::MapError,
     programs::{xdp::XdpLinkId, ProgramError, Xdp},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -113,9 +113,16 @@ fn load_object(bytes: &[u8], object: &'static str) -> Result<(Ebpf, usize), Ebpf
     }
     let possible_cpus =
         aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
-    let ebpf = Ebpf::load(bytes).map_err(|source| EbpfError::Load { object, source })?;
-    return_freed_heap();
+    let ebpf = load_with(&mut EbpfLoader::new(), bytes, object)?;
     Ok((ebpf, possible_cpus))
+}
+
+/// Loads an embedded object with `loader`, then returns the heap the load
+/// freed to the system (see [`return_freed_heap`]). Every object loads here.
+fn load_with(loader: &mut EbpfLoader, bytes: &[u8], object: &'static str) -> Result<Ebpf, EbpfError> {
+    let ebpf = loader.load(bytes).map_err(|source| EbpfError::Load { object, source })?;
+    return_freed_heap();
+    Ok(ebpf)
 }
 
 /// aya's loader parses the kernel's BTF (/sys/kernel/btf/vmlinux, about

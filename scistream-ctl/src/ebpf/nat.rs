@@ -126,13 +126,7 @@ impl Nat {
         }
         let possible_cpus =
             aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus { path, source })?;
-        let ebpf = loader
-            .load(OBJECT_BYTES)
-            .map_err(|source| EbpfError::Load {
-                object: OBJECT,
-                source,
-            })?;
-        super::return_freed_heap();
+        let ebpf = super::load_with(&mut loader, OBJECT_BYTES, OBJECT)?;
         Self::from_object(ebpf, possible_cpus, Some(dir.to_owned()), adopted)
     }
 

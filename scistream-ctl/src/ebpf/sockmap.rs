@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::{
     maps::{MapData, MapError, SockHash},
     programs::SkSkb,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use scistream_common::sockmap as layout;
 
@@ -57,8 +57,7 @@ impl SockRedirect {
         if OBJECT_BYTES.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut ebpf = Ebpf::load(OBJECT_BYTES).map_err(|source| EbpfError::Load { object: OBJECT, source })?;
-        super::return_freed_heap();
+        let mut ebpf = super::load_with(&mut EbpfLoader::new(), OBJECT_BYTES, OBJECT)?;
         let map = ebpf.take_map(layout::PEERS_MAP).ok_or(missing("map", layout::PEERS_MAP))?;
         let peers: SockHash<MapData, u64> = SockHash::try_from(map).map_err(map_error)?;
         let program: &mut SkSkb = ebpf
