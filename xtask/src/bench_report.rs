@@ -25,14 +25,18 @@ pub struct Sample {
 }
 
 impl Sample {
-    fn cpu_s_per_gb(&self) -> Option<f64> {
+    /// `seconds` per GB the run moved; None when it moved nothing.
+    fn per_gb(&self, seconds: f64) -> Option<f64> {
         let gb = self.bytes as f64 / 1e9;
-        self.gateway_cpu_s.filter(|_| gb > 0.0).map(|cpu| cpu / gb)
+        (gb > 0.0).then(|| seconds / gb)
+    }
+
+    fn cpu_s_per_gb(&self) -> Option<f64> {
+        self.gateway_cpu_s.and_then(|cpu| self.per_gb(cpu))
     }
 
     fn host_cpu_s_per_gb(&self) -> Option<f64> {
-        let gb = self.bytes as f64 / 1e9;
-        (gb > 0.0).then(|| self.host_busy_s / gb)
+        self.per_gb(self.host_busy_s)
     }
 
     /// How much of the machine was busy: near 1 means every CPU was, so
