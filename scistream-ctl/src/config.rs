@@ -209,6 +209,13 @@ pub struct ServerArgs {
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub guard: bool,
 
+    /// Where the guard and the NAT hook into each data interface: `auto`
+    /// (XDP in driver mode on physical NICs, tc on virtual interfaces such as
+    /// veth, and wherever driver mode is refused), `xdp` or `tc`. Generic
+    /// (skb) XDP is never used.
+    #[arg(long = "ebpf_attach", alias = "ebpf-attach", value_enum, default_value_t = crate::ebpf::AttachPolicy::Auto)]
+    pub ebpf_attach: crate::ebpf::AttachPolicy,
+
     /// Interfaces the guard attaches to (comma-separated); default: those
     /// holding --listener_ip (every non-loopback one for 0.0.0.0 / ::).
     #[arg(long = "data_iface", alias = "data-iface", value_delimiter = ',')]
@@ -324,6 +331,10 @@ mod tests {
         let e = ServerArgs::try_parse_from(["s2cs", "--data_iface=veth0"]).unwrap();
         assert!(e.guard, "the guard is on by default");
         assert_eq!(e.data_iface, Some(vec!["veth0".to_string()]));
+        assert_eq!(e.ebpf_attach, crate::ebpf::AttachPolicy::Auto, "auto is the default attach policy");
+        let f = ServerArgs::try_parse_from(["s2cs", "--ebpf_attach", "tc"]).unwrap();
+        assert_eq!(f.ebpf_attach, crate::ebpf::AttachPolicy::Tc);
+        assert!(ServerArgs::try_parse_from(["s2cs", "--ebpf-attach", "skb"]).is_err(), "generic XDP is no choice");
     }
 
     #[test]

@@ -204,6 +204,7 @@ mod tests {
             ssl = false
             guard = false
             data_iface = ["eth0", "eth1"]
+            ebpf_attach = "tc"
             keep_sessions = true
             verbose = true
             experimental = false
@@ -228,6 +229,7 @@ mod tests {
             Some(vec!["eth0".to_string(), "eth1".to_string()])
         );
         assert_eq!(a.session_ttl, 30);
+        assert_eq!(a.ebpf_attach, crate::ebpf::AttachPolicy::Tc);
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //!
 //! Everything here needs root (or CAP_BPF + CAP_NET_ADMIN) at run time.
 
+pub mod attach;
 mod guard;
 mod nat;
 mod sockmap;
 
+pub use attach::{attach_tc, is_virtual, preferred_hook, AttachPolicy, Hook};
 pub use guard::{AttachMode, Guard, PeerNet, Verdict};
 pub use nat::{ensure_bpffs, Action, Nat};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
@@ -47,6 +49,13 @@ pub enum EbpfError {
         program: &'static str,
         iface: String,
         mode: AttachMode,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching eBPF program {program} to {iface} at tc (clsact)")]
+    AttachTc {
+        program: &'static str,
+        iface: String,
         #[source]
         source: ProgramError,
     },
@@ -94,6 +103,7 @@ impl EbpfError {
             Self::Missing { .. } => "ebpf_missing_item",
             Self::Program { .. } => "ebpf_program",
             Self::Attach { .. } => "ebpf_attach",
+            Self::AttachTc { .. } => "ebpf_attach_tc",
             Self::NotAttached { .. } => "ebpf_not_attached",
             Self::Map { .. } => "ebpf_map",
             Self::DevMap { .. } => "ebpf_devmap",
