@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod oauth;
 pub mod tls;
+pub mod trust;
 
 pub mod proto {
     //! Generated from `proto/scistream.proto` (SciStream 1.2 wire contract).

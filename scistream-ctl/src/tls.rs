@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -22,6 +22,8 @@ pub enum TlsError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
+    #[error("{path} holds no certificate usable to verify a peer ({unusable} unparsable)")]
+    Unusable { path: PathBuf, unusable: usize },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("certificate generation failed: {0}")]
@@ -185,8 +187,9 @@ pub fn tunnel_server_config(id: &Identity) -> Result<Arc<ServerConfig>, TlsError
     Ok(Arc::new(cfg))
 }
 
-/// Tunnel client side (outbound gateway). With a CA file the inbound gateway's
-/// certificate is verified against it; without, the channel is encrypted but
+/// Tunnel client side (outbound gateway). With a certificate file the inbound
+/// gateway's certificate is verified against it ([`crate::trust`]: the very
+/// certificate if self-signed, else one it signed); without, the channel is encrypted but
 /// the peer is unauthenticated (the caller warns).
 pub fn tunnel_client_config(peer_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     tunnel_client_config_with(peer_ca, provider())
@@ -198,13 +201,10 @@ pub(crate) fn tunnel_client_config_with(peer_ca: Option<&Path>, provider: Arc<Cr
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut cfg = match peer_ca {
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(path)? {
-                roots.add(c)?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        Some(path) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(crate::trust::TrustFile::load(path, provider.clone())?)
+            .with_no_client_auth(),
         None => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoPeerVerification(provider)))

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::proto;
@@ -33,6 +33,48 @@ pub struct Connection {
     allowed_peers: Vec<String>,
 }
 
+/// Dials `s2cs` over TLS 1.2/1.3 with ALPN h2, verifying the server against
+/// the `--server_cert` file as [`crate::trust`] describes (tonic's own TLS
+/// settings can only add CA roots, which refuse the tutorial's certificates).
+fn tls_connector(
+    server_cert: &Path,
+    host: &str,
+    s2cs: &str,
+) -> anyhow::Result<
+    impl tower::Service<
+            tonic::codegen::http::Uri,
+            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+            Error = std::io::Error,
+            Future = impl Send,
+        > + Send
+        + Clone
+        + 'static,
+> {
+    let provider = crate::tls::provider();
+    let verifier = crate::trust::TrustFile::load(server_cert, provider.clone())
+        .with_context(|| format!("--server_cert {}", server_cert.display()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS configuration")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| anyhow!("--s2cs {s2cs:?}: {host:?} is no host name or address: {e}"))?;
+    let addr = s2cs.to_string();
+    Ok(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    }))
+}
+
 /// Splits `host:port` / `[v6]:port` into the host part used for certificate checking.
 fn host_of(s2cs: &str) -> anyhow::Result<String> {
     if let Ok(sa) = s2cs.parse::<std::net::SocketAddr>() {
@@ -48,21 +90,28 @@ impl Connection {
     pub async fn open(s2cs: &str, server_cert: Option<&Path>, ssl: bool, token: Option<String>, call_timeout: Duration) -> anyhow::Result<Self> {
         let host = host_of(s2cs)?;
         let scheme = if ssl { "https" } else { "http" };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{s2cs}"))
+        let origin: tonic::codegen::http::Uri =
+            format!("{scheme}://{s2cs}").parse().map_err(|e| anyhow!("--s2cs {s2cs:?}: {e}"))?;
+        // The connector below does TLS itself, so the endpoint dials plain
+        // http; requests still carry the https origin.
+        let ep = Endpoint::from_shared(format!("http://{s2cs}"))
             .map_err(|e| anyhow!("--s2cs {s2cs:?}: {e}"))?
+            .origin(origin)
             .connect_timeout(Duration::from_secs(5))
             .timeout(call_timeout);
-        if ssl {
-            let mut tls = ClientTlsConfig::new().domain_name(host);
-            if let Some(path) = server_cert {
-                let pem = std::fs::read(path).with_context(|| format!("reading --server_cert {}", path.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            } else {
+        let connected = if ssl {
+            let Some(path) = server_cert else {
                 bail!("no --server_cert given and ./server.crt does not exist; pass the s2cs certificate (s2cs prints its path at start)");
-            }
-            ep = ep.tls_config(tls).context("TLS configuration")?;
-        }
-        let channel = ep.connect().await.map_err(|e| anyhow!("cannot connect to s2cs at {s2cs}: {}", crate::oauth::error_chain(&e)))?;
+            };
+            let connector = tls_connector(path, &host, s2cs)?;
+            ep.connect_with_connector(connector).await
+        } else {
+            ep.connect().await
+        };
+        let channel = connected.map_err(|e| {
+            let why = crate::trust::explain(&e).unwrap_or_else(|| crate::oauth::error_chain(&e));
+            anyhow!("cannot connect to s2cs at {s2cs}: {why}")
+        })?;
         Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into(), allowed_peers: Vec::new() })
     }
 

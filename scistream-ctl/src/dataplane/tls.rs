@@ -145,7 +145,13 @@ impl TlsPump {
             }
             None => self.connector.clone(),
         };
-        let mut tls = connector.connect(name, RecordBounded::new(upstream)).await?;
+        let mut tls = connector.connect(name, RecordBounded::new(upstream)).await.map_err(|e| {
+            // The operator reads this in the log: say why the peer was refused in words.
+            match crate::trust::explain(&e) {
+                Some(why) => io::Error::new(e.kind(), format!("inbound gateway {target} refused: {why}")),
+                None => e,
+            }
+        })?;
         session_auth::prove(&mut tls, secret, Role::Client).await?;
         Ok((tls.into(), log))
     }
