@@ -307,6 +307,20 @@ impl Topology {
         link.iface()
     }
 
+    /// Sets the MTU of both ends of every link (9000 is what data transfer
+    /// nodes run; a veth starts at 1500).
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        for link in Link::ALL {
+            let (a, b) = link.ends();
+            for node in [a, b] {
+                ip(&["-n", self.ns(node), "link", "set", "dev", link.iface(), "mtu", &mtu])
+                    .with_context(|| format!("MTU {mtu} on {} in {}", link.iface(), self.ns(node)))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Turns GRO on for every veth end. XDP_REDIRECT into a veth only delivers when
     /// the receiving end has NAPI (GRO or an XDP program), see TOOLCHAIN.md. Needs `ethtool`.
     pub fn enable_gro(&self) -> Result<()> {

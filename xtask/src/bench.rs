@@ -55,9 +55,59 @@ pub struct Args {
     /// measured on (two gateways on 127.0.0.1).
     #[arg(long, default_value = "tls")]
     latency_backend: String,
+    /// MTU of every veth of every path (9000: what data transfer nodes run).
+    #[arg(long, default_value_t = 9000, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    mtu: u32,
+    /// Which way the stream goes: forward (producer -> consumer, iperf3 -R),
+    /// reverse (consumer -> producer) or both, each with its own table.
+    #[arg(long, value_enum, default_value_t = Direction::Both)]
+    direction: Direction,
     /// Where bench.json and bench.svg go; default target/bench in the workspace.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Direction {
+    Forward,
+    Reverse,
+    Both,
+}
+
+impl Direction {
+    /// The one-way directions this choice runs, forward first.
+    fn ways(self) -> &'static [Way] {
+        match self {
+            Direction::Forward => &[Way::Forward],
+            Direction::Reverse => &[Way::Reverse],
+            Direction::Both => &[Way::Forward, Way::Reverse],
+        }
+    }
+}
+
+/// One direction of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// Producer -> consumer, as a science stream flows (iperf3 -R).
+    Forward,
+    /// Consumer -> producer: what the inbound gateway's guard sees as data.
+    Reverse,
+}
+
+impl Way {
+    pub fn name(self) -> &'static str {
+        match self {
+            Way::Forward => "forward",
+            Way::Reverse => "reverse",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Way::Forward => "producer -> consumer (iperf3 -R)",
+            Way::Reverse => "consumer -> producer",
+        }
+    }
 }
 
 /// Set when we re-ran ourselves (as root) after building the release binaries.
@@ -121,19 +171,25 @@ pub fn main(args: &Args) -> Result<ExitCode> {
         .context("creating a state directory")?;
     gateways::install_ctrl_c_cleanup(state.path())?;
 
-    let mut report = Report::new(args.seconds, args.rounds, &args.streams);
+    let ways = args.direction.ways();
+    let mut reports: Vec<Report> = ways
+        .iter()
+        .map(|&way| Report::new(args.seconds, args.rounds, &args.streams, args.mtu, way))
+        .collect();
     println!(
-        "scistream bench: iperf3 -R (producer sends), {} s per run, {} round(s), streams {:?}; load average at start: {}",
+        "scistream bench: MTU {}, {}, {} s per run, {} round(s), streams {:?}; load average at start: {}",
+        args.mtu,
+        ways.iter().map(|w| w.describe()).collect::<Vec<_>>().join(" and "),
         args.seconds,
         args.rounds,
         args.streams,
-        report.machine.loadavg
+        reports[0].machine.loadavg
     );
 
     let mut beds = Vec::new();
     for label in &args.configs {
         let label = label.trim().to_ascii_lowercase();
-        match prepare(&label, state.path()) {
+        match prepare(&label, state.path(), args.mtu) {
             Ok(bed) => {
                 println!("{label}: ready, iperf3 -> {}", bed.target);
                 beds.push(bed);
@@ -141,7 +197,9 @@ pub fn main(args: &Args) -> Result<ExitCode> {
             Err(e) => {
                 let reason = format!("{e:#}");
                 println!("{label}: SKIPPED: {reason}");
-                report.skip(&label, reason);
+                for report in &mut reports {
+                    report.skip(&label, reason.clone());
+                }
             }
         }
     }
@@ -150,20 +208,22 @@ pub fn main(args: &Args) -> Result<ExitCode> {
     }
 
     for round in 1..=args.rounds {
-        for &streams in &args.streams {
-            for bed in &mut beds {
-                let outcome = measure_or_reset(bed, streams, args.seconds);
-                match &outcome {
-                    Ok(s) => println!(
-                        "round {round}/{}: {:<8} P{streams}: {:6.2} Gbit/s",
-                        args.rounds, bed.label, s.gbps
-                    ),
-                    Err(e) => println!(
-                        "round {round}/{}: {:<8} P{streams}: FAILED: {e:#}",
-                        args.rounds, bed.label
-                    ),
+        for (report, &way) in reports.iter_mut().zip(ways) {
+            for &streams in &args.streams {
+                for bed in &mut beds {
+                    let outcome = measure_or_reset(bed, streams, args.seconds, way);
+                    match &outcome {
+                        Ok(s) => println!(
+                            "round {round}/{}: {:<8} {:<7} P{streams}: {:6.2} Gbit/s",
+                            args.rounds, bed.label, way.name(), s.gbps
+                        ),
+                        Err(e) => println!(
+                            "round {round}/{}: {:<8} {:<7} P{streams}: FAILED: {e:#}",
+                            args.rounds, bed.label, way.name()
+                        ),
+                    }
+                    report.record(&bed.label, streams, outcome.map_err(|e| format!("{e:#}")));
                 }
-                report.record(&bed.label, streams, outcome.map_err(|e| format!("{e:#}")));
             }
         }
     }
@@ -171,30 +231,55 @@ pub fn main(args: &Args) -> Result<ExitCode> {
     drop(beds);
     if args.sessions > 0 {
         match bench_control::setup_latency(&args.latency_backend, args.sessions, state.path()) {
-            Ok(latency) => report.latency = Some(latency),
+            Ok(latency) => reports[0].latency = Some(latency),
             Err(e) => println!("set-up latency: FAILED: {e:#}"),
         }
     }
     if args.idle_sessions > 0 {
         match bench_control::idle_memory(&args.latency_backend, args.idle_sessions, state.path()) {
-            Ok(idle) => report.idle = Some(idle),
+            Ok(idle) => reports[0].idle = Some(idle),
             Err(e) => println!("idle-session memory: FAILED: {e:#}"),
         }
     }
 
-    let cells: Vec<Cell> = report.cells();
-    bench_report::print_table(&report, &cells);
+    let all_cells: Vec<Vec<Cell>> = reports.iter().map(Report::cells).collect();
+    for (report, cells) in reports.iter().zip(&all_cells) {
+        bench_report::print_table(report, cells);
+    }
     let json = out_dir.join("bench.json");
-    let svg = out_dir.join("bench.svg");
-    bench_report::write_json(&report, &cells, &json)?;
-    bench_report::write_svg(&report, &cells, &svg)?;
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    let pairs: Vec<(&Report, &[Cell])> = reports.iter().zip(all_cells.iter().map(Vec::as_slice)).collect();
+    bench_report::write_json(&pairs, &json)?;
+    let mut written = vec![json.display().to_string()];
+    for (report, cells) in &pairs {
+        let svg = out_dir.join(format!("bench-{}.svg", report.way.name()));
+        bench_report::write_svg(report, cells, &svg)?;
+        written.push(svg.display().to_string());
+    }
+    println!("\nwrote {}", written.join(", "));
+    let cells: Vec<&Cell> = all_cells.iter().flatten().collect();
     let failed = cells.iter().any(|c| c.samples.is_empty());
     Ok(if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Refuses a path where any veth runs generic (skb) XDP: it copies every
+/// non-linear packet, and no configuration may be measured through it unseen.
+fn refuse_generic_xdp(topo: &Topology) -> Result<()> {
+    for link in Link::ALL {
+        let (a, b) = link.ends();
+        for node in [a, b] {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["-n", topo.ns(node), "link", "show", "dev", topo.iface(node, link)]);
+            let out = run_command(cmd, Duration::from_secs(10))?;
+            if String::from_utf8_lossy(&out.stdout).contains("xdpgeneric") {
+                bail!("{node:?}'s {} runs generic XDP", topo.iface(node, link));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `node`'s veth on `link` carries an XDP program (`ip link` says `xdp`).
@@ -207,8 +292,9 @@ fn xdp_attached(topo: &Topology, node: Node, link: Link) -> Result<bool> {
 
 /// Builds `label`'s path: a topology, an iperf3 server on the producer, and the
 /// gateways (none for `direct`).
-fn prepare(label: &str, state: &Path) -> Result<Bed> {
+fn prepare(label: &str, state: &Path, mtu: u32) -> Result<Bed> {
     let topo = Topology::new()?;
+    topo.set_mtu(mtu)?;
     let producer = topo.sock4(Node::Producer, Link::ProducerLan, IPERF_PORT);
     let iperf_server = start_iperf_server(&topo)?;
     let dir = state.join(label);
@@ -256,6 +342,7 @@ fn prepare(label: &str, state: &Path) -> Result<Bed> {
             (Forwarding::Scistream(gws), entry)
         }
     };
+    refuse_generic_xdp(&topo)?;
     Ok(Bed {
         label: label.to_owned(),
         forwarding,
@@ -278,8 +365,8 @@ fn start_iperf_server(topo: &Topology) -> Result<Daemon> {
 /// [`measure`], and after a failed run a fresh iperf3 server: a killed client
 /// whose close never reached the server leaves it busy with the dead test, which
 /// would fail every later run of this configuration for a reason not its own.
-fn measure_or_reset(bed: &mut Bed, streams: u32, seconds: u32) -> Result<Sample> {
-    let outcome = measure(bed, streams, seconds);
+fn measure_or_reset(bed: &mut Bed, streams: u32, seconds: u32, way: Way) -> Result<Sample> {
+    let outcome = measure(bed, streams, seconds, way);
     if outcome.is_err() {
         bed.iperf_server.stop();
         bed.iperf_server = start_iperf_server(&bed.topo).context("restarting the iperf3 server")?;
@@ -288,7 +375,7 @@ fn measure_or_reset(bed: &mut Bed, streams: u32, seconds: u32) -> Result<Sample>
 }
 
 /// One iperf3 run through `bed`, with the gateways' CPU time and peak memory.
-fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
+fn measure(bed: &Bed, streams: u32, seconds: u32, way: Way) -> Result<Sample> {
     let pids = bed.forwarding.pids();
     for &pid in &pids {
         reset_peak_rss(pid)?;
@@ -302,8 +389,12 @@ fn measure(bed: &Bed, streams: u32, seconds: u32) -> Result<Sample> {
         .args(["-P", &streams.to_string()])
         // A gateway that accepts but never connects onwards must fail the run, not hang it.
         .args(["--connect-timeout", "5000"])
-        // -R: the producer sends, as in a science stream; -J: one JSON document.
-        .args(["-R", "-J"]);
+        // -J: one JSON document.
+        .arg("-J");
+    if way == Way::Forward {
+        // -R: the producer sends, as in a science stream.
+        cmd.arg("-R");
+    }
     let started = Instant::now();
     let out = run_command(cmd, Duration::from_secs(u64::from(seconds) + 15))?;
     let wall = started.elapsed();

@@ -149,6 +149,10 @@ impl GuardCost {
 
 pub struct Report {
     pub machine: Machine,
+    /// MTU of every veth in the run.
+    pub mtu: u32,
+    /// Which way the stream went.
+    pub way: crate::bench::Way,
     seconds: u32,
     rounds: u32,
     streams: Vec<u32>,
@@ -178,9 +182,11 @@ pub struct Cell {
 }
 
 impl Report {
-    pub fn new(seconds: u32, rounds: u32, streams: &[u32]) -> Report {
+    pub fn new(seconds: u32, rounds: u32, streams: &[u32], mtu: u32, way: crate::bench::Way) -> Report {
         Report {
             machine: Machine::probe(),
+            mtu,
+            way,
             seconds,
             rounds,
             streams: streams.to_vec(),
@@ -316,8 +322,8 @@ fn opt(v: Option<f64>, precision: usize) -> String {
 pub fn print_table(report: &Report, cells: &[Cell]) {
     let m = &report.machine;
     println!(
-        "\n{} CPUs ({}), kernel {}; iperf3 -R, {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes; host CPU = the whole machine's busy time (iperf3 and softirq too), busy = its share of all CPUs",
-        m.cpus, m.cpu_model, m.kernel, report.seconds, report.rounds
+        "\n== {}, MTU {} ==\n{} CPUs ({}), kernel {}; {} s x {} round(s), medians; gateway CPU = utime+stime of both gateway processes; host CPU = the whole machine's busy time (iperf3 and softirq too), busy = its share of all CPUs",
+        report.way.describe(), report.mtu, m.cpus, m.cpu_model, m.kernel, report.seconds, report.rounds
     );
     // Wide enough for the longest label ("splice-noguard").
     let w = cells
@@ -416,7 +422,15 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
     }
 }
 
-pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
+/// bench.json: one document per direction run, in `directions`.
+pub fn write_json(reports: &[(&Report, &[Cell])], path: &Path) -> Result<()> {
+    let docs: Vec<Value> = reports.iter().map(|(r, c)| report_json(r, c)).collect();
+    let doc = json!({ "mtu": reports.first().map(|(r, _)| r.mtu), "directions": docs });
+    let text = serde_json::to_string_pretty(&doc).context("encoding the results")?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn report_json(report: &Report, cells: &[Cell]) -> Value {
     let m = &report.machine;
     let results: Vec<Value> = cells
         .iter()
@@ -455,7 +469,7 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             "both_ms": total,
         })
     });
-    let doc = json!({
+    json!({
         "started_unix": report.started_unix,
         "machine": {
             "kernel": m.kernel,
@@ -464,7 +478,12 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             "loadavg_at_start": m.loadavg,
         },
         "method": {
-            "tool": "iperf3 -R -J (producer sends; consumer-side received bytes)",
+            "tool": match report.way {
+                crate::bench::Way::Forward => "iperf3 -R -J (producer sends; received bytes)",
+                crate::bench::Way::Reverse => "iperf3 -J (consumer sends; received bytes)",
+            },
+            "direction": report.way.name(),
+            "mtu": report.mtu,
             "seconds_per_run": report.seconds,
             "rounds": report.rounds,
             "streams": report.streams,
@@ -490,9 +509,7 @@ pub fn write_json(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             "threads_before": m.threads_before,
             "threads_after": m.threads_after,
         })),
-    });
-    let text = serde_json::to_string_pretty(&doc).context("encoding the results")?;
-    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    })
 }
 
 /// A grouped bar chart: one group per configuration, one bar per stream count.
@@ -602,7 +619,7 @@ mod tests {
 
     #[test]
     fn ratios_are_against_direct_at_the_same_stream_count() {
-        let mut r = Report::new(5, 1, &[1, 4]);
+        let mut r = Report::new(5, 1, &[1, 4], 9000, crate::bench::Way::Forward);
         let s = |gbps| {
             Ok(Sample {
                 gbps,
@@ -632,7 +649,7 @@ mod tests {
 
     #[test]
     fn guard_cost_pairs_each_round_with_its_noguard_twin() {
-        let mut r = Report::new(5, 3, &[1]);
+        let mut r = Report::new(5, 3, &[1], 9000, crate::bench::Way::Forward);
         let s = |gbps, cpu| {
             Ok(Sample {
                 gbps,
@@ -677,7 +694,7 @@ mod tests {
         let svg = std::fs::read_to_string(&svg_path).unwrap();
         assert!(svg.contains("splice P1 0.950x"), "{svg}");
         // Without a twin there is no cost to give.
-        let mut lone = Report::new(5, 1, &[1]);
+        let mut lone = Report::new(5, 1, &[1], 9000, crate::bench::Way::Forward);
         lone.record("splice", 1, s(9.0, 1.0));
         assert!(lone.guard_costs(&lone.cells()).is_empty());
     }
