@@ -685,10 +685,13 @@ mod tests {
         // The same figures reach the JSON and the chart.
         let dir = tempfile::tempdir().expect("temp dir");
         let (json_path, svg_path) = (dir.path().join("b.json"), dir.path().join("b.svg"));
-        write_json(&r, &cells, &json_path).expect("json");
+        write_json(&[(&r, &cells)], &json_path).expect("json");
         write_svg(&r, &cells, &svg_path).expect("svg");
         let doc: Value =
             serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        assert_eq!(doc["mtu"], 9000);
+        let doc = &doc["directions"][0];
+        assert_eq!(doc["method"]["direction"], "forward");
         assert_eq!(doc["guard_cost"][0]["without_guard"], "splice-noguard");
         assert!((doc["guard_cost"][0]["cost_percent"].as_f64().unwrap() - 5.0).abs() < 1e-9);
         let svg = std::fs::read_to_string(&svg_path).unwrap();
