@@ -10,6 +10,7 @@ pub mod control;
 pub mod dataplane;
 pub mod ebpf;
 pub mod oauth;
+pub mod state_dir;
 pub mod tls;
 pub mod trust;
 

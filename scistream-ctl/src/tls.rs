@@ -158,8 +158,9 @@ fn self_signed(state_dir: &Path, listener_ip: IpAddr) -> Result<Identity, TlsErr
     let cert_pem = cert.pem().into_bytes();
     let key_pem = key.serialize_pem().into_bytes();
     write_private(&key_path, &key_pem).map_err(write_err(&key_path))?;
-    fs::write(&cert_path, &cert_pem).map_err(write_err(&cert_path))?;
-    fs::write(&names_path, wanted).map_err(write_err(&names_path))?;
+    // Not secret, but the state directory keeps every file 0600.
+    write_private(&cert_path, &cert_pem).map_err(write_err(&cert_path))?;
+    write_private(&names_path, wanted.as_bytes()).map_err(write_err(&names_path))?;
     Ok(Identity { cert_path, key_path, cert_pem, key_pem, generated: true })
 }
 

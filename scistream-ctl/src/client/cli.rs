@@ -10,7 +10,8 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use serde::Serialize;
 
 use super::auth::OAuthFlags;
-use super::{status_error, Connection};
+use super::{status_error, tunnel_keys, Connection};
+use crate::control::tunnel_key::{self, KEY_LEN};
 
 #[derive(Parser, Debug)]
 #[command(name = "s2uc", version, about = "scistream-rs user client: sets up streaming sessions on s2cs gateways")]
@@ -103,7 +104,8 @@ pub struct Conn {
     /// means its scistream scope. Default: the scope config.toml maps --s2cs to.
     #[arg(long)]
     pub scope: Option<String>,
-    /// Print one JSON object {"uid", "listeners", "prod_listeners"} instead of text.
+    /// Print one JSON object {"uid", "listeners", "prod_listeners"} instead of
+    /// text (inbound-request adds "tunnel_key" when the gateway made one).
     #[arg(long)]
     pub json: bool,
 }
@@ -153,6 +155,12 @@ pub struct OutboundArgs {
     /// listeners; the gateway's XDP guard drops and counts the rest. Default: any.
     #[arg(long = "allowed_peers", alias = "allowed-peers", value_delimiter = ',')]
     pub allowed_peers: Vec<String>,
+    /// The session's tunnel key (64 hex digits) from inbound-request's --json
+    /// output or its key file. Default: the key inbound-request kept for this
+    /// uid under this account (see `s2uc --help`); none for a session whose
+    /// inbound gateway made none (SciStream 1.2, StunnelSubprocess).
+    #[arg(long = "tunnel_key", alias = "tunnel-key", env = "S2UC_TUNNEL_KEY", hide_env_values = true)]
+    pub tunnel_key: Option<String>,
     #[arg(long, hide = true)]
     pub mock: bool,
 }
@@ -181,6 +189,9 @@ struct Outcome<'a> {
     uid: &'a str,
     listeners: &'a [String],
     prod_listeners: &'a [String],
+    /// Only in JSON, for scripts that run outbound-request elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel_key: Option<String>,
 }
 
 impl Outcome<'_> {
@@ -225,11 +236,53 @@ fn new_uid() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
+/// Keeps the tunnel key a PROD `req` was answered with (or that there was
+/// none) for `outbound-request`; returns it in hex for `--json`.
+fn keep_tunnel_key(uid: &str, got: &[u8], json: bool) -> anyhow::Result<Option<String>> {
+    let key: Option<[u8; KEY_LEN]> = match got.len() {
+        0 => None,
+        KEY_LEN => got.try_into().ok(),
+        n => anyhow::bail!("s2cs answered with a tunnel key of {n} bytes, not {KEY_LEN}"),
+    };
+    let hex = key.map(|k| tunnel_key::hex(&k));
+    match tunnel_keys::dir().and_then(|d| Ok(tunnel_keys::save(&d, uid, key.as_ref())?)) {
+        Ok(path) if key.is_some() && !json => {
+            eprintln!("s2uc: tunnel key kept in {} for outbound-request (elsewhere: --tunnel_key)", path.display())
+        }
+        Ok(_) => {}
+        Err(e) => {
+            if let Some(h) = hex.as_deref().filter(|_| !json) {
+                eprintln!("s2uc: warning: cannot keep the tunnel key ({e:#}); give it to outbound-request: --tunnel_key {h}");
+            }
+        }
+    }
+    Ok(hex)
+}
+
+/// The key `outbound-request` sends: `--tunnel_key`, else the one
+/// inbound-request kept for this uid.
+fn tunnel_key_for(uid: &str, given: Option<&str>) -> anyhow::Result<Option<[u8; KEY_LEN]>> {
+    if let Some(h) = given {
+        return tunnel_key::parse_hex_key(h).map(Some).ok_or_else(|| anyhow::anyhow!("--tunnel_key must be {} hex digits", 2 * KEY_LEN));
+    }
+    let dir = tunnel_keys::dir().ok();
+    match dir.as_deref().map(|d| tunnel_keys::load(d, uid)) {
+        Some(tunnel_keys::Stored::Key(k)) => Ok(Some(k)),
+        Some(tunnel_keys::Stored::NoKey) => Ok(None),
+        _ => {
+            eprintln!(
+                "s2uc: note: no tunnel key kept for {uid} here; the tunnel is keyed by the uid alone, which matches an inbound session made by SciStream 1.2's s2uc or on a StunnelSubprocess gateway. For one made by this s2uc on another machine or account, pass its --tunnel_key."
+            );
+            Ok(None)
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let oauth = &cli.oauth;
     match cli.command {
         Command::Inbound(a) => {
-            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers);
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers).wanting_tunnel_key();
             let uid = new_uid();
             let producers: Vec<String> =
                 a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string()).collect();
@@ -238,11 +291,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let resp = conn.req_with_hello(&uid, "PROD", a.num_conn, a.rate, &producers, "PROD").await?;
             let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+            let tunnel_key = keep_tunnel_key(&uid, &resp.tunnel_key, a.conn.json)?;
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key }.print(a.conn.json);
         }
         Command::Outbound(a) => {
-            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers);
             let uid = crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let key = tunnel_key_for(&uid, a.tunnel_key.as_deref())?;
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT)
+                .await?
+                .with_allowed_peers(&a.allowed_peers)
+                .with_tunnel_key(key.as_ref().map(|k| &k[..]));
             let remote = crate::addr::parse_addr_list(&a.prod_listeners).map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
             let hello_addrs: Vec<String> = match a.remote_ip {
                 Some(ip) => a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(ip, *p).to_string()).collect(),
@@ -253,7 +311,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .update(&uid, &crate::addr::to_strings(&remote), "CONS")
                 .await
                 .map_err(|s| status_error(&conn.target, "update", &s))?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key: None }.print(a.conn.json);
         }
         Command::List(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
@@ -267,6 +325,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Release(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
             conn.release(&a.uid).await.map_err(|s| status_error(&conn.target, "release", &s))?;
+            if let (Ok(uid), Ok(dir)) = (crate::control::session::parse_uid(&a.uid), tunnel_keys::dir()) {
+                tunnel_keys::forget(&dir, &uid);
+            }
             if a.conn.json {
                 println!("{}", serde_json::json!({"uid": a.uid, "released": true}));
             } else {
@@ -275,14 +336,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ProdReq(a) => {
             // The producer app sends the hello itself; wait as long as the server does.
-            let conn = open(&a.conn, oauth, Duration::from_secs(200)).await?;
+            let conn = open(&a.conn, oauth, Duration::from_secs(200)).await?.wanting_tunnel_key();
             let uid = new_uid();
             if !a.conn.json {
                 println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
             }
             let resp = conn.req(&uid, "PROD", a.num_conn, a.rate).await.map_err(|s| status_error(&conn.target, "req", &s))?;
             let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners }.print(a.conn.json);
+            let tunnel_key = keep_tunnel_key(&uid, &resp.tunnel_key, a.conn.json)?;
+            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key }.print(a.conn.json);
         }
         Command::Login(a) => auth_context(oauth)?.login(a.scope.as_deref()).await.context("login")?,
         Command::Logout => auth_context(oauth)?.logout().await.context("logout")?,

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cli;
 pub mod observe;
+pub mod tunnel_keys;
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +32,9 @@ pub struct Connection {
     pub target: String,
     /// Sent in `req` (`Request.allowed_peers`); empty: any source.
     allowed_peers: Vec<String>,
+    /// `Request.want_tunnel_key` (PROD) and `Request.tunnel_key` (CONS).
+    want_tunnel_key: bool,
+    tunnel_key: Vec<u8>,
 }
 
 /// Dials `s2cs` over TLS 1.2/1.3 with ALPN h2, verifying the server against
@@ -112,7 +116,7 @@ impl Connection {
             let why = crate::trust::explain(&e).unwrap_or_else(|| crate::oauth::error_chain(&e));
             anyhow!("cannot connect to s2cs at {s2cs}: {why}")
         })?;
-        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into(), allowed_peers: Vec::new() })
+        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into(), allowed_peers: Vec::new(), want_tunnel_key: false, tunnel_key: Vec::new() })
     }
 
     fn with_token<T>(&self, msg: T) -> tonic::Request<T> {
@@ -129,8 +133,28 @@ impl Connection {
         self
     }
 
+    /// Later PROD `req`s ask the gateway for a tunnel key.
+    pub fn wanting_tunnel_key(mut self) -> Self {
+        self.want_tunnel_key = true;
+        self
+    }
+
+    /// Later CONS `req`s carry this key from the inbound gateway.
+    pub fn with_tunnel_key(mut self, key: Option<&[u8]>) -> Self {
+        self.tunnel_key = key.map(<[u8]>::to_vec).unwrap_or_default();
+        self
+    }
+
     pub async fn req(&self, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<proto::Response, Status> {
-        let msg = proto::Request { uid: uid.into(), role: role.into(), num_conn, rate, allowed_peers: self.allowed_peers.clone() };
+        let msg = proto::Request {
+            uid: uid.into(),
+            role: role.into(),
+            num_conn,
+            rate,
+            allowed_peers: self.allowed_peers.clone(),
+            want_tunnel_key: self.want_tunnel_key,
+            tunnel_key: self.tunnel_key.clone(),
+        };
         Ok(self.client.clone().req(self.with_token(msg)).await?.into_inner())
     }
 

@@ -23,7 +23,18 @@ pub fn info_json(s: &SessionInfo) -> serde_json::Value {
         "auth_failures": s.auth_failures, "age_ms": s.age_ms, "owner": s.owner,
         "guard_dropped_packets": s.guard_dropped_packets, "guard_dropped_bytes": s.guard_dropped_bytes,
         "counters_observable": seen,
+        "tunnel_secret": if s.tunnel_secret.is_empty() { serde_json::Value::Null } else { serde_json::json!(s.tunnel_secret) },
     })
+}
+
+/// What `tunnel_secret` means, for people; older servers do not say.
+fn secret_text(s: &SessionInfo) -> &'static str {
+    match s.tunnel_secret.as_str() {
+        "key" => "uid + random session key (only this session's client has it)",
+        "uid" => "the uid alone, as SciStream 1.2: whoever learns the uid can join the tunnel",
+        "none" => "none: this backend carries plaintext between the gateways",
+        _ => "not reported by this s2cs",
+    }
 }
 
 /// Whether the session's counters are real. Servers say so
@@ -59,13 +70,17 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
         println!("no sessions on {}", conn.target);
         return Ok(());
     }
-    println!("{:<36} {:<4} {:<8} {:>5} {:>11} {:>11} {:>8}  LISTENERS -> TARGETS", "UID", "ROLE", "BACKEND", "CONNS", "FORWARD", "BACK", "AGE");
+    println!(
+        "{:<36} {:<4} {:<8} {:<6} {:>5} {:>11} {:>11} {:>8}  LISTENERS -> TARGETS",
+        "UID", "ROLE", "BACKEND", "SECRET", "CONNS", "FORWARD", "BACK", "AGE"
+    );
     for s in &sessions {
         println!(
-            "{:<36} {:<4} {:<8} {:>5} {:>11} {:>11} {:>7}s  {} -> {}",
+            "{:<36} {:<4} {:<8} {:<6} {:>5} {:>11} {:>11} {:>7}s  {} -> {}",
             s.uid,
             s.role,
             s.backend,
+            if s.tunnel_secret.is_empty() { "?" } else { s.tunnel_secret.as_str() },
             if counters_observable(s) { s.connections_active.to_string() } else { "n/a".into() },
             if counters_observable(s) { bytes(s.bytes_forward) } else { "n/a".into() },
             if counters_observable(s) { bytes(s.bytes_backward) } else { "n/a".into() },
@@ -83,6 +98,7 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     println!("listeners:   {}", s.listeners.join(", "));
     println!("targets:     {}", if s.targets.is_empty() { "(not set yet)".into() } else { s.targets.join(", ") });
     println!("hello:       {}", if s.hello_received { "received" } else { "waiting" });
+    println!("secret:      {}", secret_text(s));
     if counters_observable(s) {
         println!("connections: {} active, {} total, {} failed", s.connections_active, s.connections_total, s.connections_failed);
         println!("forward:     {}", bytes(s.bytes_forward));

@@ -134,11 +134,10 @@ impl PortGuard {
             .filter(|(_, s)| !s.peers.is_empty())
             .map(|(uid, s)| (uid.as_str(), s.peers.iter().map(ToString::to_string).collect()))
             .collect();
-        let tmp = self.peers_file.with_extension("json.tmp");
+        // Its keys are uids, which key some sessions' tunnels: 0600.
         let written = serde_json::to_vec_pretty(&live)
             .map_err(std::io::Error::other)
-            .and_then(|text| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::rename(&tmp, &self.peers_file));
+            .and_then(|text| crate::state_dir::write_private(&self.peers_file, &text));
         if let Err(e) = written {
             warn!(file = %self.peers_file.display(), error = %e, "cannot store the sessions' allowed peers; after a restart they would accept any source");
         }
@@ -191,11 +190,11 @@ impl PortGuard {
         if let Some(e) = failed {
             // The session must stay reachable: rather open the range than
             // drop a live session's traffic.
-            warn!(uid, error = %error_chain(&e), "cannot allow a session in the XDP guard; guard disabled");
+            warn!(?ports, error = %error_chain(&e), "cannot allow a session in the XDP guard; guard disabled");
             let _ = guard.set_port_range(0, 0);
         }
         if !peers.is_empty() {
-            info!(uid, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "XDP guard: session ports accept these peers only");
+            info!(?ports, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "XDP guard: session ports accept these peers only");
         }
         sessions.insert(uid.to_owned(), Allowed { tag, ports: ports.to_vec(), peers });
         // A release does not rewrite the file (a --keep_sessions exit releases
@@ -212,10 +211,10 @@ impl PortGuard {
         let State { guard, sessions, .. } = &mut *state;
         let uid = sessions.iter().find(|(_, s)| s.ports.iter().any(|p| ports.contains(p))).map(|(uid, _)| uid.clone());
         if let Some(session) = uid.and_then(|uid| sessions.remove(&uid).map(|s| (uid, s))) {
-            let (uid, s) = session;
+            let (_, s) = session;
             let dropped: Counters = s.ports.iter().filter_map(|&p| guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum();
             if !s.peers.is_empty() {
-                info!(uid, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "XDP guard: frames from peers the session did not allow");
+                info!(ports = ?s.ports, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "XDP guard: frames from peers the session did not allow");
             }
             // Ports before peers: no frame meets a restricted port whose peer
             // list is already gone.
@@ -286,7 +285,7 @@ fn load_peers(path: &Path) -> HashMap<String, Vec<PeerNet>> {
     stored
         .into_iter()
         .map(|(uid, nets)| {
-            let nets = nets.iter().filter_map(|n| n.parse().map_err(|e| warn!(uid, error = %e, "stored peer skipped")).ok()).collect();
+            let nets = nets.iter().filter_map(|n| n.parse().map_err(|e| warn!(error = %e, "stored peer skipped")).ok()).collect();
             (uid, nets)
         })
         .collect()

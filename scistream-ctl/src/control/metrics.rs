@@ -48,7 +48,9 @@ pub fn render(reg: &Registry) -> String {
     let views = reg.list(None);
     sessions.set(views.len() as i64);
     for v in &views {
-        let l = SessionLabels { uid: v.uid.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
+        // /metrics has no authentication: a uid that keys its tunnel is
+        // shown as the session's stand-in name, as in the logs.
+        let l = SessionLabels { uid: v.log_id.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
         let d = |direction| DirLabels { uid: l.uid.clone(), role: l.role.clone(), backend: l.backend.clone(), direction };
         // The guard sees frames whatever the backend, so before the skip below.
         if let Some(d) = reg.guard_session_dropped(&v.uid) {

@@ -11,6 +11,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod tunnel_key;
 
 pub use error::ControlError;
 pub use session::Registry;

@@ -40,6 +40,8 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         }
     };
     let state_dir = args.state_dir();
+    // Private before anything is written in it (uids, keys, PSKs live there).
+    crate::state_dir::secure(&state_dir).with_context(|| format!("securing the state directory {}", state_dir.display()))?;
     let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
         .context("loading the server certificate")?;
     if identity.generated {

@@ -10,6 +10,7 @@ use tracing::{info_span, Instrument};
 use super::auth::{Authenticator, Identity};
 use super::error::ControlError;
 use super::session::{Registry, Role, SessionView};
+use super::tunnel_key::{KeyRequest, SecretKind};
 use crate::addr::to_strings;
 use crate::proto;
 use crate::proto::control_server::Control;
@@ -40,9 +41,12 @@ impl Control for ControlService {
     async fn req(&self, request: Request<proto::Request>) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let span = info_span!("req", uid = %r.uid, role = %r.role);
+        // Spans name the call and role only: a uid that keys its tunnel must
+        // stay out of logs, and the registry's lines name the session safely.
+        let span = info_span!("req", role = %r.role);
         self.registry.expect_peers(&r.uid, &r.allowed_peers)?;
-        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref()).instrument(span).await;
+        let key = KeyRequest::from_fields(r.want_tunnel_key, &r.tunnel_key);
+        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref(), key).instrument(span).await;
         if granted.is_err() {
             let _ = self.registry.expect_peers(&r.uid, &[]); // not left for a later req of this uid
         }
@@ -50,21 +54,22 @@ impl Control for ControlService {
         Ok(Response::new(proto::Response {
             listeners: to_strings(&granted.listeners),
             prod_listeners: to_strings(&granted.prod_listeners),
+            tunnel_key: granted.tunnel_key.map(|k| k.to_vec()).unwrap_or_default(),
         }))
     }
 
     async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let _span = info_span!("update", uid = %r.uid, role = %r.role).entered();
+        let _span = info_span!("update", role = %r.role).entered();
         let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners, who.as_ref())?;
-        Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets) }))
+        Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets), ..Default::default() }))
     }
 
     async fn release(&self, request: Request<proto::Release>) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let span = info_span!("release", uid = %r.uid);
+        let span = info_span!("release");
         self.registry.release(&r.uid, who.as_ref()).instrument(span).await?;
         Ok(Response::new(proto::Response::default()))
     }
@@ -72,7 +77,7 @@ impl Control for ControlService {
     async fn hello(&self, request: Request<proto::Hello>) -> Result<Response<proto::AppResponse>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let span = info_span!("hello", uid = %r.uid, role = %r.role);
+        let span = info_span!("hello", role = %r.role);
         let (role, listeners) = self.registry.hello(&r.uid, &r.prod_listeners, who.as_ref()).instrument(span).await?;
         let message = match role {
             Role::Prod => "Sending Prod listeners...",
@@ -83,7 +88,21 @@ impl Control for ControlService {
 
     async fn list(&self, request: Request<proto::ListRequest>) -> Result<Response<proto::SessionList>, Status> {
         let who = self.caller(&request).await?;
-        let sessions = self.registry.list(who.as_ref()).iter().map(|v| info(v, &self.registry)).collect();
+        let sessions = self
+            .registry
+            .list(who.as_ref())
+            .iter()
+            .map(|v| {
+                let mut i = info(v, &self.registry);
+                // Only a proven owner sees a uid that keys its tunnel;
+                // `status` needs the uid, so it reveals nothing new.
+                let proven = who.is_some() && v.owner.is_some();
+                if v.secret == SecretKind::Uid && !proven {
+                    i.uid = v.log_id.clone();
+                }
+                i
+            })
+            .collect();
         Ok(Response::new(proto::SessionList { sessions }))
     }
 
@@ -116,5 +135,6 @@ fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
         guard_dropped_packets: guard_dropped.packets,
         guard_dropped_bytes: guard_dropped.bytes,
         counters_available: Some(v.counters_observable),
+        tunnel_secret: v.secret.as_str().into(),
     }
 }

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::auth::Identity;
 use super::error::ControlError;
 use super::guard::PortGuard;
 use super::ports::{PortAllocator, Reservation};
 use super::store::{Store, StoredSession, RECORD_VERSION};
+use super::tunnel_key::{self, KeyRequest, SessionKeying};
 use crate::addr;
 use crate::config::MAX_NUM_CONN;
 use crate::dataplane::{Backend, Forwarder, SessionSpec, Side, StatsSnapshot};
@@ -92,6 +93,8 @@ pub struct Session {
     /// The identity that created the session; `None` with authentication off.
     pub owner: Option<String>,
     pub created: std::time::Instant,
+    /// The tunnel key and the name logs use for the session.
+    pub keying: SessionKeying,
     hello: watch::Sender<HelloState>,
     inner: Mutex<Inner>,
     /// Set once the warning that this owned session is managed without
@@ -123,6 +126,9 @@ pub struct SessionView {
     pub counters_observable: bool,
     pub age: Duration,
     pub owner: Option<String>,
+    pub secret: tunnel_key::SecretKind,
+    /// The uid, or a stand-in when it is the secret (see [`SessionKeying`]).
+    pub log_id: String,
 }
 
 /// A completed `req`: the session's listeners and, for PROD, the producer
@@ -130,6 +136,8 @@ pub struct SessionView {
 pub struct Granted {
     pub listeners: Vec<SocketAddr>,
     pub prod_listeners: Vec<SocketAddr>,
+    /// The key a PROD request asked for (`Request.want_tunnel_key`).
+    pub tunnel_key: Option<[u8; tunnel_key::KEY_LEN]>,
 }
 
 pub struct Registry {
@@ -217,12 +225,12 @@ impl Registry {
             (Some(owner), Some(who)) if who.is(owner) => Ok(()),
             (Some(owner), None) => {
                 if !session.unowned_use_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    warn!(uid = %session.uid, owner = %owner, "session owned by another identity is managed without authentication (s2cs runs without --client_secret); its owner is not enforced");
+                    warn!(uid = %session.keying.log_id, owner = %owner, "session owned by another identity is managed without authentication (s2cs runs without --client_secret); its owner is not enforced");
                 }
                 Ok(())
             }
             (Some(owner), Some(who)) => {
-                warn!(uid = %session.uid, owner = %owner, caller = %who.id, "call from another identity refused");
+                warn!(uid = %session.keying.log_id, owner = %owner, caller = %who.id, "call from another identity refused");
                 Err(ControlError::NotOwner { uid: session.uid.clone() })
             }
         }
@@ -237,6 +245,7 @@ impl Registry {
         num_conn: i32,
         rate: i32,
         owner: Option<&Identity>,
+        key: KeyRequest,
     ) -> Result<Granted, ControlError> {
         let uid = parse_uid(uid)?;
         let role = Role::parse(role)?;
@@ -244,6 +253,7 @@ impl Registry {
         if rate < 0 {
             return Err(ControlError::InvalidArgument(format!("rate {rate} is negative")));
         }
+        let keying = SessionKeying::for_request(&uid, role, self.backend.keying(), key)?;
         let session = {
             let mut sessions = lock(&self.sessions);
             if sessions.contains_key(&uid) {
@@ -259,6 +269,7 @@ impl Registry {
                 listeners,
                 owner: owner.map(|o| o.id.clone()),
                 created: std::time::Instant::now(),
+                keying,
                 hello: watch::Sender::new(HelloState::Pending),
                 inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
                 unowned_use_warned: Default::default(),
@@ -269,9 +280,13 @@ impl Registry {
         if let Some(g) = &self.guard {
             g.allow(&uid, &session_ports(&session));
         }
-        info!(uid = %uid, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, owner = ?session.owner, "session requested");
+        let log_id = &session.keying.log_id;
+        if *log_id != uid {
+            debug!(uid = %uid, session = %log_id, "the tunnel is keyed by this uid alone: it goes by a stand-in name below debug level");
+        }
+        info!(uid = %log_id, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, owner = ?session.owner, tunnel_secret = session.keying.kind.as_str(), "session requested");
         if crate::dataplane::session_auth::is_time_based_uid(&uid) {
-            warn!(uid = %uid, "time-based (v1) uid: the tunnel's session secret derives from it and is guessable; use random (v4) uids");
+            warn!(uid = %log_id, "time-based (v1) uid: the tunnel's session secret derives from it and is guessable; use random (v4) uids");
         }
         if let Some(n) = lock(&self.early_hellos).remove(&uid) {
             n.notify_waiters();
@@ -289,7 +304,11 @@ impl Registry {
                     self.remove(&uid, HelloState::Released, true).await;
                     return Err(e);
                 }
-                Ok(Granted { listeners: session.listeners.clone(), prod_listeners: if role == Role::Prod { prod } else { Vec::new() } })
+                Ok(Granted {
+                    listeners: session.listeners.clone(),
+                    prod_listeners: if role == Role::Prod { prod } else { Vec::new() },
+                    tunnel_key: if role == Role::Prod { session.keying.key } else { None },
+                })
             }
             HelloState::TimedOut => Err(ControlError::HelloTimeout { uid, secs: self.hello_timeout.as_secs() }),
             HelloState::Pending | HelloState::Released => Err(ControlError::Released(uid)),
@@ -300,12 +319,13 @@ impl Registry {
     /// client that hangs up does not leave the session behind.
     fn spawn_hello_timeout(self: &Arc<Self>, session: &Arc<Session>) {
         let (reg, uid, timeout) = (Arc::downgrade(self), session.uid.clone(), self.hello_timeout);
+        let log_id = session.keying.log_id.clone();
         let mut rx = session.hello.subscribe();
         tokio::spawn(async move {
             let timed_out = tokio::time::timeout(timeout, rx.wait_for(|s| *s != HelloState::Pending)).await.is_err();
             if timed_out {
                 if let Some(reg) = reg.upgrade() {
-                    warn!(uid = %uid, secs = timeout.as_secs(), "no hello in time; releasing the session");
+                    warn!(uid = %log_id, secs = timeout.as_secs(), "no hello in time; releasing the session");
                     reg.remove(&uid, HelloState::TimedOut, true).await;
                 }
             }
@@ -344,7 +364,7 @@ impl Registry {
         if !accepted {
             return Err(ControlError::NotFound(uid));
         }
-        info!(uid = %uid, role = session.role.as_str(), prod_listeners = ?received, "hello");
+        info!(uid = %session.keying.log_id, role = session.role.as_str(), prod_listeners = ?received, "hello");
         Ok((session.role, session.listeners.clone()))
     }
 
@@ -394,7 +414,7 @@ impl Registry {
         Self::check_owner(&session, caller)?;
         let targets = addr::cycle_to(&remote, session.num_conn);
         self.forward(&session, targets.clone())?;
-        info!(uid = %uid, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
+        info!(uid = %session.keying.log_id, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
         // Stored before the answer. On failure the session keeps forwarding
         // to the new targets and the client may repeat the update.
         self.persist(&session)?;
@@ -409,7 +429,10 @@ impl Registry {
             Some(f) => f.set_targets(targets.clone()),
             None => {
                 let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
-                let spec = SessionSpec::new(uid, session.role.side()).with_rate(session.rate);
+                let spec = SessionSpec::new(uid, session.role.side())
+                    .with_rate(session.rate)
+                    .with_key(session.keying.key.as_ref().map(|k| &k[..]))
+                    .with_log_id(&session.keying.log_id);
                 inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
             }
         }
@@ -437,6 +460,7 @@ impl Registry {
             owner: s.owner.clone(),
             created_unix_ms: created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             backend: self.backend.name().into(),
+            tunnel_key: s.keying.key.map(|k| tunnel_key::hex(&k)),
         };
         // Under the map's lock: a concurrent release has either taken the
         // session out already (nothing is written, no record outlives it) or
@@ -446,7 +470,7 @@ impl Registry {
             return Err(ControlError::Released(s.uid.clone()));
         }
         store.put(&record).map_err(|e| {
-            error!(uid = %s.uid, error = %e, "could not store the session");
+            error!(uid = %s.keying.log_id, error = %e, "could not store the session");
             e.into()
         })
     }
@@ -459,6 +483,12 @@ impl Registry {
         let Some(store) = &self.store else { return Ok((0, 0)) };
         let (mut restored, mut failed) = (0, 0);
         for (uid, record) in store.load_raw()? {
+            // Below debug level the uid shows only where it keys nothing.
+            let public = record.as_ref().is_some_and(|r| {
+                r.tunnel_key.is_some() || (r.backend == self.backend.name() && self.backend.keying() == crate::dataplane::TunnelKeying::Plaintext)
+            });
+            let shown = if public { uid.clone() } else { "(hidden; at debug level)".to_string() };
+            debug!(uid = %uid, "restoring a stored session");
             let result = match record {
                 Some(r) => self.restore_one(r),
                 None => Err(ControlError::FailedPrecondition("unreadable record".into())),
@@ -466,10 +496,10 @@ impl Registry {
             match result {
                 Ok(()) => restored += 1,
                 Err(e) => {
-                    error!(uid = %uid, error = %e, "stored session could not be restored; it is dropped");
+                    error!(uid = %shown, error = %e, "stored session could not be restored; it is dropped");
                     failed += 1;
                     if let Err(e) = store.delete(&uid) {
-                        error!(uid = %uid, error = %e, "could not forget the dropped session");
+                        error!(uid = %shown, error = %e, "could not forget the dropped session");
                     }
                 }
             }
@@ -494,6 +524,11 @@ impl Registry {
             return Err(ControlError::FailedPrecondition("record inconsistent: listeners, targets and num_conn differ".into()));
         }
         let ports: Vec<u16> = r.listeners.iter().map(SocketAddr::port).collect();
+        let key = match r.tunnel_key.as_deref().map(tunnel_key::parse_hex_key) {
+            Some(None) => return Err(ControlError::FailedPrecondition("record inconsistent: tunnel key is not 32 bytes of hex".into())),
+            Some(key) => key,
+            None => None,
+        };
         let reservation = self.ports.reserve(&ports)?;
         let age = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -507,6 +542,7 @@ impl Registry {
             listeners: r.listeners,
             owner: r.owner,
             created: std::time::Instant::now().checked_sub(age).unwrap_or_else(std::time::Instant::now),
+            keying: SessionKeying::new(&uid, self.backend.keying(), key),
             hello: watch::Sender::new(HelloState::Received(r.prod_listeners)),
             inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
             unowned_use_warned: Default::default(),
@@ -519,7 +555,7 @@ impl Registry {
             g.allow(&uid, &session_ports(&session));
         }
         let targets = lock(&session.inner).targets.clone();
-        info!(uid = %uid, role = role.as_str(), listeners = ?session.listeners, targets = ?targets, "session restored");
+        info!(uid = %session.keying.log_id, role = role.as_str(), listeners = ?session.listeners, targets = ?targets, "session restored");
         Ok(())
     }
 
@@ -544,7 +580,7 @@ impl Registry {
             // Before the answer to `release`. A failure here is logged, not
             // returned: the session is gone from this run either way.
             if let Err(e) = store.delete(uid) {
-                error!(uid = %uid, error = %e, "could not delete the stored session; it would come back after a restart");
+                error!(uid = %session.keying.log_id, error = %e, "could not delete the stored session; it would come back after a restart");
             }
         }
         session.hello.send_if_modified(|s| {
@@ -567,11 +603,11 @@ impl Registry {
             // allow them again.
             let passed = g.deny(&session_ports(&session));
             let dropped = g.dropped();
-            info!(uid = %uid, passed_packets = passed.packets, passed_bytes = passed.bytes, guard_dropped_packets = dropped.packets, "guard counters at release");
+            info!(uid = %session.keying.log_id, passed_packets = passed.packets, passed_bytes = passed.bytes, guard_dropped_packets = dropped.packets, "guard counters at release");
         }
         // Every listener is closed now, so the ports can go back to the pool.
         drop(reservation);
-        info!(uid = %uid, role = session.role.as_str(), "session released");
+        info!(uid = %session.keying.log_id, role = session.role.as_str(), "session released");
         true
     }
 
@@ -621,7 +657,8 @@ impl Registry {
 
     /// Releases a session whose lease ran out.
     pub async fn expire(&self, uid: &str, idle: Duration) -> bool {
-        warn!(uid = %uid, idle_secs = idle.as_secs(), "session idle past --session_ttl; releasing it");
+        let shown = self.get(uid).map(|s| s.keying.log_id.clone()).unwrap_or_default();
+        warn!(uid = %shown, idle_secs = idle.as_secs(), "session idle past --session_ttl; releasing it");
         self.remove(uid, HelloState::Released, true).await
     }
 
@@ -688,6 +725,8 @@ impl Registry {
             counters_observable: inner.forwarder.as_ref().is_none_or(|f| f.counters_observable()),
             age: s.created.elapsed(),
             owner: s.owner.clone(),
+            secret: s.keying.kind,
+            log_id: s.keying.log_id.clone(),
         }
     }
 

@@ -64,6 +64,10 @@ pub struct StoredSession {
     pub created_unix_ms: u64,
     /// Backend name (`tls`, `splice`, ...) the session was forwarded with.
     pub backend: String,
+    /// The session's tunnel key (hex), when it has one; records written
+    /// before keys existed have none and keep their uid-derived secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_key: Option<String>,
 }
 
 pub struct Store {
@@ -194,6 +198,7 @@ mod tests {
             owner: Some("alice".into()),
             created_unix_ms: 1_700_000_000_000,
             backend: "tls".into(),
+            tunnel_key: Some("ab".repeat(32)),
         }
     }
 
@@ -227,6 +232,23 @@ mod tests {
             "10.0.0.3:81".parse().unwrap(),
             "the later put replaced the record"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_tunnel_key_is_kept_and_records_without_one_still_load() {
+        let dir = temp_dir("key");
+        {
+            let s = Store::open(&dir).unwrap();
+            s.put(&record("k")).unwrap();
+        }
+        let all = Store::open(&dir).unwrap().load().unwrap();
+        assert_eq!(all[0].tunnel_key, Some("ab".repeat(32)), "a restart keeps the session's key");
+        // A record written before tunnel keys existed.
+        let mut old = serde_json::to_value(record("o")).unwrap();
+        old.as_object_mut().unwrap().remove("tunnel_key");
+        let back: StoredSession = serde_json::from_value(old).unwrap();
+        assert_eq!(back.tunnel_key, None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

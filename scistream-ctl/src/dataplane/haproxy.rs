@@ -94,7 +94,7 @@ impl Compat for Haproxy {
     ) -> Vec<(&'static str, String)> {
         let socket = control_socket(config_path);
         vec![
-            ("cfg", config(&spec.uid, &listeners.fds(), targets, &socket)),
+            ("cfg", config(&spec.log_id, &listeners.fds(), targets, &socket)),
             // Holds the socket's path: HAProxy renames its socket over it,
             // and release deletes it with the other files.
             ("sock", String::new()),

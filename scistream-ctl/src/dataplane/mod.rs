@@ -47,12 +47,29 @@ pub enum DataPlaneError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// What a backend keys the tunnel between the two gateways with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelKeying {
+    /// Nothing: the bytes cross in plaintext (or untouched, `xdp`).
+    Plaintext,
+    /// The uid itself, as SciStream 1.2 does (stunnel's PSK): a per-session
+    /// key from the inbound gateway could not reach a 1.2 peer.
+    Uid,
+    /// The uid mixed with the session key the inbound gateway made, when the
+    /// client carried it (`Request.tunnel_key`); the uid alone otherwise.
+    SessionKey,
+}
+
 /// What a session is, as far as a backend needs to know.
 #[derive(Clone, Debug)]
 pub struct SessionSpec {
     pub uid: String,
+    /// What logs name the session by: its uid, or a stand-in when the uid is
+    /// what the tunnel is keyed with (it must then stay out of logs).
+    pub log_id: String,
     pub side: Side,
-    /// Both gateways derive it from the uid; the `tls` tunnel proves it.
+    /// Derived from the uid and, when the session has one, its random key;
+    /// the `tls` tunnel proves it.
     pub secret: session_auth::SessionSecret,
     /// The request's `rate` in kbit/s (0: none); enforced only with `--enforce_rate`.
     pub rate_kbps: u64,
@@ -60,7 +77,24 @@ pub struct SessionSpec {
 
 impl SessionSpec {
     pub fn new(uid: &str, side: Side) -> Self {
-        Self { uid: uid.to_string(), side, secret: session_auth::SessionSecret::derive(uid, None), rate_kbps: 0 }
+        Self {
+            uid: uid.to_string(),
+            log_id: uid.to_string(),
+            side,
+            secret: session_auth::SessionSecret::derive(uid, None),
+            rate_kbps: 0,
+        }
+    }
+
+    /// Mixes the session's random key (from the inbound gateway) into the secret.
+    pub fn with_key(mut self, key: Option<&[u8]>) -> Self {
+        self.secret = session_auth::SessionSecret::derive(&self.uid, key);
+        self
+    }
+
+    pub fn with_log_id(mut self, log_id: &str) -> Self {
+        self.log_id = log_id.to_string();
+        self
     }
 
     pub fn with_rate(mut self, rate_kbps: i32) -> Self {
@@ -72,6 +106,11 @@ impl SessionSpec {
 /// A data-plane implementation (`s2cs --type`).
 pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+
+    /// What the tunnel between the gateways is keyed with.
+    fn keying(&self) -> TunnelKeying {
+        TunnelKeying::Plaintext
+    }
 
     /// Starts forwarding: connections accepted on `listeners[i]` go to
     /// `targets[i]`. Must be called within a tokio runtime.

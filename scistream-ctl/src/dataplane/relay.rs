@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot};
+use super::{pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot, TunnelKeying};
 
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,6 +22,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// directions have ended.
 pub trait Pump: Send + Sync + 'static {
     const NAME: &'static str;
+    /// What the tunnel is keyed with (see [`Backend::keying`]).
+    const KEYING: TunnelKeying = TunnelKeying::Plaintext;
     fn relay(
         self: Arc<Self>,
         session: Arc<SessionSpec>,
@@ -53,6 +55,10 @@ impl<P: Pump> Backend for TcpRelay<P> {
         P::NAME
     }
 
+    fn keying(&self) -> TunnelKeying {
+        P::KEYING
+    }
+
     fn start(
         &self,
         spec: SessionSpec,
@@ -70,7 +76,7 @@ impl<P: Pump> Backend for TcpRelay<P> {
         for (index, l) in listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
             let listener = TcpListener::from_std(l)?;
-            let span = info_span!("listener", uid = %spec.uid, side = ?spec.side, index);
+            let span = info_span!("listener", uid = %spec.log_id, side = ?spec.side, index);
             fwd.tasks.spawn(
                 accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone(), pacing)
                     .instrument(span),

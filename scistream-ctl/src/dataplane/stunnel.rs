@@ -55,12 +55,12 @@ pub fn config(
         "no"
     };
     let mut c = format!(
-        "; scistream-rs StunnelSubprocess, session {uid}\n\
+        "; scistream-rs StunnelSubprocess, session {id}\n\
          foreground = yes\n\
          pid =\n\
          syslog = no\n\
          debug = 5\n",
-        uid = spec.uid
+        id = spec.log_id
     );
     for (i, (l, t)) in listeners.iter().zip(targets.iter().cycle()).enumerate() {
         let _ = write!(
@@ -85,6 +85,7 @@ impl Compat for Stunnel {
     const NAME: &'static str = "StunnelSubprocess";
     const PROGRAM: &'static str = "stunnel";
     const PACKAGE: &'static str = "stunnel4";
+    const KEYING: super::TunnelKeying = super::TunnelKeying::Uid;
 
     fn files(
         &self,

@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{debug, info, warn, Instrument};
 
-use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot};
+use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot, TunnelKeying};
 
 /// How long a program may take to start listening on the session's ports.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,6 +77,9 @@ pub trait Compat: Send + Sync + 'static {
     /// [`Compat::counters`]; without them the session's counters show as
     /// unavailable, never as zeros.
     const COUNTERS: bool = false;
+
+    /// What the program keys the tunnel with.
+    const KEYING: TunnelKeying = TunnelKeying::Plaintext;
 
     /// The session's counters, read from the running program.
     fn counters(&self, _config: &Path) -> io::Result<StatsSnapshot> {
@@ -523,6 +526,10 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
         C::NAME
     }
 
+    fn keying(&self) -> TunnelKeying {
+        C::KEYING
+    }
+
     fn start(
         &self,
         spec: SessionSpec,
@@ -542,13 +549,16 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
             Listeners::Freed(addrs)
         };
         let ctx = SpawnContext {
-            uid: spec.uid.clone(),
+            uid: spec.log_id.clone(),
             tail: Arc::default(),
             error_line: C::is_error_line,
             loaded_line: C::is_loaded_line,
             loads: Arc::default(),
         };
-        let config = self.dir.join(format!("{}.{}", spec.uid, C::PROGRAM));
+        // The path is on the program's command line, which any local user
+        // can read (ps): a random name, never one made from the uid, which
+        // is stunnel's PSK.
+        let config = self.dir.join(format!("{}.{}", uuid::Uuid::new_v4().simple(), C::PROGRAM));
         let files = write_files(&*self.compat, &spec, &listeners, &targets, &config)?;
         if let Some(args) = self.compat.check_args(&config) {
             let mut check = Supervised::spawn(&self.exe, &args, &listeners.fds(), &ctx)?;
@@ -576,7 +586,7 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
                 reason: format!("{}: {e}", C::PROGRAM),
             });
         }
-        info!(uid = %spec.uid, pid = proc.pid().as_raw(), "{} serving {:?} -> {:?}", C::PROGRAM, listeners.addrs(), targets);
+        info!(uid = %spec.log_id, pid = proc.pid().as_raw(), "{} serving {:?} -> {:?}", C::PROGRAM, listeners.addrs(), targets);
         Ok(Box::new(SubprocessForwarder {
             compat: self.compat.clone(),
             spec,
@@ -648,7 +658,7 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
         // Reap the generations that have finished.
         procs.retain_mut(|p| p.exited().is_none());
         let Some(current) = procs.last_mut() else {
-            warn!(uid = %self.spec.uid, "{} is not running; targets not applied", C::PROGRAM);
+            warn!(uid = %self.spec.log_id, "{} is not running; targets not applied", C::PROGRAM);
             return;
         };
         // Retargeting returns once new connections go to the new targets, so
@@ -682,10 +692,10 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
             }),
         };
         if let Err(e) = result {
-            warn!(uid = %self.spec.uid, error = %e, "{}: retargeting failed; the old targets stay", C::PROGRAM);
+            warn!(uid = %self.spec.log_id, error = %e, "{}: retargeting failed; the old targets stay", C::PROGRAM);
             return;
         }
-        info!(uid = %self.spec.uid, ?targets, "{} retargeted", C::PROGRAM);
+        info!(uid = %self.spec.log_id, ?targets, "{} retargeted", C::PROGRAM);
     }
 
     fn stats(&self) -> StatsSnapshot {
@@ -693,7 +703,7 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
         if C::COUNTERS {
             match self.compat.counters(&self.config) {
                 Ok(now) => *last = now,
-                Err(e) => debug!(uid = %self.spec.uid, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
+                Err(e) => debug!(uid = %self.spec.log_id, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
             }
         }
         *last
@@ -719,7 +729,7 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
             // Only now, with the programs gone, may the ports return to the pool.
             drop(listeners);
             drop(files);
-            debug!(uid = %self.spec.uid, "{} stopped and reaped; files removed", C::PROGRAM);
+            debug!(uid = %self.spec.log_id, "{} stopped and reaped; files removed", C::PROGRAM);
         })
     }
 }

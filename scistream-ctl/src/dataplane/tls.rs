@@ -292,6 +292,7 @@ async fn guarded<T>(limit: Duration, stats: &Stats, step: impl Future<Output = i
 
 impl Pump for TlsPump {
     const NAME: &'static str = "tls";
+    const KEYING: super::TunnelKeying = super::TunnelKeying::SessionKey;
 
     async fn relay(self: Arc<Self>, session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
         match session.side {
