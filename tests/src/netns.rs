@@ -322,7 +322,7 @@ impl Topology {
     }
 
     /// Turns GRO on for every veth end. XDP_REDIRECT into a veth only delivers when
-    /// the receiving end has NAPI (GRO or an XDP program), see TOOLCHAIN.md. Needs `ethtool`.
+    /// the receiving end has NAPI (GRO or an XDP program), see docs/toolchain.md. Needs `ethtool`.
     pub fn enable_gro(&self) -> Result<()> {
         self.ethtool_all("gro", "on")
     }

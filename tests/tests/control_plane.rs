@@ -1,5 +1,5 @@
 //! The control protocol against a real `s2cs`: SciStream 1.2's call
-//! sequences from a client written only from PROTOCOL.md, sessions isolated
+//! sequences from a client written only from docs/protocol.md, sessions isolated
 //! from each other, ports checked and returned, and every error code leaving
 //! a live session streaming.
 

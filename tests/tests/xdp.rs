@@ -11,7 +11,7 @@
 //! /sys/fs/bpf is for an s2cs run the usual way.
 //!
 //! Every veth end gets GRO (a veth only takes XDP-redirected frames when the
-//! receiving end has NAPI, see TOOLCHAIN.md) and sends complete checksums, as
+//! receiving end has NAPI, see docs/toolchain.md) and sends complete checksums, as
 //! a real wire does (see `Topology::complete_checksums`).
 
 mod common;

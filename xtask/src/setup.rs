@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::privilege;
 
-/// bpf-linker version known to build with the nightly's LLVM (TOOLCHAIN.md).
+/// bpf-linker version known to build with the nightly's LLVM (docs/toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every step; `packages` are the Debian packages this command needs.

@@ -567,7 +567,7 @@ pub fn closed_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-// The message layouts come from PROTOCOL.md, shared with the other tests' raw client.
+// The message layouts come from docs/protocol.md, shared with the other tests' raw client.
 pub use crate::common::raw::{
     AppResponse as AppResponseMsg, Hello as HelloMsg, Release as ReleaseMsg, Request as ReqMsg, Response as ResponseMsg,
     UpdateTargets as UpdateMsg,

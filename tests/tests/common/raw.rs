@@ -1,4 +1,4 @@
-//! A SciStream control client built only from PROTOCOL.md: message layouts
+//! A SciStream control client built only from docs/protocol.md: message layouts
 //! by field number, method paths by name. It shares no code with s2cs, so it
 //! checks the wire contract rather than our own generated types.
 
