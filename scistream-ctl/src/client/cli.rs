@@ -325,9 +325,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Release(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
             conn.release(&a.uid).await.map_err(|s| status_error(&conn.target, "release", &s))?;
-            if let (Ok(uid), Ok(dir)) = (crate::control::session::parse_uid(&a.uid), tunnel_keys::dir()) {
-                tunnel_keys::forget(&dir, &uid);
-            }
             if a.conn.json {
                 println!("{}", serde_json::json!({"uid": a.uid, "released": true}));
             } else {

@@ -14,6 +14,9 @@ use crate::control::tunnel_key::{hex, parse_hex_key, KEY_LEN};
 
 /// Keys older than this are removed at the next save: a session is set up
 /// on both gateways within minutes, and the gateways keep their copies.
+/// `release` leaves the key alone: releasing the outbound side and setting
+/// it up again elsewhere needs it, and a released inbound session's key
+/// opens nothing.
 const KEEP_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the store holds for a uid.
@@ -65,10 +68,6 @@ pub fn load(dir: &Path, uid: &str) -> Stored {
     }
 }
 
-pub fn forget(dir: &Path, uid: &str) {
-    let _ = fs::remove_file(file(dir, uid));
-}
-
 fn prune(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     let now = SystemTime::now();
@@ -85,7 +84,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_kept_private_per_uid_and_forgotten() {
+    fn keys_are_kept_private_per_uid() {
         let dir = std::env::temp_dir().join(format!("ss-tunnel-keys-{}", std::process::id())).join("tunnel-keys");
         let _ = fs::remove_dir_all(&dir);
         let (a, b) = ("0c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e", "1c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e");
@@ -97,8 +96,6 @@ mod tests {
         assert_eq!(load(&dir, a), Stored::Key(key));
         assert_eq!(load(&dir, b), Stored::NoKey);
         assert_eq!(load(&dir, "2c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e"), Stored::Missing);
-        forget(&dir, a);
-        assert_eq!(load(&dir, a), Stored::Missing);
         let _ = fs::remove_dir_all(dir.parent().unwrap());
     }
 }

@@ -1,6 +1,6 @@
 //! Shared by the integration tests: real `s2cs` daemons in the test bed's
 //! namespaces, `s2uc` runs with parsed `--json` output, and a gRPC client
-//! written only from PROTOCOL.md's field numbers (no code shared with s2cs).
+//! written only from docs/protocol.md's field numbers (no code shared with s2cs).
 #![allow(dead_code)]
 
 pub mod raw;
@@ -117,6 +117,8 @@ pub struct Outcome {
     pub uid: String,
     pub listeners: Vec<SocketAddr>,
     pub prod_listeners: Vec<SocketAddr>,
+    /// The session's tunnel key (hex), when the inbound gateway made one.
+    pub tunnel_key: Option<String>,
 }
 
 impl Outcome {
@@ -134,6 +136,7 @@ impl Outcome {
             uid: v["uid"].as_str().unwrap_or_else(|| panic!("no uid in {text}")).to_string(),
             listeners: addrs("listeners"),
             prod_listeners: addrs("prod_listeners"),
+            tunnel_key: v["tunnel_key"].as_str().map(str::to_string),
         }
     }
 }
