@@ -157,7 +157,7 @@ pub struct OutboundArgs {
     pub allowed_peers: Vec<String>,
     /// The session's tunnel key (64 hex digits) from inbound-request's --json
     /// output or its key file. Default: the key inbound-request kept for this
-    /// uid under this account (see `s2uc --help`); none for a session whose
+    /// uid under this account (~/.config/scistream/tunnel-keys/); none for a session whose
     /// inbound gateway made none (SciStream 1.2, StunnelSubprocess).
     #[arg(long = "tunnel_key", alias = "tunnel-key", env = "S2UC_TUNNEL_KEY", hide_env_values = true)]
     pub tunnel_key: Option<String>,
