@@ -4,7 +4,7 @@
 //! several buffers, a non-linear skb), so parsing code is written once.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, xdp_md},
+    bindings::__sk_buff,
     helpers::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
@@ -19,6 +19,11 @@ pub trait Frame {
 
     /// Length in bytes, every buffer included, L2 header included.
     fn len(&self) -> u64;
+
+    /// Never true for a packet a hook hands over; here for the `len` convention.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 
     /// Wire frames this packet stands for: 1, or the segment count of a
     /// GSO/GRO packet that tc sees whole.
@@ -44,7 +49,7 @@ impl Frame for XdpFrame<'_> {
         // (non-zero) when the frame ends before offset + N.
         let ret = unsafe {
             bpf_xdp_load_bytes(
-                self.0.ctx as *mut xdp_md,
+                self.0.ctx,
                 offset as u32,
                 buf.as_mut_ptr().cast(),
                 N as u32,
@@ -61,7 +66,7 @@ impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn len(&self) -> u64 {
         // SAFETY: a plain helper call on this program's own context.
-        unsafe { bpf_xdp_get_buff_len(self.0.ctx as *mut xdp_md) }
+        unsafe { bpf_xdp_get_buff_len(self.0.ctx) }
     }
 
     #[inline(always)]

@@ -317,6 +317,9 @@ fn guarded_splice_moves_64_mib_each_way(test: &str, mtu: u32, policy: &str) {
 
     let inbound = gin.inbound(gin_ns, producer.addr(), 1);
     let outbound = gout.outbound(gout_ns, &inbound, 1);
+    let status = gin.s2uc(gin_ns, "status", &[&inbound.uid, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    assert_eq!(status["guard_attach"], format!("veth-wan={expected_hook}"), "s2uc status names the guard's hook: {status}");
     let transfer = consume(topo.ns(Node::Consumer), outbound.listeners[0], BYTES, 0x9a7d).expect("64 MiB each way through the guarded gateways");
     let seen = producer.wait_for(1, Duration::from_secs(30)).expect("the producer's side of the connection");
     transfer.verify_with(&seen, BYTES).expect("both directions intact");

@@ -116,5 +116,6 @@ fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
         guard_dropped_packets: guard_dropped.packets,
         guard_dropped_bytes: guard_dropped.bytes,
         counters_available: Some(v.counters_observable),
+        guard_attach: registry.guard_hooks().iter().map(|(iface, hook)| format!("{iface}={hook}")).collect::<Vec<_>>().join(","),
     }
 }

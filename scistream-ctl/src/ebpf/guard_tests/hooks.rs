@@ -152,7 +152,10 @@ fn attached_at_tc_guards_real_traffic_and_detaches_on_drop() {
         let programs = tc_ingress_programs(&pair.gateway_if).unwrap();
         assert_eq!(programs, ["tc_guard"], "tc ingress of {}", pair.gateway_if);
         assert!(!pair.gateway_link().contains("xdp"), "tc attachment must leave XDP alone:\n{}", pair.gateway_link());
-        send_until_counted(&guard, socket, 16);
+        // At tc ingress the frame is counted from its Ethernet header on, as at XDP.
+        let (passed, dropped) = send_until_counted(&guard, socket, 100);
+        assert_eq!(passed.bytes, passed.packets * 142, "{passed:?}");
+        assert_eq!(dropped.bytes, dropped.packets * 142, "{dropped:?}");
         drop(guard);
         assert_eq!(tc_ingress_programs(&pair.gateway_if).unwrap(), Vec::<String>::new(), "tc program left attached after drop");
     });
