@@ -1,9 +1,12 @@
-//! Maps of the XDP guard: the program that lets only live sessions' traffic
-//! into the data port range. Ports are map keys in host byte order; the kernel
-//! side converts from the wire before looking them up.
+//! Maps of the guard: the program that lets only live sessions' traffic
+//! into the data port range, at XDP or at tc (one object, both entry points
+//! share these maps). Ports are map keys in host byte order; the kernel side
+//! converts from the wire before looking them up.
 
 /// Name of the XDP program in the object (the function name in `scistream-ebpf`).
 pub const PROGRAM: &str = "xdp_guard";
+/// Name of the tc (clsact ingress) program in the same object.
+pub const TC_PROGRAM: &str = "tc_guard";
 
 /// `Array<GuardConfig>`, one entry: the guarded range. All zero at load, so a
 /// freshly loaded guard passes everything until user space sets a range.
@@ -144,7 +147,8 @@ impl GuardConfig {
     }
 }
 
-/// Packets and bytes (whole frames as the driver saw them, L2 header included).
+/// Packets and bytes (whole frames as the driver saw them, L2 header included;
+/// at tc a GSO/GRO packet counts as its segments, its bytes as its length).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -161,7 +165,13 @@ impl Counters {
     /// Wrapping, because a panic path is not an option in the kernel program
     /// and a u64 of bytes does not wrap in practice.
     pub const fn count_frame(&mut self, len: u64) {
-        self.packets = self.packets.wrapping_add(1);
+        self.count_frames(1, len);
+    }
+
+    /// `frames` wire frames of `len` bytes in all: a GSO/GRO packet at tc
+    /// stands for several.
+    pub const fn count_frames(&mut self, frames: u64, len: u64) {
+        self.packets = self.packets.wrapping_add(frames);
         self.bytes = self.bytes.wrapping_add(len);
     }
 }

@@ -22,6 +22,7 @@ pub fn info_json(s: &SessionInfo) -> serde_json::Value {
         "bytes_forward": n(s.bytes_forward), "bytes_backward": n(s.bytes_backward),
         "auth_failures": s.auth_failures, "age_ms": s.age_ms, "owner": s.owner,
         "guard_dropped_packets": s.guard_dropped_packets, "guard_dropped_bytes": s.guard_dropped_bytes,
+        "guard_attach": s.guard_attach,
         "counters_observable": seen,
         "tunnel_secret": if s.tunnel_secret.is_empty() { serde_json::Value::Null } else { serde_json::json!(s.tunnel_secret) },
     })
@@ -111,6 +112,9 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     }
     if s.auth_failures > 0 {
         println!("refused:     {} tunnel peers failed the session proof", s.auth_failures);
+    }
+    if !s.guard_attach.is_empty() {
+        println!("guard:       on {}", s.guard_attach.replace('=', " at ").replace(',', ", "));
     }
     if s.guard_dropped_packets > 0 {
         println!("guard:       {} frames ({}) from peers not allowed, dropped", s.guard_dropped_packets, bytes(s.guard_dropped_bytes));

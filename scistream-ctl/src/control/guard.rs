@@ -1,7 +1,8 @@
-//! The XDP guard as the session registry sees it: a port is let through when
+//! The guard as the session registry sees it: a port is let through when
 //! a session reserves it and dropped again when the session goes. Set-up
-//! (which interfaces, whether the host can) happens once at start; a host
-//! that cannot run the guard gets a one-line warning and runs unguarded.
+//! (which interfaces, which hook on each, whether the host can) happens once
+//! at start; a host that cannot run the guard gets a one-line warning naming
+//! the interface and the reason, and runs unguarded.
 //! A session may name the peers it accepts (`Request.allowed_peers`); frames
 //! to its ports from anyone else are dropped and counted on that session.
 
@@ -16,7 +17,7 @@ use tracing::{info, warn};
 
 use super::error::ControlError;
 use crate::config::{BackendKind, ServerArgs};
-use crate::ebpf::{AttachMode, Counters, Guard, PeerNet};
+use crate::ebpf::{Counters, Guard, Hook, PeerNet};
 use scistream_common::guard::{MAX_ALLOWED_PORTS, MAX_PEER_NETS};
 
 /// Networks one session may name; keeps one caller from filling the
@@ -30,7 +31,8 @@ const PEERS_FILE: &str = "guard-peers.json";
 /// The running guard of one `s2cs`.
 pub struct PortGuard {
     state: Mutex<State>,
-    ifaces: Vec<String>,
+    /// Each data interface with the hook the guard runs at there.
+    hooks: Vec<(String, Hook)>,
     next_tag: AtomicU32,
     peers_file: PathBuf,
     /// `--keep_sessions`: a clean exit keeps the sessions, so their peers too.
@@ -68,7 +70,7 @@ impl PortGuard {
     /// it does not run (then `None`).
     pub fn start(args: &ServerArgs) -> Option<Self> {
         if !args.guard {
-            info!("XDP guard off (--guard false)");
+            info!("guard off (--guard false)");
             return None;
         }
         if args.backend == BackendKind::Xdp {
@@ -78,11 +80,12 @@ impl PortGuard {
         }
         match Self::try_start(args) {
             Ok(g) => {
-                info!(ifaces = ?g.ifaces, range = %args.port_range, "XDP guard attached: only live sessions' ports in the data range get through");
+                let at = hooks_text(&g.hooks);
+                info!(attach = %at, policy = ?args.ebpf_attach, range = %args.port_range, "guard attached ({at}): only live sessions' ports in the data range get through");
                 Some(g)
             }
             Err(reason) => {
-                warn!("XDP guard not running, data ports are unguarded: {reason}");
+                warn!("guard not running, data ports are unguarded: {reason}");
                 None
             }
         }
@@ -112,17 +115,17 @@ impl PortGuard {
         let mut guard = Guard::load().map_err(|e| error_chain(&e))?;
         guard.set_port_range(range.start, range.end).map_err(|e| error_chain(&e))?;
         for iface in &ifaces {
-            // Driver mode where the NIC has it; generic XDP works everywhere.
-            if let Err(driver) = guard.attach(iface, AttachMode::Driver) {
-                guard.attach(iface, AttachMode::Skb).map_err(|skb| {
-                    format!("{}; {}", error_chain(&driver), error_chain(&skb))
-                })?;
+            // Generic XDP is never tried: it copies every non-linear packet.
+            let attached = guard.attach(iface, args.ebpf_attach).map_err(|e| format!("on {iface}: {}", error_chain(&e)))?;
+            if let Some(refused) = attached.xdp_refused {
+                warn!(iface, hook = %attached.hook, "guard on {iface} at tc: XDP in driver mode was refused ({refused})");
             }
         }
+        let hooks = guard.attached();
         let peers_file = args.state_dir().join(PEERS_FILE);
         let restored_peers = load_peers(&peers_file);
         let state = State { guard, sessions: HashMap::new(), pending_peers: HashMap::new(), restored_peers };
-        Ok(Self { state: Mutex::new(state), ifaces, next_tag: AtomicU32::new(1), peers_file, keep_sessions: args.keep_sessions })
+        Ok(Self { state: Mutex::new(state), hooks, next_tag: AtomicU32::new(1), peers_file, keep_sessions: args.keep_sessions })
     }
 
     /// Writes the live sessions' peers (replacing the file whole, so a crash
@@ -160,7 +163,7 @@ impl PortGuard {
         }
         if state.peer_nets_in_use() + peers.len() > MAX_PEER_NETS as usize {
             return Err(ControlError::FailedPrecondition(format!(
-                "the XDP guard holds its maximum of {MAX_PEER_NETS} peer networks; release sessions or name fewer peers"
+                "the guard holds its maximum of {MAX_PEER_NETS} peer networks; release sessions or name fewer peers"
             )));
         }
         state.pending_peers.insert(uid.to_owned(), peers);
@@ -190,11 +193,11 @@ impl PortGuard {
         if let Some(e) = failed {
             // The session must stay reachable: rather open the range than
             // drop a live session's traffic.
-            warn!(?ports, error = %error_chain(&e), "cannot allow a session in the XDP guard; guard disabled");
+            warn!(?ports, error = %error_chain(&e), "cannot allow a session in the guard; guard disabled");
             let _ = guard.set_port_range(0, 0);
         }
         if !peers.is_empty() {
-            info!(?ports, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "XDP guard: session ports accept these peers only");
+            info!(?ports, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "guard: session ports accept these peers only");
         }
         sessions.insert(uid.to_owned(), Allowed { tag, ports: ports.to_vec(), peers });
         // A release does not rewrite the file (a --keep_sessions exit releases
@@ -214,7 +217,7 @@ impl PortGuard {
             let (_, s) = session;
             let dropped: Counters = s.ports.iter().filter_map(|&p| guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum();
             if !s.peers.is_empty() {
-                info!(ports = ?s.ports, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "XDP guard: frames from peers the session did not allow");
+                info!(ports = ?s.ports, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "guard: frames from peers the session did not allow");
             }
             // Ports before peers: no frame meets a restricted port whose peer
             // list is already gone.
@@ -248,20 +251,30 @@ impl PortGuard {
         self.lock().guard.dropped().unwrap_or_default()
     }
 
+    /// Each data interface with the hook the guard runs at there.
+    pub fn hooks(&self) -> &[(String, Hook)] {
+        &self.hooks
+    }
+
     /// Detaches from every interface (dropping the guard would too; this
     /// does it now, even while other tasks still hold the registry).
     pub fn detach(&self) {
         let mut state = self.lock();
-        for iface in &self.ifaces {
+        for (iface, _) in &self.hooks {
             let _ = state.guard.detach(iface);
         }
         let dropped = state.guard.dropped().unwrap_or_default();
-        info!(ifaces = ?self.ifaces, dropped_packets = dropped.packets, dropped_bytes = dropped.bytes, "XDP guard detached");
+        info!(attach = %hooks_text(&self.hooks), dropped_packets = dropped.packets, dropped_bytes = dropped.bytes, "guard detached");
         if !self.keep_sessions {
             // Every session is gone and forgotten: so are their peers.
             let _ = std::fs::remove_file(&self.peers_file);
         }
     }
+}
+
+/// `eth0: xdp, veth1: tc`, for logs.
+fn hooks_text(hooks: &[(String, Hook)]) -> String {
+    hooks.iter().map(|(iface, hook)| format!("{iface}: {hook}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The peers a previous run stored; a missing file is no peers, an unreadable
@@ -300,7 +313,7 @@ pub fn expect_peers(guard: Option<&PortGuard>, uid: &str, peers: &[String]) -> R
             return Ok(());
         }
         return Err(ControlError::FailedPrecondition(
-            "allowed_peers needs the XDP guard, which does not run on this gateway (s2cs --guard, root, not --type xdp)".into(),
+            "allowed_peers needs the guard, which does not run on this gateway (s2cs --guard, root, not --type xdp)".into(),
         ));
     };
     let nets = parse_peers(peers)?;

@@ -74,19 +74,27 @@ pub fn render(reg: &Registry) -> String {
     prom.register("scistream_session_connections", "Connections a session accepted", total);
     prom.register("scistream_session_connections_failed", "Connections that ended with an error", failed);
     prom.register("scistream_tunnel_auth_failures", "Tunnel peers refused (handshake or session proof)", refused);
-    prom.register("scistream_guard_session_dropped_packets", "Packets the XDP guard dropped at a session's ports from sources it does not allow", guard_session);
+    prom.register("scistream_guard_session_dropped_packets", "Packets the guard dropped at a session's ports from sources it does not allow", guard_session);
     prom.register(
         "scistream_session_counters_available",
         "1 when the session's byte and connection series are real; 0 when its backend's program moves the bytes out of s2cs's sight (StunnelSubprocess) and they are omitted",
         available,
     );
+    let hooks = reg.guard_hooks();
+    if !hooks.is_empty() {
+        let attached = Family::<Vec<(&str, String)>, Gauge>::default();
+        for (iface, hook) in hooks {
+            attached.get_or_create(&vec![("program", "guard".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        }
+        prom.register("scistream_ebpf_attached", "1 for each eBPF program on each data interface, with the hook it runs at (xdp: driver mode, tc: clsact)", attached);
+    }
     if let Some(d) = reg.guard_dropped() {
         let packets = Counter::<u64, AtomicU64>::default();
         packets.inc_by(d.packets);
         let dropped_bytes = Counter::<u64, AtomicU64>::default();
         dropped_bytes.inc_by(d.bytes);
-        prom.register("scistream_guard_dropped_packets", "Packets the XDP guard dropped on the data port range", packets);
-        prom.register("scistream_guard_dropped_bytes", "Bytes the XDP guard dropped on the data port range", dropped_bytes);
+        prom.register("scistream_guard_dropped_packets", "Packets the guard dropped on the data port range", packets);
+        prom.register("scistream_guard_dropped_bytes", "Bytes the guard dropped on the data port range", dropped_bytes);
     }
     if let Some(drops) = crate::dataplane::xdp::nat_drops() {
         let (packets, nat_bytes) = (Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(), Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default());

@@ -136,5 +136,6 @@ fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
         guard_dropped_bytes: guard_dropped.bytes,
         counters_available: Some(v.counters_observable),
         tunnel_secret: v.secret.as_str().into(),
+        guard_attach: registry.guard_hooks().iter().map(|(iface, hook)| format!("{iface}={hook}")).collect::<Vec<_>>().join(","),
     }
 }

@@ -669,6 +669,12 @@ impl Registry {
         self.guard.as_ref().map(|g| g.dropped())
     }
 
+    /// Where the guard runs: each data interface with its hook (`xdp`/`tc`);
+    /// empty when it does not run.
+    pub fn guard_hooks(&self) -> Vec<(String, crate::ebpf::Hook)> {
+        self.guard.as_ref().map(|g| g.hooks().to_vec()).unwrap_or_default()
+    }
+
     /// Frames the XDP guard dropped at a session's ports for their source
     /// (see `Request.allowed_peers`); `None` when the guard is not running.
     pub fn guard_session_dropped(&self, uid: &str) -> Option<Counters> {

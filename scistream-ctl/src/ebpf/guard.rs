@@ -1,18 +1,21 @@
-//! The XDP guard (`scistream-ebpf/src/bin/xdp-guard.rs`): on the data port
-//! range only the ports of live sessions pass, the rest is dropped at the
-//! driver; it counts what passes per port and what it drops, by reason.
-//! A port may also be restricted to its session's peer networks: frames from
-//! other sources are dropped and counted on that port.
+//! The guard (`scistream-ebpf/src/bin/xdp-guard.rs`): on the data port
+//! range only the ports of live sessions pass, the rest is dropped; it counts
+//! what passes per port and what it drops, by reason. A port may also be
+//! restricted to its session's peer networks: frames from other sources are
+//! dropped and counted on that port. One object with two entry points that
+//! share the maps: XDP in driver mode (physical NICs) and tc ingress (virtual
+//! interfaces, or where driver mode is refused); each interface gets one.
 //!
 //! ```no_run
-//! use scistream_ctl::ebpf::{AttachMode, Guard};
+//! use scistream_ctl::ebpf::{AttachPolicy, Guard};
 //!
 //! let mut guard = Guard::load()?;
 //! guard.set_port_range(5100, 5200)?;
 //! guard.allow_port(5101, 7)?; // session tag 7, any source
 //! guard.allow_peer(8, &"192.0.2.0/24".parse().unwrap())?;
 //! guard.allow_port_from_peers(5102, 8)?; // session tag 8, 192.0.2.0/24 only
-//! guard.attach("eth0", AttachMode::Driver)?;
+//! let attached = guard.attach("eth0", AttachPolicy::Auto)?;
+//! println!("guard on eth0 at {}", attached.hook);
 //! // ... later, when the session is released:
 //! let final_counts = guard.deny_port(5101)?;
 //! # Ok::<(), scistream_ctl::ebpf::EbpfError>(())
@@ -23,7 +26,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
-    programs::{xdp::XdpLinkId, XdpMode},
+    programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId, TcAttachType, XdpMode},
     Ebpf,
 };
 use scistream_common::guard::{
@@ -32,6 +35,7 @@ use scistream_common::guard::{
 };
 use std::net::IpAddr;
 
+use super::attach::{self, AttachPolicy, Hook};
 use super::{map_error, EbpfError};
 
 const OBJECT: &str = "xdp-guard";
@@ -41,6 +45,9 @@ static OBJECT_BYTES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Return values of an XDP program (uapi `enum xdp_action`).
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+/// Return values of the tc program: TC_ACT_UNSPEC (tcx "next"), TC_ACT_SHOT.
+const TC_NEXT: u32 = -1i32 as u32;
+const TC_SHOT: u32 = 2;
 
 /// Where the program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,27 +73,45 @@ impl From<AttachMode> for XdpMode {
 pub enum Verdict {
     Pass,
     Drop,
-    /// Any other XDP action; the guard never returns one.
+    /// Any other return value; the guard never returns one.
     Other(u32),
+}
+
+/// Where [`Guard::attach`] put the guard on one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub hook: Hook,
+    /// Why XDP in driver mode, which the policy preferred, was refused
+    /// (then the hook is tc); for the operator's warning.
+    pub xdp_refused: Option<String>,
+}
+
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
 }
 
 /// The loaded guard. Dropping it detaches it from every interface and
 /// unloads it.
 pub struct Guard {
-    /// Owns the program and its links (attachments).
+    /// Owns the programs and their links (attachments).
     ebpf: Ebpf,
     config: Array<MapData, GuardConfig>,
     allowed: HashMap<MapData, u16, AllowedPort>,
     stats: PerCpuHashMap<MapData, u16, PortCounters>,
     drops: PerCpuArray<MapData, Counters>,
     peers: LpmTrie<MapData, PeerKey, u8>,
-    attached: Vec<(String, XdpLinkId)>,
+    attached: Vec<(String, Link)>,
     possible_cpus: usize,
 }
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ifaces: Vec<&str> = self.attached.iter().map(|(i, _)| i.as_str()).collect();
+        let ifaces: Vec<String> = self
+            .attached()
+            .into_iter()
+            .map(|(i, h)| format!("{i}:{h}"))
+            .collect();
         f.debug_struct("Guard")
             .field("attached", &ifaces)
             .finish_non_exhaustive()
@@ -94,12 +119,15 @@ impl std::fmt::Debug for Guard {
 }
 
 impl Guard {
-    /// Loads the program into the kernel, not yet attached anywhere. Its range
-    /// starts disabled (0-0): it passes everything until
+    /// Loads both entry points into the kernel, not yet attached anywhere.
+    /// Its range starts disabled (0-0): it passes everything until
     /// [`set_port_range`](Self::set_port_range).
     pub fn load() -> Result<Self, EbpfError> {
         let (mut ebpf, possible_cpus) = super::load_object(OBJECT_BYTES, OBJECT)?;
         super::load_xdp(&mut ebpf, OBJECT, layout::PROGRAM)?;
+        attach::classifier_mut(&mut ebpf, OBJECT, layout::TC_PROGRAM)?
+            .load()
+            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
         Ok(Self {
             config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
             allowed: take_map(&mut ebpf, layout::ALLOWED_MAP)?,
@@ -112,11 +140,62 @@ impl Guard {
         })
     }
 
-    /// Attaches to `iface`; may be called for several interfaces.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
-        let link = super::attach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, iface, mode)?;
+    /// Attaches to `iface` where `policy` asks ([`attach::preferred_hook`]:
+    /// tc on virtual interfaces, XDP in driver mode on the others). When
+    /// driver mode is refused, the guard goes to tc instead and the answer
+    /// says why. Generic (skb) XDP is never used. May be called for several
+    /// interfaces.
+    pub fn attach(&mut self, iface: &str, policy: AttachPolicy) -> Result<Attached, EbpfError> {
+        match attach::preferred_hook(iface, policy) {
+            Hook::Tc => {
+                self.attach_at(iface, Hook::Tc)?;
+                Ok(Attached { hook: Hook::Tc, xdp_refused: None })
+            }
+            Hook::XdpDriver => match self.attach_at(iface, Hook::XdpDriver) {
+                Ok(()) => Ok(Attached { hook: Hook::XdpDriver, xdp_refused: None }),
+                Err(refused) => {
+                    let reason = crate::error_chain(&refused);
+                    self.attach_at(iface, Hook::Tc)?;
+                    Ok(Attached { hook: Hook::Tc, xdp_refused: Some(reason) })
+                }
+            },
+        }
+    }
+
+    /// Attaches to `iface` at exactly `hook`, with no fallback.
+    pub fn attach_at(&mut self, iface: &str, hook: Hook) -> Result<(), EbpfError> {
+        let link = match hook {
+            Hook::XdpDriver => Link::Xdp(super::attach_xdp(
+                &mut self.ebpf,
+                OBJECT,
+                layout::PROGRAM,
+                iface,
+                AttachMode::Driver,
+            )?),
+            Hook::Tc => Link::Tc(attach::attach_tc(
+                &mut self.ebpf,
+                OBJECT,
+                layout::TC_PROGRAM,
+                iface,
+                TcAttachType::Ingress,
+            )?),
+        };
         self.attached.push((iface.to_owned(), link));
         Ok(())
+    }
+
+    /// Every interface the guard is on, with its hook, in attach order.
+    pub fn attached(&self) -> Vec<(String, Hook)> {
+        self.attached
+            .iter()
+            .map(|(iface, link)| {
+                let hook = match link {
+                    Link::Xdp(_) => Hook::XdpDriver,
+                    Link::Tc(_) => Hook::Tc,
+                };
+                (iface.clone(), hook)
+            })
+            .collect()
     }
 
     pub fn detach(&mut self, iface: &str) -> Result<(), EbpfError> {
@@ -128,8 +207,12 @@ impl Guard {
                 program: layout::PROGRAM,
                 iface: iface.to_owned(),
             })?;
-        let (_, link) = self.attached.swap_remove(position);
-        super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link)
+        match self.attached.swap_remove(position).1 {
+            Link::Xdp(link) => super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link),
+            Link::Tc(link) => attach::classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?
+                .detach(link)
+                .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source }),
+        }
     }
 
     /// Guards destination ports `lo..=hi`; `0, 0` disables the guard.
@@ -301,17 +384,87 @@ impl Guard {
         Ok(super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, repeat)?.duration)
     }
 
-    /// Runs the program once on `frame` inside the kernel (BPF_PROG_TEST_RUN),
-    /// with no interface involved; maps and counters change as for a received
-    /// frame. For tests and start-up self checks.
+    /// Runs the XDP program once on `frame` inside the kernel
+    /// (BPF_PROG_TEST_RUN), with no interface involved; maps and counters
+    /// change as for a received frame. For tests and start-up self checks.
     pub fn run_on_frame(&self, frame: &[u8]) -> Result<Verdict, EbpfError> {
         let result = super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, 1)?;
+        Ok(xdp_verdict(result.return_value))
+    }
+
+    /// Like [`run_on_frame`](Self::run_on_frame), on a multi-buffer frame:
+    /// the first `linear` bytes in the first buffer, the rest in page-sized
+    /// fragments, as a NIC with jumbo frames hands them over.
+    pub fn run_on_multibuffer_frame(&self, frame: &[u8], linear: u32) -> Result<Verdict, EbpfError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex. data_end below the input size
+        // makes the kernel put the rest into fragments.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&linear.to_ne_bytes());
+        let options = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::new() };
+        let result = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?
+            .test_run(options)
+            .map_err(|source| EbpfError::Program { program: layout::PROGRAM, source })?;
+        Ok(xdp_verdict(result.return_value))
+    }
+
+    /// Runs the tc program once on `packet` (starting at its Ethernet
+    /// header) inside the kernel, as a GSO packet of `(segment size,
+    /// segments)` when `gso` is given. The kernel builds a linear skb of at
+    /// most a page (less head- and tailroom) for it.
+    pub fn run_on_skb(&self, packet: &[u8], gso: Option<(u32, u32)>) -> Result<Verdict, EbpfError> {
+        use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+        let ctx = skb_context(gso);
+        let options = TestRunOptions { data_in: Some(packet), ctx_in: Some(&ctx), ..TestRunOptions::new() };
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(layout::TC_PROGRAM)
+            .ok_or(EbpfError::Missing { object: OBJECT, kind: "program", name: layout::TC_PROGRAM })?
+            .try_into()
+            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
+        let result = program
+            .test_run(options)
+            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
         Ok(match result.return_value {
-            XDP_PASS => Verdict::Pass,
-            XDP_DROP => Verdict::Drop,
+            TC_NEXT => Verdict::Pass,
+            TC_SHOT => Verdict::Drop,
             other => Verdict::Other(other),
         })
     }
+}
+
+/// Names of the programs on `iface`'s tc ingress (tcx links, kernel 6.6+),
+/// in the order they run: what the kernel reports, for tests and diagnostics.
+pub fn tc_ingress_programs(iface: &str) -> Result<Vec<String>, EbpfError> {
+    let program = "tcx query";
+    let (_, programs) = aya::programs::SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        .map_err(|source| EbpfError::Program { program, source })?;
+    Ok(programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect())
+}
+
+fn xdp_verdict(return_value: u32) -> Verdict {
+    match return_value {
+        XDP_PASS => Verdict::Pass,
+        XDP_DROP => Verdict::Drop,
+        other => Verdict::Other(other),
+    }
+}
+
+/// `struct __sk_buff` (uapi, 192 bytes) as BPF_PROG_TEST_RUN's ctx_in: the
+/// kernel takes only a few fields from it and wants the others zero.
+fn skb_context(gso: Option<(u32, u32)>) -> Vec<u8> {
+    const GSO_SEGS: usize = 164;
+    const GSO_SIZE: usize = 176;
+    let mut ctx = vec![0u8; 192];
+    if let Some((size, segs)) = gso {
+        ctx[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
+        ctx[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
+    }
+    ctx
 }
 
 /// A source network a session accepts: an address and a prefix length,

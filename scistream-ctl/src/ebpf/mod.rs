@@ -11,7 +11,7 @@ mod nat;
 mod sockmap;
 
 pub use attach::{attach_tc, is_virtual, preferred_hook, AttachPolicy, Hook};
-pub use guard::{AttachMode, Guard, PeerNet, Verdict};
+pub use guard::{tc_ingress_programs, AttachMode, Attached, Guard, PeerNet, Verdict};
 pub use nat::{ensure_bpffs, Action, Nat};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
