@@ -95,6 +95,13 @@ pub fn render(reg: &Registry) -> String {
         prom.register("scistream_xdp_nat_dropped_packets", "Frames the xdp backend's NAT dropped, by reason", packets);
         prom.register("scistream_xdp_nat_dropped_bytes", "Bytes the xdp backend's NAT dropped, by reason", nat_bytes);
     }
+    if let Some(hooks) = crate::dataplane::xdp::nat_hooks() {
+        let attached = Family::<Vec<(&str, String)>, Gauge>::default();
+        for (iface, hook) in hooks {
+            attached.get_or_create(&vec![("program", "nat".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        }
+        prom.register("scistream_ebpf_attached", "1 for each interface an eBPF program is attached to, by hook (xdp: driver mode; tc: clsact)", attached);
+    }
     process_metrics(&mut prom);
     let mut out = String::new();
     // Writing into a String cannot fail.
