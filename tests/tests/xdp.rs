@@ -793,6 +793,10 @@ fn xdp_reports_open_connections_from_its_flows_and_nat_drops_in_metrics() {
         page.contains("scistream_xdp_nat_dropped_packets_total{reason=\"over_rate\"} 0"),
         "{page}"
     );
+    for iface in ["veth-clan", "veth-wan"] {
+        let series = format!("scistream_ebpf_attached{{program=\"nat\",iface=\"{iface}\",hook=\"tc\"}} 1");
+        assert!(page.contains(&series), "no {series}:\n{page}");
+    }
 }
 
 /// One echo round on a fresh connection through `listener`.
