@@ -1,11 +1,15 @@
-//! Maps of the XDP NAT (`xdp` backend): the program that translates each
-//! session's TCP flows at the driver (DNAT to the target, SNAT to the
-//! gateway, reversed on the way back) and guards the data port range like the
-//! XDP guard. Addresses are kept as the four bytes on the wire; ports are in
-//! host byte order (the kernel side converts).
+//! Maps of the eBPF NAT (`ebpf` backend, also spelled `xdp`): the program
+//! that translates each session's TCP flows in the kernel (DNAT to the
+//! target, SNAT to the gateway, reversed on the way back) and guards the data
+//! port range like the guard. One object holds it twice, as an XDP program
+//! (physical NICs) and a tc classifier (virtual interfaces); both share these
+//! maps. Addresses are kept as the four bytes on the wire; ports are in host
+//! byte order (the kernel side converts).
 
 /// Name of the XDP program in the object (the function name in `scistream-ebpf`).
 pub const PROGRAM: &str = "xdp_nat";
+/// Name of the tc (clsact ingress) form of the same NAT.
+pub const TC_PROGRAM: &str = "tc_nat";
 
 /// `Array<NatConfig>`, one entry. All zero at load: the program passes
 /// everything untouched until user space sets the ranges.
@@ -42,7 +46,7 @@ pub const MAPS: [&str; 7] = [
 ];
 /// Changes whenever a map's key or value layout does: pinned maps of another
 /// layout are never adopted (the pin directory is named with it).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Capacity of the services and per-session counter maps (per-CPU maps are
 /// preallocated for every CPU: 4096 x 40 bytes per CPU).
@@ -54,8 +58,18 @@ pub const MAX_FLOW_ENTRIES: u32 = 131_072;
 /// Random source ports tried for a new flow before giving up on it.
 pub const PORT_TRIES: u32 = 8;
 
+/// Seconds a flow may stay silent before its entries are freed (RFC 5382,
+/// REQ-5: an established connection's idle timeout must be at least 2 h 4 min).
+pub const IDLE_S: u32 = 7440;
+/// Seconds a closed flow (FIN each way, or a reset) keeps its entries after
+/// its last frame: the last ACK and retransmitted FINs still get translated.
+pub const LINGER_S: u16 = 2;
+/// Seconds a flow whose reply direction never carried a frame (a SYN nobody
+/// answered) keeps its entries (conntrack's SYN_SENT timeout is 120).
+pub const UNANSWERED_S: u16 = 30;
+
 /// The guarded data range and the source ports the NAT may use, inclusive,
-/// host byte order.
+/// host byte order; and how long flows live (see [`NatConfig::expired`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatConfig {
@@ -63,6 +77,9 @@ pub struct NatConfig {
     pub data_hi: u16,
     pub nat_lo: u16,
     pub nat_hi: u16,
+    pub idle_s: u32,
+    pub linger_s: u16,
+    pub unanswered_s: u16,
 }
 
 impl NatConfig {
@@ -81,6 +98,20 @@ impl NatConfig {
     /// Whether `port` is one the NAT hands out as a source port.
     pub const fn is_nat_port(&self, port: u16) -> bool {
         self.is_enabled() && self.nat_lo <= port && port <= self.nat_hi
+    }
+
+    /// Whether the flow with entries `a` and `b` (its two directions) has
+    /// ended at `now_s` (seconds, the clock of [`Rewrite::seen_s`]): closed
+    /// and quiet for `linger_s`, never answered for `unanswered_s`, or
+    /// silent for `idle_s`. Its entries may then be freed and its source
+    /// port handed out again.
+    pub const fn expired(&self, a: &Rewrite, b: &Rewrite, now_s: u32) -> bool {
+        let seen = if a.seen_s > b.seen_s { a.seen_s } else { b.seen_s };
+        let quiet = now_s.saturating_sub(seen);
+        let answered = (a.flags | b.flags) & Rewrite::ANSWERED != 0;
+        (a.closed_with(b) && quiet >= self.linger_s as u32)
+            || (!answered && quiet >= self.unanswered_s as u32)
+            || quiet >= self.idle_s
     }
 
     /// Number of source ports the NAT may hand out (0 when disabled).
@@ -194,7 +225,8 @@ pub struct Rewrite {
     /// [`Rewrite::FORWARD`] (towards the target) or [`Rewrite::BACKWARD`].
     pub direction: u8,
     /// [`Rewrite::FIN_SEEN`] and [`Rewrite::RST_SEEN`]: this direction's end
-    /// of the connection, as far as the program saw it.
+    /// of the connection, as far as the program saw it; [`Rewrite::ANSWERED`]
+    /// once the reply direction carried a frame.
     pub flags: u8,
     /// The service's tag when the flow was created.
     pub tag: u32,
@@ -208,7 +240,11 @@ impl Rewrite {
     pub const FORWARD: u8 = 0;
     pub const BACKWARD: u8 = 1;
     pub const FIN_SEEN: u8 = 1;
+    /// Cleared again by the next frame of the same direction without one:
+    /// a reset whose sender goes on was forged or refused, not an end.
     pub const RST_SEEN: u8 = 2;
+    /// Set on the backward entry by its first frame (the SYN-ACK).
+    pub const ANSWERED: u8 = 4;
 
     /// The key of the other direction's entry of the same flow: what its
     /// frames carry after this direction's rewrite is undone.
@@ -351,7 +387,7 @@ impl Event {
 }
 
 // Both sides copy these as raw bytes: no hidden padding allowed.
-const _: () = assert!(core::mem::size_of::<NatConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Rewrite>() == 24);
@@ -391,6 +427,7 @@ mod tests {
             data_hi: 5200,
             nat_lo: 61000,
             nat_hi: 61009,
+            ..Default::default()
         };
         assert!(c.guards(5100) && c.guards(5200));
         assert!(!c.guards(5099) && !c.guards(5201));
@@ -439,5 +476,29 @@ mod tests {
         );
         assert!(r(Rewrite::FIN_SEEN).closed_with(&r(Rewrite::FIN_SEEN)));
         assert!(r(0).closed_with(&r(Rewrite::RST_SEEN)));
+    }
+
+    #[test]
+    fn flows_expire_after_linger_when_closed_unanswered_or_idle_otherwise() {
+        let c = NatConfig {
+            idle_s: IDLE_S,
+            linger_s: LINGER_S,
+            unanswered_s: UNANSWERED_S,
+            ..Default::default()
+        };
+        let at = |seen_s, flags| Rewrite {
+            seen_s,
+            flags,
+            ..Default::default()
+        };
+        let open = (at(100, 0), at(90, Rewrite::ANSWERED));
+        assert!(!c.expired(&open.0, &open.1, 100 + UNANSWERED_S as u32 + 1));
+        assert!(c.expired(&open.0, &open.1, 100 + IDLE_S));
+        let closed = (at(100, Rewrite::FIN_SEEN), at(100, Rewrite::FIN_SEEN | Rewrite::ANSWERED));
+        assert!(!c.expired(&closed.0, &closed.1, 101));
+        assert!(c.expired(&closed.0, &closed.1, 100 + LINGER_S as u32));
+        let unanswered = (at(100, 0), at(100, 0));
+        assert!(!c.expired(&unanswered.0, &unanswered.1, 100 + UNANSWERED_S as u32 - 1));
+        assert!(c.expired(&unanswered.0, &unanswered.1, 100 + UNANSWERED_S as u32));
     }
 }

@@ -27,7 +27,8 @@ pub enum BackendKind {
     StunnelSubprocess,
     /// The real HAProxy per session (plaintext TCP), as SciStream 1.2.
     HaproxySubprocess,
-    /// Plaintext, not terminated: an XDP NAT rewrites and redirects frames.
+    /// Plaintext, not terminated: an eBPF NAT (XDP or tc per interface)
+    /// rewrites packets and sends them on.
     Xdp,
 }
 
@@ -40,10 +41,11 @@ impl FromStr for BackendKind {
             "stunnelsubprocess" => Ok(Self::StunnelSubprocess),
             "haproxysubprocess" => Ok(Self::HaproxySubprocess),
             "sockmap" => Ok(Self::Sockmap),
-            "xdp" => Ok(Self::Xdp),
+            // The eBPF NAT: XDP on NICs, tc on virtual interfaces.
+            "xdp" | "ebpf" => Ok(Self::Xdp),
             other => Err(format!(
                 "unknown --type {other:?}; choose tls (default; also Stunnel), splice (also Haproxy, Nginx), \
-                 sockmap or xdp (need root), StunnelSubprocess or HaproxySubprocess (run the real programs)"
+                 sockmap or xdp (also ebpf; need root), StunnelSubprocess or HaproxySubprocess (run the real programs)"
             )),
         }
     }
@@ -297,6 +299,8 @@ mod tests {
             ("nginx", BackendKind::Splice),
             ("splice", BackendKind::Splice),
             ("SockMap", BackendKind::Sockmap),
+            ("xdp", BackendKind::Xdp),
+            ("eBPF", BackendKind::Xdp),
         ] {
             assert_eq!(name.parse::<BackendKind>().unwrap(), kind, "{name}");
         }

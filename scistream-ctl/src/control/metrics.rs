@@ -80,12 +80,19 @@ pub fn render(reg: &Registry) -> String {
         "1 when the session's byte and connection series are real; 0 when its backend's program moves the bytes out of s2cs's sight (StunnelSubprocess) and they are omitted",
         available,
     );
-    let hooks = reg.guard_hooks();
-    if !hooks.is_empty() {
-        let attached = Family::<Vec<(&str, String)>, Gauge>::default();
-        for (iface, hook) in hooks {
-            attached.get_or_create(&vec![("program", "guard".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
-        }
+    // One family for every program's hooks: the guard's and the NAT's series
+    // share the name, so a scrape never sees it registered twice.
+    let attached = Family::<Vec<(&str, String)>, Gauge>::default();
+    let mut any_attached = false;
+    for (iface, hook) in reg.guard_hooks() {
+        attached.get_or_create(&vec![("program", "guard".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        any_attached = true;
+    }
+    for (iface, hook) in crate::dataplane::xdp::nat_hooks().unwrap_or_default() {
+        attached.get_or_create(&vec![("program", "nat".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        any_attached = true;
+    }
+    if any_attached {
         prom.register("scistream_ebpf_attached", "1 for each eBPF program on each data interface, with the hook it runs at (xdp: driver mode, tc: clsact)", attached);
     }
     if let Some(d) = reg.guard_dropped() {

@@ -1,24 +1,32 @@
-//! `xdp` backend: the gateway is a NAT at the driver, TCP is not terminated.
-//! The XDP program (`ebpf::Nat`) on every data interface rewrites each
+//! `xdp` backend: the gateway is a NAT in the kernel, TCP is not terminated.
+//! The eBPF NAT (`ebpf::Nat`) on every data interface rewrites each
 //! session's flows (consumer -> listener becomes gateway -> target, replies
-//! the other way) and redirects them, so one TCP connection runs end to end
+//! the other way) and sends them on, so one TCP connection runs end to end
 //! from the consumer through both gateways to the producer. The session's
 //! listeners stay bound only to keep their ports reserved; no byte reaches them.
+//! Per interface (`--ebpf_attach`, default auto): XDP in driver mode on NICs,
+//! tc on virtual interfaces (veth...), where XDP would strip GSO from the peer.
 //!
-//! What the host needs: root (BPF, XDP), IPv4 targets, and for frames the
-//! program cannot redirect (no neighbour entry yet, an egress interface it is
-//! not attached to) the kernel's forwarding: `net.ipv4.ip_forward=1`,
+//! What the host needs: root (BPF), IPv4 targets, and for packets the
+//! program cannot send itself (no route, an XDP egress it is not attached to)
+//! the kernel's forwarding: `net.ipv4.ip_forward=1`,
 //! `accept_local=1` on the data interfaces (a translated frame carries this
 //! host's address as its source; set here and restored at exit) and no strict
-//! rp_filter. A veth only takes redirected frames when its peer has NAPI (GRO
-//! on, or an XDP program attached).
+//! rp_filter. On XDP interfaces: a veth only takes XDP-redirected frames when
+//! its peer has NAPI (GRO on, or an XDP program attached), and XDP sees a
+//! CHECKSUM_PARTIAL packet's unfinished checksum (tc has neither limit).
+//!
+//! Flows end: the program frees a finished flow's source port for the next
+//! SYN that draws it, and a sweeper here frees the entries of flows that
+//! ended (FIN each way or a reset, then 2 s quiet; unanswered 30 s; idle
+//! 2 h 4 min), so a session takes connections for its whole life.
 //!
 //! Restart without loss: the program's links and maps are pinned under
 //! `/sys/fs/bpf/scistream/` (one directory per state directory), so flows
 //! keep being translated while s2cs is down. The next start adopts them when
-//! the state directory holds xdp sessions to restore (a session gets the tag
-//! of its uid, so its restored services find their flows again), and removes
-//! them otherwise. A clean exit detaches and unpins everything, unless
+//! the state directory holds xdp sessions to restore (a restored session gets
+//! back the tag its adopted services carry, so they find their flows again;
+//! new sessions get a tag no live one holds), and removes them otherwise. A clean exit detaches and unpins everything, unless
 //! `--keep_sessions`, which leaves the program guarding the data range.
 //!
 //! `--enforce_rate`: each session's TCP payload is policed per direction at
@@ -38,7 +46,7 @@ use tracing::{info, warn};
 
 use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot};
 use crate::config::{PortRange, ServerArgs};
-use crate::ebpf::{ensure_bpffs, AttachMode, EbpfError, Nat};
+use crate::ebpf::{ensure_bpffs, EbpfError, Hook, Nat};
 use crate::error_chain;
 
 const NAME: &str = "xdp";
@@ -68,6 +76,9 @@ const OPEN_IDLE_S: u32 = 120;
 /// restore runs right after start, before the control port opens.
 const ADOPTION_GRACE: Duration = Duration::from_secs(10);
 
+/// How often the sweeper frees the entries of ended flows.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// The NAT of the running backend, for the host-wide metrics.
 static METRICS_NAT: Mutex<Weak<Mutex<Nat>>> = Mutex::new(Weak::new());
 
@@ -76,6 +87,8 @@ pub struct XdpBackend {
     open: Arc<OpenFlows>,
     /// Adopted services whose session has not come back yet.
     unclaimed: Arc<Mutex<HashSet<u16>>>,
+    /// Session tags: adopted ones by uid, and the allocator of new ones.
+    tags: Arc<Mutex<Tags>>,
     enforce_rate: bool,
     /// --keep_sessions: the pins stay at a clean exit.
     keep_pins: bool,
@@ -129,14 +142,17 @@ impl XdpBackend {
         }
         let mut nat = Nat::load_pinned(&dir).map_err(ebpf)?;
         let mut unclaimed = HashSet::new();
+        let mut tags = Tags::new();
         if nat.adopted() {
-            unclaimed = adopt(&mut nat, &stored).map_err(ebpf)?;
+            (unclaimed, tags.adopted) = adopt(&mut nat, &stored).map_err(ebpf)?;
         }
         nat.set_ranges((args.port_range.start, args.port_range.end), nat_range)
             .map_err(ebpf)?;
         for iface in &ifaces {
-            attach(&mut nat, iface).map_err(unsupported)?;
+            nat.attach_with(iface, args.ebpf_attach)
+                .map_err(|e| unsupported(format!("cannot attach the NAT to {iface}: {}", error_chain(&e))))?;
         }
+        let hooks = hooks_text(&nat);
         let gone = nat.unpin_other_links().map_err(ebpf)?;
         if !gone.is_empty() {
             info!(ifaces = ?gone, "detached the xdp NAT from interfaces no longer in use");
@@ -146,15 +162,17 @@ impl XdpBackend {
         if !ip_forwarding() {
             warn!("net.ipv4.ip_forward is 0: frames the XDP program cannot redirect itself (no neighbour entry yet) are dropped by the kernel");
         }
-        info!(ifaces = ?ifaces, data_range = %args.port_range, nat_ports = ?nat_range, pins = %dir.display(), "xdp NAT attached; it also guards the data range");
+        info!(ifaces = ?ifaces, %hooks, policy = ?args.ebpf_attach, data_range = %args.port_range, nat_ports = ?nat_range, pins = %dir.display(), "xdp NAT attached; it also guards the data range");
         let nat = Arc::new(Mutex::new(nat));
         *METRICS_NAT.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&nat);
         let unclaimed = Arc::new(Mutex::new(unclaimed));
         sweep_unclaimed_after(ADOPTION_GRACE, Arc::downgrade(&nat), unclaimed.clone());
+        sweep_ended_flows(SWEEP_EVERY, Arc::downgrade(&nat));
         Ok(Self {
             nat,
             open: Arc::default(),
             unclaimed,
+            tags: Arc::new(Mutex::new(tags)),
             enforce_rate: args.enforce_rate,
             keep_pins: args.keep_sessions,
             accept_local,
@@ -205,16 +223,50 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A session's service tag, from its uid: the same after a restart, so the
-/// restored services match the flows the program kept translating.
-fn tag_of(uid: &str) -> u32 {
-    let h = fnv1a(uid.as_bytes());
-    ((h >> 32) as u32 ^ h as u32).max(1)
+/// Session tags. A tag tells a session's flows from those of an earlier
+/// holder of the same port, and keys its rate bucket, so two live sessions
+/// never share one: new ones come from a counter (random start, so a restart
+/// does not replay the last run's) skipping the tags in use.
+struct Tags {
+    next: u32,
+    live: HashSet<u32>,
+    /// Tags of adopted services, by the uid of the stored session.
+    adopted: HashMap<String, u32>,
 }
 
-/// The xdp sessions with targets stored in `state_dir`: their tags and
-/// listener ports. The store is closed again before the server opens it.
-fn stored_sessions(state_dir: &Path) -> HashMap<u16, u32> {
+impl Tags {
+    fn new() -> Self {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+            .unwrap_or(1);
+        Self { next: start, live: HashSet::new(), adopted: HashMap::new() }
+    }
+
+    /// The tag of session `uid`: its adopted one, else a fresh one.
+    fn take(&mut self, uid: &str) -> u32 {
+        if let Some(tag) = self.adopted.remove(uid) {
+            self.live.insert(tag);
+            return tag;
+        }
+        let in_use = |t: &u32| self.live.contains(t) || self.adopted.values().any(|a| a == t);
+        loop {
+            self.next = self.next.wrapping_add(1);
+            if self.next != 0 && !in_use(&self.next) {
+                self.live.insert(self.next);
+                return self.next;
+            }
+        }
+    }
+
+    fn release(&mut self, tag: u32) {
+        self.live.remove(&tag);
+    }
+}
+
+/// The xdp sessions with targets stored in `state_dir`: their uids by
+/// listener port. The store is closed again before the server opens it.
+fn stored_sessions(state_dir: &Path) -> HashMap<u16, String> {
     let records = crate::control::store::Store::open(state_dir).and_then(|s| s.load_raw());
     let records = match records {
         Ok(r) => r,
@@ -228,34 +280,78 @@ fn stored_sessions(state_dir: &Path) -> HashMap<u16, u32> {
         .filter_map(|(_, r)| r)
         .filter(|r| r.backend == NAME && !r.targets.is_empty())
         .flat_map(|r| {
-            let tag = tag_of(&r.uid);
-            r.listeners.into_iter().map(move |l| (l.port(), tag))
+            let uid = r.uid;
+            r.listeners.into_iter().map(move |l| (l.port(), uid.clone()))
         })
         .collect()
 }
 
-/// Keeps the adopted services of stored sessions (`stored`: port -> tag)
-/// and removes the others with their flows; returns the kept ports, which
-/// the restored sessions are expected to claim.
-fn adopt(nat: &mut Nat, stored: &HashMap<u16, u32>) -> Result<HashSet<u16>, EbpfError> {
+/// Keeps the adopted services of stored sessions (`stored`: port -> uid;
+/// every port of one session must carry one tag) and removes the others with
+/// their flows; returns the kept ports, which the restored sessions are
+/// expected to claim, and the tag of each uid.
+fn adopt(
+    nat: &mut Nat,
+    stored: &HashMap<u16, String>,
+) -> Result<(HashSet<u16>, HashMap<String, u32>), EbpfError> {
+    let services = nat.services()?;
+    let mut tag_of: HashMap<String, Option<u32>> = HashMap::new();
+    for (port, service) in &services {
+        if let Some(uid) = stored.get(port) {
+            let seen = tag_of.entry(uid.clone()).or_insert(Some(service.tag));
+            if *seen != Some(service.tag) {
+                *seen = None;
+            }
+        }
+    }
+    let tags: HashMap<String, u32> = tag_of.into_iter().filter_map(|(u, t)| Some((u, t?))).collect();
     let mut kept = HashSet::new();
     let mut dropped = Vec::new();
-    for (port, service) in nat.services()? {
-        if stored.get(&port) == Some(&service.tag) {
+    for (port, service) in services {
+        let same = stored.get(&port).and_then(|uid| tags.get(uid)) == Some(&service.tag);
+        if same {
             kept.insert(port);
         } else {
             nat.remove_service(port)?;
             dropped.push(port);
         }
     }
-    let tags: HashSet<u32> = stored.values().copied().collect();
+    let live: HashSet<u32> = tags.values().copied().collect();
     for tag in nat.bucket_tags()? {
-        if !tags.contains(&tag) {
+        if !live.contains(&tag) {
             nat.remove_bucket(tag)?;
         }
     }
     info!(kept_ports = ?kept, dropped_ports = ?dropped, "adopted the pinned xdp NAT of an earlier run: its flows keep being translated");
-    Ok(kept)
+    Ok((kept, tags))
+}
+
+/// Frees, every `every`, the entries of flows that ended, until the NAT goes.
+fn sweep_ended_flows(every: Duration, nat: Weak<Mutex<Nat>>) {
+    let spawned = std::thread::Builder::new().name("xdp-flow-sweep".into()).spawn(move || loop {
+        std::thread::sleep(every);
+        let Some(nat) = nat.upgrade() else { return };
+        let swept = lock(&nat).sweep_ended(uptime_s());
+        if let Err(e) = swept {
+            warn!(error = %error_chain(&e), "cannot sweep the xdp NAT's ended flows");
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the sweeper of ended xdp flows: finished flows keep their entries until a SYN reuses their port");
+    }
+}
+
+/// `iface:hook` for every interface the NAT holds, for the logs.
+fn hooks_text(nat: &Nat) -> String {
+    nat.hooks().map(|(i, h)| format!("{i}:{h}")).collect::<Vec<_>>().join(",")
+}
+
+/// Where the running NAT is attached, for `/metrics`; `None` when no xdp
+/// backend runs in this process.
+pub fn nat_hooks() -> Option<Vec<(String, Hook)>> {
+    let nat = METRICS_NAT.lock().unwrap_or_else(|p| p.into_inner()).upgrade()?;
+    let nat = lock(&nat);
+    Some(nat.hooks().map(|(i, h)| (i.to_owned(), h)).collect())
 }
 
 /// Removes, after `grace`, the adopted services no restored session claimed
@@ -402,26 +498,6 @@ fn allow_local_sources(ifaces: &[String], saved: &Path) -> Vec<(String, String)>
     changed
 }
 
-fn attach(nat: &mut Nat, iface: &str) -> Result<(), String> {
-    match nat.attach(iface, AttachMode::Driver) {
-        Ok(()) => Ok(()),
-        Err(driver) => {
-            nat.attach(iface, AttachMode::Skb).map_err(|skb| {
-                format!(
-                    "cannot attach XDP to {iface}: {}; {}",
-                    error_chain(&driver),
-                    error_chain(&skb)
-                )
-            })?;
-            warn!(
-                iface,
-                "no driver-mode XDP on this interface; using generic XDP (slower)"
-            );
-            Ok(())
-        }
-    }
-}
-
 fn lock(nat: &Mutex<Nat>) -> std::sync::MutexGuard<'_, Nat> {
     nat.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -437,16 +513,23 @@ impl Backend for XdpBackend {
         listeners: Vec<TcpListener>,
         targets: Vec<SocketAddr>,
     ) -> Result<Box<dyn Forwarder>, DataPlaneError> {
-        let tag = tag_of(&spec.uid);
+        let tag = self.tags.lock().unwrap_or_else(|p| p.into_inner()).take(&spec.uid);
         let ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<std::io::Result<Vec<u16>>>()?;
         let policed = self.enforce_rate && spec.rate_kbps > 0;
         let flags = if policed { Service::POLICED } else { 0 };
-        let services = services(&ports, &targets, tag, flags)?;
+        let services = match services(&ports, &targets, tag, flags) {
+            Ok(s) => s,
+            Err(e) => {
+                self.tags.lock().unwrap_or_else(|p| p.into_inner()).release(tag);
+                return Err(e);
+            }
+        };
         let fwd = XdpForwarder {
             nat: self.nat.clone(),
+            tags: self.tags.clone(),
             open: self.open.clone(),
             uid: spec.uid,
             ports,
@@ -533,6 +616,7 @@ fn ebpf_io(e: EbpfError) -> DataPlaneError {
 
 struct XdpForwarder {
     nat: Arc<Mutex<Nat>>,
+    tags: Arc<Mutex<Tags>>,
     open: Arc<OpenFlows>,
     uid: String,
     ports: Vec<u16>,
@@ -575,6 +659,7 @@ impl XdpForwarder {
     }
 
     fn remove(&self) -> SessionCounters {
+        self.tags.lock().unwrap_or_else(|p| p.into_inner()).release(self.tag);
         let mut nat = lock(&self.nat);
         if let Err(e) = nat.remove_bucket(self.tag) {
             warn!(uid = %self.uid, error = %error_chain(&e), "cannot remove an xdp rate bucket");
@@ -726,11 +811,23 @@ mod tests {
     }
 
     #[test]
-    fn a_session_tag_depends_on_its_uid_only_and_is_never_zero() {
-        let uid = "0c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e";
-        assert_eq!(tag_of(uid), tag_of(uid));
-        assert_ne!(tag_of(uid), tag_of("another"));
-        assert_ne!(tag_of(""), 0);
+    fn session_tags_are_allocated_unique_among_live_sessions_and_adopted_ones_come_back() {
+        let mut tags = Tags::new();
+        tags.next = u32::MAX - 1;
+        tags.adopted.insert("restored".into(), 7);
+        let a = tags.take("a");
+        let b = tags.take("b");
+        assert_eq!(a, u32::MAX);
+        assert_eq!(b, 1, "0 is never a tag");
+        assert_eq!(tags.take("restored"), 7, "an adopted session keeps its tag");
+        // Wrapped round to a tag still live: skipped.
+        tags.next = 0;
+        assert_eq!(tags.take("c"), 2);
+        tags.release(1);
+        tags.next = 0;
+        assert_eq!(tags.take("d"), 1, "a released tag may be handed out again");
+        tags.next = 6;
+        assert_eq!(tags.take("e"), 8, "a live adopted tag is skipped");
     }
 
     #[test]

@@ -601,3 +601,6 @@ fn a_pinned_nat_is_adopted_with_its_flows_and_leaves_nothing_once_unpinned() {
     second.unpin().expect("unpin");
     assert!(!pins.0.exists(), "pins left in {}", pins.0.display());
 }
+
+#[path = "nat_hooks_tests.rs"]
+mod hooks;
