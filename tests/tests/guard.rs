@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::{http_get, ports, Gateway, MIB};
 use testbed::netns::addr;
-use testbed::{consume, in_netns, require_root, spawn_in_netns, Link, Node, Producer, Stream, Topology};
+use testbed::{consume, in_netns, require_root, spawn_in_netns, Node, Producer, Stream, Topology};
 
 const RANGE: (u16, u16) = (5100, 5199);
 /// A dropped SYN shows as a connect timeout; the first retransmission comes
@@ -200,17 +200,6 @@ fn frames_from_peers_a_session_does_not_allow_are_dropped_and_counted_on_it() {
     again.finish().expect("the allowed peer streams again, intact");
 }
 
-/// Sets `mtu` on both ends of every link of the test bed.
-fn set_mtu(topo: &Topology, mtu: u32) {
-    for link in Link::ALL {
-        let (a, b) = link.ends();
-        for node in [a, b] {
-            let out = Command::new("ip").args(["-n", topo.ns(node), "link", "set", "dev", link.iface(), "mtu", &mtu.to_string()]).output().expect("ip link set mtu");
-            assert!(out.status.success(), "mtu {mtu} on {}: {}", link.iface(), String::from_utf8_lossy(&out.stderr));
-        }
-    }
-}
-
 /// `ip -d link show` of `iface` in `ns`: what the kernel says is attached.
 fn link_details(ns: &str, iface: &str) -> String {
     let out = Command::new("ip").args(["-n", ns, "-d", "link", "show", "dev", iface]).output().expect("ip link show");
@@ -285,7 +274,7 @@ fn guarded_splice_moves_64_mib_each_way(test: &str, mtu: u32, policy: &str) {
         return;
     }
     let topo = Topology::new().expect("topology");
-    set_mtu(&topo, mtu);
+    topo.set_mtu(mtu).expect("mtu on every veth");
     let producer = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000), BYTES).expect("producer");
     let (gin_ns, gout_ns) = (topo.ns(Node::InboundGw), topo.ns(Node::OutboundGw));
     let gin_ip: IpAddr = addr::INBOUND_GW_WAN.into();
