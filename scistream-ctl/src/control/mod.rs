@@ -6,11 +6,13 @@ pub mod error;
 pub mod guard;
 pub mod lease;
 pub mod metrics;
+pub mod offload;
 pub mod ports;
 pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod targets;
 
 pub use error::ControlError;
 pub use session::Registry;

@@ -55,6 +55,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let store = Arc::new(Store::open(&state_dir)?);
     let guard = PortGuard::start(&args).map(Arc::new);
     let registry = Registry::with_store(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone(), Some(store.clone()));
+    registry.set_target_policy(super::targets::TargetPolicy::from_args(&args));
     // Before the control port opens: no new session can take a stored one's port.
     let (restored, failed) = registry.restore()?;
     if restored + failed > 0 {

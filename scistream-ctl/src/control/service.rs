@@ -56,8 +56,8 @@ impl Control for ControlService {
     async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let _span = info_span!("update", uid = %r.uid, role = %r.role).entered();
-        let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners, who.as_ref())?;
+        let span = info_span!("update", uid = %r.uid, role = %r.role);
+        let (listeners, targets) = self.registry.update_detached(r.uid, r.remote_listeners, who).instrument(span).await?;
         Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets) }))
     }
 

@@ -206,9 +206,10 @@ impl Supervised {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // PR_SET_PDEATHSIG fires when the *thread* that forked exits, not
-        // only the process: spawns come from tokio's worker threads (gRPC
-        // handlers) or the main thread (restore at start), which live as long
-        // as s2cs. Never spawn from spawn_blocking, whose threads time out.
+        // only the process: spawns come from the registry's data-plane
+        // threads (control/offload.rs) or the main thread (restore at
+        // start), which live as long as s2cs. Never spawn from
+        // spawn_blocking, whose threads time out.
         let parent = nix::unistd::getpid();
         let fds = inherit.to_vec();
         // SAFETY: between fork and exec only async-signal-safe calls are made
@@ -521,6 +522,10 @@ impl<C: Compat> SubprocessBackend<C> {
 impl<C: Compat> Backend for SubprocessBackend<C> {
     fn name(&self) -> &'static str {
         C::NAME
+    }
+
+    fn binds_ports_itself(&self) -> bool {
+        !self.compat.inherits_listeners()
     }
 
     fn start(
