@@ -11,6 +11,7 @@ pub mod ports;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod statelock;
 pub mod store;
 pub mod targets;
 

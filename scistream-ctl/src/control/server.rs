@@ -42,6 +42,8 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         }
     };
     let state_dir = args.state_dir();
+    // Before anything in the directory is touched (certificates, store, pins).
+    let _state_lock = super::statelock::StateLock::acquire(&state_dir)?;
     let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
         .context("loading the server certificate")?;
     if identity.generated {

@@ -31,7 +31,8 @@ impl ControlService {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Identity>, ControlError> {
         let Some(auth) = &self.auth else { return Ok(None) };
         let metadata = request.metadata().get("authorization").map(|v| v.as_bytes());
-        Ok(Some(auth.check(metadata).await?))
+        let source = request.extensions().get::<super::auth::CallerAddr>().map(|a| a.0);
+        Ok(Some(auth.check_from(metadata, source).await?))
     }
 }
 

@@ -62,6 +62,7 @@ struct ConnState {
     partial_bytes: AtomicUsize,
     /// `req` calls in flight.
     reqs: AtomicUsize,
+    peer: SocketAddr,
 }
 
 /// Marks a `req` in flight on its connection until dropped.
@@ -97,6 +98,10 @@ impl ConnInfo {
             .partial_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| (b + n <= limit).then_some(b + n))
             .is_ok()
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.0.peer
     }
 
     pub fn refund(&self, n: usize) {
@@ -173,6 +178,7 @@ impl ControlIo {
             idle_since: Mutex::new(accepted),
             partial_bytes: AtomicUsize::new(0),
             reqs: AtomicUsize::new(0),
+            peer,
         }));
         Self {
             io,

@@ -84,6 +84,10 @@ where
         } else {
             None
         };
+        let mut req = req;
+        if let Some(c) = &conn {
+            req.extensions_mut().insert(crate::control::auth::CallerAddr(c.peer().ip().to_canonical()));
+        }
         let budgets = Budgets { conn, total: self.total.clone(), limits: self.limits };
         let req = req.map(|b| Body::new(Bounded::new(b, budgets)));
         let fut = self.inner.call(req);
