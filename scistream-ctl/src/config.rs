@@ -267,7 +267,7 @@ pub struct ServerArgs {
     /// Connections one session's data ports hold at once, per listener
     /// (num_conn): with the default 8, a session of num_conn 4 holds at most
     /// 32. Over it a new connection is closed at once (a flood cannot
-    /// exhaust descriptors); tls/splice/sockmap/HaproxySubprocess.
+    /// exhaust descriptors). Backends tls, splice and sockmap.
     #[arg(long = "max_conn_per_listener", alias = "max-conn-per-listener", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_conn_per_listener: u32,
@@ -291,7 +291,7 @@ pub struct ServerArgs {
     /// MiB of request bytes all control connections together may hold
     /// before their messages are whole (and their caller authenticated);
     /// past it new bytes fail their call with RESOURCE_EXHAUSTED.
-    #[arg(long = "control_buffer_mib", alias = "control-buffer-mib", default_value_t = 32,
+    #[arg(long = "control_buffer_mib", alias = "control-buffer-mib", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub control_buffer_mib: u32,
 }

@@ -19,8 +19,12 @@ use crate::proto::control_server::ControlServer;
 use crate::{dataplane, tls};
 
 /// Bytes of request messages not yet whole that one connection may hold:
-/// sixteen messages of the largest size.
-const PARTIAL_BYTES_PER_CONNECTION: usize = 16 * MAX_MESSAGE_BYTES;
+/// eight messages of the largest size.
+const PARTIAL_BYTES_PER_CONNECTION: usize = 8 * MAX_MESSAGE_BYTES;
+/// HTTP/2 flow-control windows: what a connection's peer may send ahead of
+/// what s2cs has read. One largest message per stream, four per connection.
+const STREAM_WINDOW: u32 = MAX_MESSAGE_BYTES as u32;
+const CONNECTION_WINDOW: u32 = 4 * MAX_MESSAGE_BYTES as u32;
 /// Largest HTTP/2 header list accepted (hyper's default, said here).
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
@@ -73,7 +77,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     // but may take only half of them (preauth.rs), so hellos always find one.
     let mut builder = Server::builder()
         .max_concurrent_streams(args.max_control_streams)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let preauth = preauth::Limits {
         body_timeout: args.control_body_timeout(),
         per_connection: PARTIAL_BYTES_PER_CONNECTION,
