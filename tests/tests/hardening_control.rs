@@ -119,7 +119,8 @@ fn partial_messages_on_many_streams_and_connections_stay_under_a_memory_bound_wh
 
 #[test]
 fn a_valid_user_keeps_working_under_a_thousand_junk_token_calls_a_second() {
-    const RATE_PER_MS: usize = 1;
+    // Two calls per millisecond tick: a flood of at least 1,000 a second even when ticks are late.
+    const RATE_PER_MS: usize = 2;
     let oauth = OAuthServer::start();
     // A remote authorization server: each introspection takes a while.
     oauth.set_introspect_delay(Duration::from_millis(100));
@@ -185,7 +186,7 @@ fn a_valid_user_keeps_working_under_a_thousand_junk_token_calls_a_second() {
     stop.store(true, Ordering::Release);
     flood.join().expect("flood thread");
     eprintln!("junk calls at {rate:.0}/s; the valid user's req+hello+update+release took {took:?}");
-    assert!(rate >= 900.0, "the flood ran at only {rate:.0} calls/s");
+    assert!(rate >= 1000.0, "the flood ran at only {rate:.0} calls/s");
     assert!(took < Duration::from_secs(3), "the valid user waited {took:?}");
 }
 
