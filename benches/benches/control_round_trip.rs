@@ -43,6 +43,9 @@ fn round_trip(c: &mut Criterion) {
         // splice needs no peer certificate; the control path is the same for every backend.
         "--type",
         "splice",
+        // The benchmark's targets are on loopback.
+        "--allow_target_nets",
+        "127.0.0.0/8",
         "--state_dir",
         &state_dir,
     ]);

@@ -31,6 +31,13 @@ fuzz_target!(|bytes: &[u8]| {
         Ok(args) => {
             assert!(1 <= args.port_range.start && args.port_range.start <= args.port_range.end);
             assert!(args.tunnel_timeout() >= std::time::Duration::from_secs(1));
+            // Every accepted duration is bounded, so no clock arithmetic on
+            // it can overflow later (an `Instant` past its range panics).
+            let now = std::time::Instant::now();
+            for (name, d) in args.durations() {
+                assert!(d.as_secs() <= scistream_ctl::config::MAX_TTL_SECS, "{name} = {d:?} passed its bound");
+                assert!(now.checked_add(d).is_some(), "{name} = {d:?} overflows an Instant");
+            }
             assert_eq!(args.config.as_ref(), Some(path));
         }
         // Whatever is wrong came from the file, so the error names it.

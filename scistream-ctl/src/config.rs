@@ -13,6 +13,17 @@ use clap::{ArgAction, Parser};
 /// take from the port range in a single call.
 pub const MAX_NUM_CONN: i32 = 128;
 
+/// Upper bounds of the duration flags, checked at parse: a larger value is
+/// an operator's mistake, and an `Instant` that far ahead overflows (a panic
+/// on the first connection) or outruns tokio's timer.
+pub const MAX_TIMEOUT_SECS: u64 = 3_600;
+pub const MAX_LONG_SECS: u64 = 86_400;
+pub const MAX_TTL_SECS: u64 = 365 * 86_400;
+
+fn secs_up_to(max: u64) -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(0..=max)
+}
+
 /// The data-plane backend (`--type`). SciStream 1.2's subprocess names run the
 /// real programs; its Docker names map onto the native backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,16 +167,16 @@ pub struct ServerArgs {
 
     /// Seconds a tunnel peer has for the TLS handshake plus the session proof;
     /// a slow or silent peer cannot hold a connection slot longer.
-    #[arg(long = "tunnel_timeout", alias = "tunnel-timeout", default_value_t = 10)]
+    #[arg(long = "tunnel_timeout", alias = "tunnel-timeout", default_value_t = 10, value_parser = secs_up_to(MAX_TIMEOUT_SECS))]
     pub tunnel_timeout: u64,
 
     /// Seconds a control client has, from connecting, to complete the TLS
     /// handshake and send its HTTP/2 preface; a silent one is closed then.
-    #[arg(long = "control_timeout", alias = "control-timeout", default_value_t = 10)]
+    #[arg(long = "control_timeout", alias = "control-timeout", default_value_t = 10, value_parser = secs_up_to(MAX_TIMEOUT_SECS))]
     pub control_timeout: u64,
 
     /// Seconds a control connection with no call in flight stays open.
-    #[arg(long = "control_idle_timeout", alias = "control-idle-timeout", default_value_t = 300)]
+    #[arg(long = "control_idle_timeout", alias = "control-idle-timeout", default_value_t = 300, value_parser = secs_up_to(MAX_LONG_SECS))]
     pub control_idle_timeout: u64,
 
     /// Most control connections open at once; over it a new one is closed
@@ -176,7 +187,7 @@ pub struct ServerArgs {
     pub max_control_connections: u32,
 
     /// Seconds a `req` waits for its `hello` before the session is released.
-    #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180)]
+    #[arg(long = "hello_timeout", alias = "hello-timeout", default_value_t = 180, value_parser = secs_up_to(MAX_LONG_SECS))]
     pub hello_timeout: u64,
 
     /// Globus Auth client id of this server (its token scope is
@@ -200,7 +211,7 @@ pub struct ServerArgs {
 
     /// Longest time an accepted token is trusted without asking again: the
     /// most a revoked token may still be honoured. 0 asks on every call.
-    #[arg(long = "token_cache_secs", alias = "token-cache-secs", default_value_t = 60)]
+    #[arg(long = "token_cache_secs", alias = "token-cache-secs", default_value_t = 60, value_parser = secs_up_to(MAX_LONG_SECS))]
     pub token_cache_secs: u64,
 
     /// `false` turns the XDP guard off. On (the default, as root), only the
@@ -246,8 +257,45 @@ pub struct ServerArgs {
     pub keep_sessions: bool,
 
     /// Seconds a session may move no byte before it is released (0: never).
-    #[arg(long = "session_ttl", alias = "session-ttl", default_value_t = 0)]
+    #[arg(long = "session_ttl", alias = "session-ttl", default_value_t = 0, value_parser = secs_up_to(MAX_TTL_SECS))]
     pub session_ttl: u64,
+
+    /// Networks (CIDR, comma-separated) `update` may forward to although
+    /// they are loopback or link-local, which are refused otherwise. The
+    /// gateway's own control, metrics and data ports stay refused.
+    #[arg(long = "allow_target_nets", alias = "allow-target-nets", value_delimiter = ',')]
+    pub allow_target_nets: Option<Vec<crate::control::targets::IpNet>>,
+
+    /// Connections one session's data ports hold at once, per listener
+    /// (num_conn): with the default 8, a session of num_conn 4 holds at most
+    /// 32. Over it a new connection is closed at once (a flood cannot
+    /// exhaust descriptors). Backends tls, splice and sockmap.
+    #[arg(long = "max_conn_per_listener", alias = "max-conn-per-listener", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_conn_per_listener: u32,
+
+    /// TCP keepalive on both legs of relayed connections: idle seconds
+    /// before the first probe (then 6 probes 10 s apart); 0 turns it off.
+    #[arg(long = "tcp_keepalive", alias = "tcp-keepalive", default_value_t = 60, value_parser = secs_up_to(MAX_LONG_SECS))]
+    pub tcp_keepalive: u64,
+
+    /// HTTP/2 streams (calls) one control connection may have open at once.
+    #[arg(long = "max_control_streams", alias = "max-control-streams", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(4..=1024))]
+    pub max_control_streams: u32,
+
+    /// Seconds a control call's request message has to arrive whole, from
+    /// its first frame; a slower one is refused (DEADLINE_EXCEEDED) and its
+    /// buffer freed.
+    #[arg(long = "control_body_timeout", alias = "control-body-timeout", default_value_t = 10, value_parser = secs_up_to(MAX_TIMEOUT_SECS))]
+    pub control_body_timeout: u64,
+
+    /// MiB of request bytes all control connections together may hold
+    /// before their messages are whole (and their caller authenticated);
+    /// past it new bytes fail their call with RESOURCE_EXHAUSTED.
+    #[arg(long = "control_buffer_mib", alias = "control-buffer-mib", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub control_buffer_mib: u32,
 }
 
 impl ServerArgs {
@@ -265,6 +313,30 @@ impl ServerArgs {
 
     pub fn tunnel_timeout(&self) -> Duration {
         Duration::from_secs(self.tunnel_timeout.max(1))
+    }
+
+    pub fn control_body_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_body_timeout.max(1))
+    }
+
+    pub fn tcp_keepalive(&self) -> Option<Duration> {
+        (self.tcp_keepalive > 0).then(|| Duration::from_secs(self.tcp_keepalive))
+    }
+
+    /// Every duration s2cs adds to a clock, as it will use it (the fuzz
+    /// target checks none can overflow).
+    pub fn durations(&self) -> Vec<(&'static str, Duration)> {
+        let mut d = vec![
+            ("hello_timeout", self.hello_timeout()),
+            ("control_timeout", self.control_timeout()),
+            ("control_idle_timeout", self.control_idle_timeout()),
+            ("tunnel_timeout", self.tunnel_timeout()),
+            ("control_body_timeout", self.control_body_timeout()),
+            ("token_cache_secs", Duration::from_secs(self.token_cache_secs)),
+            ("session_ttl", Duration::from_secs(self.session_ttl)),
+        ];
+        d.extend(self.tcp_keepalive().map(|k| ("tcp_keepalive", k)));
+        d
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -339,6 +411,18 @@ mod tests {
         let f = ServerArgs::try_parse_from(["s2cs", "--ebpf_attach", "tc"]).unwrap();
         assert_eq!(f.ebpf_attach, crate::ebpf::AttachPolicy::Tc);
         assert!(ServerArgs::try_parse_from(["s2cs", "--ebpf-attach", "skb"]).is_err(), "generic XDP is no choice");
+    }
+
+    #[test]
+    fn durations_past_their_bound_are_refused_at_parse_with_the_flag_named() {
+        for flag in ["--control_timeout", "--control_idle_timeout", "--token_cache_secs", "--hello_timeout", "--tunnel_timeout", "--session_ttl", "--control_body_timeout", "--tcp_keepalive"] {
+            let e = ServerArgs::try_parse_from(["s2cs", flag, "18446744073709551615"]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("not in 0.."), "{flag}: {e}");
+        }
+        let a = ServerArgs::try_parse_from(["s2cs", "--control_timeout", "3600", "--session_ttl", "31536000"]).unwrap();
+        for (name, d) in a.durations() {
+            assert!(std::time::Instant::now().checked_add(d).is_some(), "{name}");
+        }
     }
 
     #[test]

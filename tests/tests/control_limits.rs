@@ -107,6 +107,9 @@ fn spawn_s2cs(base: u16, dir: &Path, extra: &[&str]) -> Daemon {
         "127.0.0.1",
         "--guard",
         "false",
+        // Producers and targets of these tests are on loopback.
+        "--allow_target_nets",
+        "127.0.0.0/8",
     ])
     .args([
         "--port",

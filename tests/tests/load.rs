@@ -48,13 +48,15 @@ fn two_hundred_concurrent_connections_through_one_session_all_verified() {
     )
     .expect("producer");
     let (ns_in, ns_out) = (topo.ns(Node::InboundGw), topo.ns(Node::OutboundGw));
-    let gin = Gateway::start(ns_in, addr::INBOUND_GW_WAN.into(), "5100-5199", "tls", &[]);
+    // 200 connections over 4 listeners: past s2cs's default cap of 8 per listener.
+    let cap = ["--max_conn_per_listener", "100"];
+    let gin = Gateway::start(ns_in, addr::INBOUND_GW_WAN.into(), "5100-5199", "tls", &cap);
     let gout = Gateway::start(
         ns_out,
         addr::OUTBOUND_GW_LAN.into(),
         "5100-5199",
         "tls",
-        &["--peer_ca", gin.cert_str()],
+        &["--peer_ca", gin.cert_str(), cap[0], cap[1]],
     );
     let inbound = gin.inbound(ns_in, producer.addr(), NUM_CONN);
     let outbound = gout.outbound(ns_out, &inbound, NUM_CONN);

@@ -54,6 +54,8 @@ impl LoopbackGateway {
         let port = free_port()?;
         let mut cmd = Command::new(bin("s2cs"));
         cmd.args(["--listener_ip", "127.0.0.1", "--port", &port.to_string(), "--port_range", range, "--type", backend]);
+        // Producers and the peer gateway are on loopback.
+        cmd.args(["--allow_target_nets", "127.0.0.0/8"]);
         cmd.args(["--state_dir", &path_str(state)?]);
         if let Some(ca) = peer_ca {
             cmd.args(["--peer_ca", &path_str(ca)?]);

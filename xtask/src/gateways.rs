@@ -168,6 +168,9 @@ impl Gateways {
         let inbound_ns = topo.ns(Node::InboundGw).to_owned();
         let outbound_ns = topo.ns(Node::OutboundGw).to_owned();
         let port = CONTROL_PORT.to_string();
+        // iperf3 -P 64 sends its 64 streams and its control connection
+        // through one listener: over s2cs's default per-session cap.
+        let cap = ["--max_conn_per_listener", "128"];
 
         let mut inbound = spawn_in(
             &inbound_ns,
@@ -185,6 +188,7 @@ impl Gateways {
                 &path_str(&gin_dir)?,
             ]
             .into_iter()
+            .chain(cap)
             .chain(extra.iter().copied()),
         )?;
         wait_listening(
@@ -220,6 +224,7 @@ impl Gateways {
                 &path_str(&inbound_cert)?,
             ]
             .into_iter()
+            .chain(cap)
             .chain(extra.iter().copied()),
         )?;
         wait_listening(

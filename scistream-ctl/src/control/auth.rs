@@ -29,6 +29,19 @@ pub const CACHE_MAX_ENTRIES: usize = 10_000;
 /// turn the gateway into a flood against the authorization server.
 const MAX_IN_FLIGHT: usize = 32;
 
+/// Introspections in flight for one source address: a flood of junk tokens
+/// from one host takes at most these slots, and its calls past them are
+/// refused at once (UNAVAILABLE), so callers elsewhere keep theirs.
+pub const MAX_IN_FLIGHT_PER_SOURCE: usize = 4;
+
+/// How long a rejected token is answered from memory; short, so a token
+/// that was inactive only for a moment (clock skew) is asked about again soon.
+pub const REJECTED_TTL: Duration = Duration::from_secs(10);
+
+/// The caller's address, put into each call's extensions by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct CallerAddr(pub std::net::IpAddr);
+
 /// What SciStream clients send when they have no token.
 const NO_TOKEN: &str = "INVALID_TOKEN";
 
@@ -143,7 +156,28 @@ pub struct Authenticator {
     url: reqwest::Url,
     http: reqwest::Client,
     cache: Mutex<Cache>,
+    /// Tokens recently rejected, by hash, with the reason and until when.
+    rejected: Mutex<HashMap<[u8; 32], (Rejection, Instant)>>,
     in_flight: Semaphore,
+    per_source: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One introspection slot of a source address, given back on drop.
+struct SourceSlot<'a> {
+    map: &'a Mutex<HashMap<std::net::IpAddr, usize>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Authenticator {
@@ -151,7 +185,15 @@ impl Authenticator {
         let url = oauth::check_endpoint("--introspect_url", &cfg.introspect_url)?;
         let http = oauth::http_client()?;
         let cache = Mutex::new(Cache::new(cfg.cache_max_entries, cfg.cache_max_age));
-        Ok(Self { cfg, url, http, cache, in_flight: Semaphore::new(MAX_IN_FLIGHT) })
+        Ok(Self {
+            cfg,
+            url,
+            http,
+            cache,
+            rejected: Mutex::default(),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            per_source: Mutex::default(),
+        })
     }
 
     pub fn required_scope(&self) -> &str {
@@ -165,6 +207,12 @@ impl Authenticator {
     /// Checks an `authorization` metadata value: the raw token (SciStream
     /// 1.2) or `Bearer <token>`.
     pub async fn check(&self, metadata: Option<&[u8]>) -> Result<Identity, AuthError> {
+        self.check_from(metadata, None).await
+    }
+
+    /// [`Authenticator::check`] for a caller at `source`, whose
+    /// introspections in flight are limited to [`MAX_IN_FLIGHT_PER_SOURCE`].
+    pub async fn check_from(&self, metadata: Option<&[u8]>, source: Option<std::net::IpAddr>) -> Result<Identity, AuthError> {
         let scope = &self.cfg.required_scope;
         let token = extract_token(metadata).map_err(|reason| match reason {
             None => AuthError::Missing { scope: scope.clone() },
@@ -174,15 +222,61 @@ impl Authenticator {
         if let Some(id) = self.lock_cache().get(&key, Instant::now()) {
             return Ok(id);
         }
+        if let Some(reason) = self.recently_rejected(&key) {
+            return Err(AuthError::Rejected { reason, scope: scope.clone() });
+        }
+        let _slot = match source {
+            Some(ip) => Some(self.source_slot(ip)?),
+            None => None,
+        };
         let answer = self.introspect(token).await?;
         let (identity, expires) = evaluate(&answer, scope, unix_now()).map_err(|reason| {
             tracing::info!(%reason, "token rejected");
+            self.remember_rejection(key, reason.clone());
             AuthError::Rejected { reason, scope: scope.clone() }
         })?;
         tracing::debug!(identity = %identity, "token accepted");
         let until = expires.map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).max(0) as u64));
         self.lock_cache().insert(key, identity.clone(), until, Instant::now());
         Ok(identity)
+    }
+
+    fn recently_rejected(&self, key: &[u8; 32]) -> Option<Rejection> {
+        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        match r.get(key) {
+            Some((why, until)) if *until > Instant::now() => Some(why.clone()),
+            Some(_) => {
+                r.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember_rejection(&self, key: [u8; 32], why: Rejection) {
+        let now = Instant::now();
+        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= CACHE_MAX_ENTRIES {
+            r.retain(|_, (_, until)| *until > now);
+            if r.len() >= CACHE_MAX_ENTRIES {
+                // All fresh: a flood of distinct junk; forget it rather than grow.
+                r.clear();
+            }
+        }
+        r.insert(key, (why, now + REJECTED_TTL));
+    }
+
+    fn source_slot(&self, ip: std::net::IpAddr) -> Result<SourceSlot<'_>, AuthError> {
+        let mut m = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_IN_FLIGHT_PER_SOURCE {
+            return Err(AuthError::Unavailable {
+                url: self.cfg.introspect_url.clone(),
+                reason: format!("{MAX_IN_FLIGHT_PER_SOURCE} token checks from {ip} already in flight; retry"),
+            });
+        }
+        *n += 1;
+        Ok(SourceSlot { map: &self.per_source, ip })
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {

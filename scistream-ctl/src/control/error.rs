@@ -28,6 +28,9 @@ pub enum ControlError {
     NotOwner { uid: String },
     #[error(transparent)]
     Store(#[from] super::store::StoreError),
+    /// A bounded table is full; the client may retry later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ControlError {
@@ -47,6 +50,7 @@ impl ControlError {
             Self::Auth(AuthError::Unavailable { .. }) => Code::Unavailable,
             Self::NotOwner { .. } => Code::PermissionDenied,
             Self::Store(_) => Code::Internal,
+            Self::Busy(_) => Code::ResourceExhausted,
         }
     }
 }

@@ -6,11 +6,14 @@ pub mod error;
 pub mod guard;
 pub mod lease;
 pub mod metrics;
+pub mod offload;
 pub mod ports;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod statelock;
 pub mod store;
+pub mod targets;
 pub mod tunnel_key;
 
 pub use error::ControlError;

@@ -117,6 +117,20 @@ impl PortAllocator {
         Ok(Reservation { ports: ports.to_vec(), listeners, pool: self.used.clone() })
     }
 
+    /// Binds a reservation's ports again after its listeners were closed
+    /// (a backend that binds the ports itself failed to start): the session
+    /// keeps the listeners its clients were told about.
+    pub fn rebind(&self, r: &mut Reservation) -> Result<(), ControlError> {
+        let mut listeners = Vec::with_capacity(r.ports.len());
+        for &port in &r.ports {
+            let l = bind(SocketAddr::new(self.bind_ip, port))
+                .map_err(|e| ControlError::FailedPrecondition(format!("port {port} could not be bound again: {e}")))?;
+            listeners.push(l);
+        }
+        r.listeners = listeners;
+        Ok(())
+    }
+
     pub fn in_use(&self) -> usize {
         self.used.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

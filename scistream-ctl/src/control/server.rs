@@ -18,10 +18,15 @@ use crate::config::ServerArgs;
 use crate::proto::control_server::ControlServer;
 use crate::{dataplane, tls};
 
-/// Concurrent calls per HTTP/2 connection. Every pending `req` holds a stream
-/// until its hello arrives, so the usual limit of a few hundred would let
-/// pending requests starve the hellos that complete them.
-const MAX_CONCURRENT_STREAMS: u32 = 65_536;
+/// Bytes of request messages not yet whole that one connection may hold:
+/// eight messages of the largest size.
+const PARTIAL_BYTES_PER_CONNECTION: usize = 8 * MAX_MESSAGE_BYTES;
+/// HTTP/2 flow-control windows: what a connection's peer may send ahead of
+/// what s2cs has read. One largest message per stream, four per connection.
+const STREAM_WINDOW: u32 = MAX_MESSAGE_BYTES as u32;
+const CONNECTION_WINDOW: u32 = 4 * MAX_MESSAGE_BYTES as u32;
+/// Largest HTTP/2 header list accepted (hyper's default, said here).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Largest request message accepted. The biggest legitimate one, a hello or
 /// update naming MAX_NUM_CONN (128) `[ipv6]:port` listeners, is under 7 KiB;
@@ -29,6 +34,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 65_536;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 mod conn;
+mod preauth;
 
 /// Serves until `shutdown` resolves, then releases every session.
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
@@ -40,6 +46,8 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         }
     };
     let state_dir = args.state_dir();
+    // Before anything in the directory is touched (certificates, store, pins).
+    let _state_lock = super::statelock::StateLock::acquire(&state_dir)?;
     // Private before anything is written in it (uids, keys, PSKs live there).
     crate::state_dir::secure(&state_dir).with_context(|| format!("securing the state directory {}", state_dir.display()))?;
     let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
@@ -57,6 +65,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let store = Arc::new(Store::open(&state_dir)?);
     let guard = PortGuard::start(&args).map(Arc::new);
     let registry = Registry::with_store(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone(), Some(store.clone()));
+    registry.set_target_policy(super::targets::TargetPolicy::from_args(&args));
     // Before the control port opens: no new session can take a stored one's port.
     let (restored, failed) = registry.restore()?;
     if restored + failed > 0 {
@@ -66,7 +75,19 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let lease = (args.session_ttl > 0).then(|| super::lease::spawn(&registry, std::time::Duration::from_secs(args.session_ttl)));
 
     let addr = SocketAddr::new(args.control_ip, args.port);
-    let mut builder = Server::builder().max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    // Few streams per connection: a pending `req` holds one until its hello,
+    // but may take only half of them (preauth.rs), so hellos always find one.
+    let mut builder = Server::builder()
+        .max_concurrent_streams(args.max_control_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let preauth = preauth::Limits {
+        body_timeout: args.control_body_timeout(),
+        per_connection: PARTIAL_BYTES_PER_CONNECTION,
+        total: args.control_buffer_mib as usize * 1024 * 1024,
+        pending_reqs: (args.max_control_streams / 2) as usize,
+    };
     // TLS is ours, not tonic's: the connection cap must act before the
     // handshake, and the preface and idle deadlines need the plaintext.
     let tls = if args.ssl {
@@ -116,8 +137,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     };
     let reg = registry.clone();
     builder
-        .add_service(CountsCalls(OversizeIsResourceExhausted(
-            ControlServer::new(ControlService::new(registry.clone(), auth)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        .add_service(CountsCalls(preauth::PreAuth::new(
+            OversizeIsResourceExhausted(
+                ControlServer::new(ControlService::new(registry.clone(), auth)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ),
+            preauth,
         )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

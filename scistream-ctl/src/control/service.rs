@@ -32,7 +32,8 @@ impl ControlService {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Identity>, ControlError> {
         let Some(auth) = &self.auth else { return Ok(None) };
         let metadata = request.metadata().get("authorization").map(|v| v.as_bytes());
-        Ok(Some(auth.check(metadata).await?))
+        let source = request.extensions().get::<super::auth::CallerAddr>().map(|a| a.0);
+        Ok(Some(auth.check_from(metadata, source).await?))
     }
 }
 
@@ -61,8 +62,8 @@ impl Control for ControlService {
     async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        let _span = info_span!("update", role = %r.role).entered();
-        let (listeners, targets) = self.registry.update(&r.uid, &r.remote_listeners, who.as_ref())?;
+        let span = info_span!("update", role = %r.role);
+        let (listeners, targets) = self.registry.update_detached(r.uid, r.remote_listeners, who).instrument(span).await?;
         Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets), ..Default::default() }))
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -13,8 +13,10 @@ use tracing::{debug, error, info, warn};
 use super::auth::Identity;
 use super::error::ControlError;
 use super::guard::PortGuard;
+use super::offload::Offload;
 use super::ports::{PortAllocator, Reservation};
 use super::store::{Store, StoredSession, RECORD_VERSION};
+use super::targets::TargetPolicy;
 use super::tunnel_key::{self, KeyRequest, SessionKeying};
 use crate::addr;
 use crate::config::MAX_NUM_CONN;
@@ -25,6 +27,13 @@ use crate::ebpf::Counters;
 /// the hello timeout). SciStream clients send both within a second and give
 /// up after 5 s.
 pub const EARLY_HELLO_WAIT: Duration = Duration::from_secs(5);
+
+/// Most uids an early `hello` may wait for at once: each is a map entry
+/// held up to [`EARLY_HELLO_WAIT`], and uids cost a client nothing.
+pub const MAX_EARLY_HELLOS: usize = 1024;
+
+/// Threads for the data plane's blocking calls (see control/offload.rs).
+const OFFLOAD_THREADS: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -100,13 +109,25 @@ pub struct Session {
     /// Set once the warning that this owned session is managed without
     /// authentication has been logged.
     unowned_use_warned: std::sync::atomic::AtomicBool,
+    /// One `update` at a time per session, held across its data-plane call
+    /// and its store write (never `inner`, which status and metrics read).
+    updating: tokio::sync::Mutex<()>,
 }
 
 struct Inner {
-    /// Ports stay reserved (and return to the pool) with this.
+    /// Ports stay reserved (and return to the pool) with this; `None` once
+    /// the session is removed.
     reservation: Option<Reservation>,
-    forwarder: Option<Box<dyn Forwarder>>,
+    forwarder: Option<Arc<dyn Forwarder>>,
     targets: Vec<SocketAddr>,
+}
+
+/// What an `update` changed, so a failure after it can undo it.
+enum Before {
+    /// The data plane was started by this update.
+    NotStarted,
+    /// It ran with these targets.
+    Targets(Vec<SocketAddr>),
 }
 
 /// What `status` and `list` report of a session.
@@ -151,6 +172,14 @@ pub struct Registry {
     guard: Option<Arc<PortGuard>>,
     /// Answered sessions, kept across restarts; `None` keeps them in memory only.
     store: Option<Arc<Store>>,
+    /// Store writes in order, each on the blocking pool with this held, so
+    /// a record written for a session cannot land after its deletion.
+    store_order: Arc<tokio::sync::Mutex<()>>,
+    /// `update` targets refused (loops into the gateway, loopback); unset
+    /// in unit tests of the registry alone.
+    target_policy: OnceLock<TargetPolicy>,
+    /// Made on first use, inside the runtime.
+    offload: OnceLock<Offload>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,6 +218,27 @@ impl Registry {
             hello_timeout,
             guard,
             store,
+            store_order: Arc::default(),
+            target_policy: OnceLock::new(),
+            offload: OnceLock::new(),
+        })
+    }
+
+    /// Sets which `update` targets are refused; once, before serving.
+    pub fn set_target_policy(&self, policy: TargetPolicy) {
+        let _ = self.target_policy.set(policy);
+    }
+
+    /// uids an early hello waits for now.
+    pub fn early_hellos_waiting(&self) -> usize {
+        lock(&self.early_hellos).len()
+    }
+
+    /// Runs a blocking data-plane call off the runtime's workers.
+    async fn offload<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ControlError> {
+        let off = self.offload.get_or_init(|| Offload::new(OFFLOAD_THREADS, tokio::runtime::Handle::current()));
+        off.run(f).await.ok_or_else(|| {
+            ControlError::DataPlane(crate::dataplane::DataPlaneError::Io(std::io::Error::other("the data plane's call failed unexpectedly (see the log)")))
         })
     }
 
@@ -273,6 +323,7 @@ impl Registry {
                 hello: watch::Sender::new(HelloState::Pending),
                 inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
                 unowned_use_warned: Default::default(),
+                updating: Default::default(),
             });
             sessions.insert(uid.clone(), session.clone());
             session
@@ -300,7 +351,7 @@ impl Registry {
                 // Stored before the answer: a client told these listeners
                 // finds them again after a restart. A session never answered
                 // is never stored; its client saw the call fail.
-                if let Err(e) = self.persist(&session) {
+                if let Err(e) = self.persist(&session).await {
                     self.remove(&uid, HelloState::Released, true).await;
                     return Err(e);
                 }
@@ -376,30 +427,38 @@ impl Registry {
             }
             // Registered while the session map is locked, so a `req` that
             // inserts right after us is sure to wake us.
-            lock(&self.early_hellos).entry(uid.to_string()).or_default().clone()
+            let mut early = lock(&self.early_hellos);
+            if early.len() >= MAX_EARLY_HELLOS && !early.contains_key(uid) {
+                return Err(ControlError::Busy(format!(
+                    "{MAX_EARLY_HELLOS} hellos already wait for their req; send the req first or retry"
+                )));
+            }
+            early.entry(uid.to_string()).or_default().clone()
         };
+        // Whether the wait ends, times out or is cancelled (its client hung
+        // up), the entry goes with its last waiter.
+        let entry = EarlyHello { registry: self, uid, notified };
         let wait = EARLY_HELLO_WAIT.min(self.hello_timeout);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let fut = notified.notified();
+            let fut = entry.notified.notified();
             tokio::pin!(fut);
             fut.as_mut().enable();
             if let Ok(s) = self.get(uid) {
                 return Ok(s);
             }
             if tokio::time::timeout_at(deadline, fut).await.is_err() {
-                let mut early = lock(&self.early_hellos);
-                if early.get(uid).is_some_and(|n| Arc::ptr_eq(n, &notified)) && Arc::strong_count(&notified) <= 2 {
-                    early.remove(uid);
-                }
                 return self.get(uid);
             }
         }
     }
 
     /// `update`: sets the session's targets (cycled to `num_conn`) and starts
-    /// forwarding, or retargets a running session.
-    pub fn update(
+    /// forwarding, or retargets a running session. All or nothing: a failed
+    /// update leaves the session exactly as it was (listeners, data plane,
+    /// targets, stored record), so it can be repeated. Run it to its end
+    /// even if the caller goes away ([`Registry::update_detached`]).
+    pub async fn update(
         &self,
         uid: &str,
         remote_listeners: &[String],
@@ -410,19 +469,147 @@ impl Registry {
         if remote.is_empty() {
             return Err(ControlError::InvalidArgument("update needs at least one remote listener".into()));
         }
+        if let Some(policy) = self.target_policy.get() {
+            for t in &remote {
+                policy.check(*t)?;
+            }
+        }
         let session = self.get(&uid)?;
         Self::check_owner(&session, caller)?;
         let targets = addr::cycle_to(&remote, session.num_conn);
-        self.forward(&session, targets.clone())?;
+        let _one_at_a_time = session.updating.lock().await;
+        let before = self.forward(&session, targets.clone()).await?;
+        // Stored before the answer; a store that fails undoes the update.
+        if let Err(e) = self.persist(&session).await {
+            self.undo(&session, before).await;
+            return Err(e);
+        }
+        if matches!(before, Before::NotStarted) && !self.backend.binds_ports_itself() {
+            // The data plane holds its own duplicates now.
+            if let Some(r) = lock(&session.inner).reservation.as_mut() {
+                drop(r.take_listeners());
+            }
+        }
         info!(uid = %session.keying.log_id, role = session.role.as_str(), targets = ?targets, backend = self.backend.name(), "forwarding");
-        // Stored before the answer. On failure the session keeps forwarding
-        // to the new targets and the client may repeat the update.
-        self.persist(&session)?;
         Ok((session.listeners.clone(), targets))
     }
 
-    /// Starts the session's data plane towards `targets`, or retargets it.
-    fn forward(&self, session: &Session, targets: Vec<SocketAddr>) -> Result<(), ControlError> {
+    /// [`Registry::update`] on a task of its own: a client that hangs up
+    /// mid-update cannot leave it half done.
+    pub async fn update_detached(
+        self: &Arc<Self>,
+        uid: String,
+        remote_listeners: Vec<String>,
+        caller: Option<Identity>,
+    ) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), ControlError> {
+        let reg = self.clone();
+        tokio::spawn(async move { reg.update(&uid, &remote_listeners, caller.as_ref()).await })
+            .await
+            .unwrap_or_else(|e| Err(ControlError::FailedPrecondition(format!("update failed unexpectedly: {e}"))))
+    }
+
+    /// Starts the session's data plane towards `targets`, or retargets it,
+    /// with no lock held across the backend's call. On error nothing changed.
+    async fn forward(&self, session: &Arc<Session>, targets: Vec<SocketAddr>) -> Result<Before, ControlError> {
+        let keeps_listeners = !self.backend.binds_ports_itself();
+        let (running, listeners) = {
+            let mut inner = lock(&session.inner);
+            let running = inner.forwarder.clone();
+            let Some(r) = inner.reservation.as_mut() else {
+                return Err(ControlError::Released(session.uid.clone()));
+            };
+            let listeners = match (&running, keeps_listeners) {
+                (Some(_), _) => Vec::new(),
+                // Duplicates: if the start fails, the session's own stay open.
+                (None, true) => r
+                    .listeners
+                    .iter()
+                    .map(std::net::TcpListener::try_clone)
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(|e| ControlError::DataPlane(e.into()))?,
+                (None, false) => r.take_listeners(),
+            };
+            (running, listeners)
+        };
+        if let Some(f) = running {
+            let old = lock(&session.inner).targets.clone();
+            let t = targets.clone();
+            self.offload(move || f.set_targets(t)).await?;
+            lock(&session.inner).targets = targets;
+            return Ok(Before::Targets(old));
+        }
+        let spec = SessionSpec::new(&session.uid, session.role.side()).with_rate(session.rate);
+        let (backend, t) = (self.backend.clone(), targets.clone());
+        let started = self.offload(move || backend.start(spec, listeners, t)).await.and_then(|r| r.map_err(Into::into));
+        let forwarder: Arc<dyn Forwarder> = match started {
+            Ok(f) => Arc::from(f),
+            Err(e) => {
+                if !keeps_listeners {
+                    self.rebind(session);
+                }
+                warn!(uid = %session.uid, error = %e, "update failed; the session is as it was");
+                return Err(e);
+            }
+        };
+        let orphan = {
+            let mut inner = lock(&session.inner);
+            if inner.reservation.is_none() {
+                Some(forwarder)
+            } else {
+                inner.forwarder = Some(forwarder);
+                inner.targets = targets;
+                None
+            }
+        };
+        if let Some(f) = orphan {
+            // Released while it started: nothing may outlive the session.
+            f.release().await;
+            return Err(ControlError::Released(session.uid.clone()));
+        }
+        Ok(Before::NotStarted)
+    }
+
+    /// Puts the session back as it was before [`Registry::forward`].
+    async fn undo(&self, session: &Arc<Session>, before: Before) {
+        match before {
+            Before::Targets(old) => {
+                let f = lock(&session.inner).forwarder.clone();
+                if let Some(f) = f {
+                    let t = old.clone();
+                    let _ = self.offload(move || f.set_targets(t)).await;
+                }
+                lock(&session.inner).targets = old;
+            }
+            Before::NotStarted => {
+                let f = {
+                    let mut inner = lock(&session.inner);
+                    inner.targets.clear();
+                    inner.forwarder.take()
+                };
+                if let Some(f) = f {
+                    f.release().await;
+                }
+                if self.backend.binds_ports_itself() {
+                    self.rebind(session);
+                }
+            }
+        }
+    }
+
+    /// Binds the session's ports again after a backend that binds them
+    /// itself closed the listeners and then failed.
+    fn rebind(&self, session: &Session) {
+        let mut inner = lock(&session.inner);
+        if let Some(r) = inner.reservation.as_mut() {
+            if let Err(e) = self.ports.rebind(r) {
+                error!(uid = %session.uid, error = %e, "session's listeners could not be bound again");
+            }
+        }
+    }
+
+    /// Starts the data plane of a restored session, on the calling thread
+    /// (at start, before the control port opens).
+    fn forward_now(&self, session: &Session, targets: Vec<SocketAddr>) -> Result<(), ControlError> {
         let uid = &session.uid;
         let mut inner = lock(&session.inner);
         match &inner.forwarder {
@@ -433,16 +620,17 @@ impl Registry {
                     .with_rate(session.rate)
                     .with_key(session.keying.key.as_ref().map(|k| &k[..]))
                     .with_log_id(&session.keying.log_id);
-                inner.forwarder = Some(self.backend.start(spec, listeners, targets.clone())?);
+                inner.forwarder = Some(Arc::from(self.backend.start(spec, listeners, targets.clone())?));
             }
         }
         inner.targets = targets;
         Ok(())
     }
 
-    /// Writes the session's record (an fsynced commit).
-    fn persist(&self, s: &Session) -> Result<(), ControlError> {
-        let Some(store) = &self.store else { return Ok(()) };
+    /// Writes the session's record (an fsynced commit, on the blocking pool
+    /// with no lock of the registry held).
+    async fn persist(&self, s: &Session) -> Result<(), ControlError> {
+        let Some(store) = self.store.clone() else { return Ok(()) };
         let prod_listeners = match &*s.hello.borrow() {
             HelloState::Received(p) => p.clone(),
             _ => Vec::new(),
@@ -462,17 +650,27 @@ impl Registry {
             backend: self.backend.name().into(),
             tunnel_key: s.keying.key.map(|k| tunnel_key::hex(&k)),
         };
-        // Under the map's lock: a concurrent release has either taken the
-        // session out already (nothing is written, no record outlives it) or
-        // deletes the record after this write.
-        let sessions = lock(&self.sessions);
-        if !sessions.get(&s.uid).is_some_and(|cur| std::ptr::eq(&**cur, s)) {
+        // In store order: a concurrent release has either taken the session
+        // out of the map already (nothing is written, no record outlives it)
+        // or deletes the record after this write.
+        let turn = self.store_order.clone().lock_owned().await;
+        if !lock(&self.sessions).get(&s.uid).is_some_and(|cur| std::ptr::eq(&**cur, s)) {
             return Err(ControlError::Released(s.uid.clone()));
         }
-        store.put(&record).map_err(|e| {
-            error!(uid = %s.keying.log_id, error = %e, "could not store the session");
-            e.into()
+        let uid = s.keying.log_id.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            store.put(&record)
         })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                error!(uid = %uid, error = %e, "could not store the session");
+                Err(e.into())
+            }
+            Err(e) => Err(ControlError::FailedPrecondition(format!("storing the session failed unexpectedly: {e}"))),
+        }
     }
 
     /// Brings back the sessions an earlier run stored, with their exact
@@ -546,9 +744,10 @@ impl Registry {
             hello: watch::Sender::new(HelloState::Received(r.prod_listeners)),
             inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
             unowned_use_warned: Default::default(),
+            updating: Default::default(),
         });
         if !r.targets.is_empty() {
-            self.forward(&session, r.targets)?;
+            self.forward_now(&session, r.targets)?;
         }
         lock(&self.sessions).insert(uid.clone(), session.clone());
         if let Some(g) = &self.guard {
@@ -576,10 +775,17 @@ impl Registry {
         let Some(session) = lock(&self.sessions).remove(uid) else {
             return false;
         };
-        if let (true, Some(store)) = (forget, &self.store) {
+        if let (true, Some(store)) = (forget, self.store.clone()) {
             // Before the answer to `release`. A failure here is logged, not
             // returned: the session is gone from this run either way.
-            if let Err(e) = store.delete(uid) {
+            let turn = self.store_order.clone().lock_owned().await;
+            let id = uid.to_string();
+            let deleted = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                store.delete(&id)
+            })
+            .await;
+            if let Ok(Err(e)) = deleted {
                 error!(uid = %session.keying.log_id, error = %e, "could not delete the stored session; it would come back after a restart");
             }
         }
@@ -644,8 +850,8 @@ impl Registry {
         sessions
             .iter()
             .filter_map(|s| {
-                let inner = lock(&s.inner);
-                let st = match inner.forwarder.as_ref() {
+                let forwarder = lock(&s.inner).forwarder.clone();
+                let st = match forwarder.as_ref() {
                     Some(f) if !f.counters_observable() => return None,
                     Some(f) => f.stats(),
                     None => StatsSnapshot::default(),
@@ -717,18 +923,21 @@ impl Registry {
 
     fn view_of(&self, s: &Session) -> SessionView {
         let hello_received = matches!(*s.hello.borrow(), HelloState::Received(_));
-        let inner = lock(&s.inner);
+        let (targets, forwarder) = {
+            let inner = lock(&s.inner);
+            (inner.targets.clone(), inner.forwarder.clone())
+        };
         SessionView {
             uid: s.uid.clone(),
             role: s.role,
             backend: self.backend.name(),
             listeners: s.listeners.clone(),
-            targets: inner.targets.clone(),
+            targets,
             hello_received,
             rate: s.rate,
             num_conn: s.num_conn,
-            stats: inner.forwarder.as_ref().map(|f| f.stats()).unwrap_or_default(),
-            counters_observable: inner.forwarder.as_ref().is_none_or(|f| f.counters_observable()),
+            stats: forwarder.as_ref().map(|f| f.stats()).unwrap_or_default(),
+            counters_observable: forwarder.as_ref().is_none_or(|f| f.counters_observable()),
             age: s.created.elapsed(),
             owner: s.owner.clone(),
             secret: s.keying.kind,
@@ -738,7 +947,28 @@ impl Registry {
 
     pub fn stats(&self, uid: &str) -> Result<StatsSnapshot, ControlError> {
         let s = self.get(uid)?;
-        let inner = lock(&s.inner);
-        Ok(inner.forwarder.as_ref().map(|f| f.stats()).unwrap_or_default())
+        let forwarder = lock(&s.inner).forwarder.clone();
+        Ok(forwarder.map(|f| f.stats()).unwrap_or_default())
     }
 }
+
+/// An early hello's entry in `early_hellos`, removed with its last waiter.
+struct EarlyHello<'a> {
+    registry: &'a Registry,
+    uid: &'a str,
+    notified: Arc<Notify>,
+}
+
+impl Drop for EarlyHello<'_> {
+    fn drop(&mut self) {
+        let mut early = lock(&self.registry.early_hellos);
+        // Two references: the map's and ours. More: another hello still waits.
+        if early.get(self.uid).is_some_and(|n| Arc::ptr_eq(n, &self.notified)) && Arc::strong_count(&self.notified) <= 2 {
+            early.remove(self.uid);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

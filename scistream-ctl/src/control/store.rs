@@ -95,13 +95,31 @@ impl Store {
             .open(&path)
             .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
             .map_err(io)?;
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
-            e => StoreError::Db {
-                path: path.clone(),
-                source: e.into(),
-            },
-        })?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(e) if is_damage(&e) => {
+                // The README promises s2cs carries on: the damaged file is
+                // kept for a look, the sessions in it are lost.
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = path.with_file_name(format!("{FILE_NAME}.corrupt-{stamp}"));
+                std::fs::rename(&path, &aside).map_err(io)?;
+                tracing::error!(store = %path.display(), moved_to = %aside.display(), error = %e,
+                    "session store unreadable; moved aside, starting with no stored sessions");
+                eprintln!("s2cs: session store {} unreadable ({e}); moved to {}, starting with no stored sessions", path.display(), aside.display());
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+                Database::create(&path).map_err(|e| StoreError::Db { path: path.clone(), source: e.into() })?
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse { path: path.clone() }),
+            Err(e) => {
+                return Err(StoreError::Db {
+                    path: path.clone(),
+                    source: e.into(),
+                })
+            }
+        };
         let store = Self { db, path };
         // The table exists from the start, so reads never meet a missing one.
         store.write(|_| Ok(()))?;
@@ -178,6 +196,17 @@ impl Store {
     }
 }
 
+/// Whether opening failed on the file's contents (not on the system):
+/// what moving the file aside cures.
+fn is_damage(e: &redb::DatabaseError) -> bool {
+    match e {
+        redb::DatabaseError::RepairAborted => true,
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +278,25 @@ mod tests {
         old.as_object_mut().unwrap().remove("tunnel_key");
         let back: StoredSession = serde_json::from_value(old).unwrap();
         assert_eq!(back.tunnel_key, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_store_is_moved_aside_with_a_timestamp_and_an_empty_one_opens() {
+        let dir = temp_dir("corrupt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = b"this is not a redb database, just bytes on the disk".repeat(100);
+        std::fs::write(dir.join(FILE_NAME), &junk).unwrap();
+        let s = Store::open(&dir).expect("s2cs carries on");
+        assert!(s.load().unwrap().is_empty());
+        s.put(&record("a")).unwrap();
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{FILE_NAME}.corrupt-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "one file moved aside");
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), junk, "kept as it was");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

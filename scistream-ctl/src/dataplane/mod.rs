@@ -120,6 +120,13 @@ pub trait Backend: Send + Sync + 'static {
         listeners: Vec<TcpListener>,
         targets: Vec<SocketAddr>,
     ) -> Result<Box<dyn Forwarder>, DataPlaneError>;
+
+    /// True when the backend closes the listeners it is given and its
+    /// program binds their ports itself; otherwise it may be given
+    /// duplicates, and the session keeps its own until a start succeeds.
+    fn binds_ports_itself(&self) -> bool {
+        false
+    }
 }
 
 /// A session's running data plane.
@@ -181,13 +188,16 @@ impl Stats {
 
 /// Builds the backend `s2cs` was asked for, checking up front that it can run.
 pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<Arc<dyn Backend>, DataPlaneError> {
+    let limits = (args.max_conn_per_listener as usize, args.tcp_keepalive());
     Ok(match args.backend {
         BackendKind::Tls => Arc::new(
-            TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?).enforce_rate(args.enforce_rate),
+            TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?)
+                .enforce_rate(args.enforce_rate)
+                .connection_limits(limits.0, limits.1),
         ),
         BackendKind::Splice => {
             splice::probe()?;
-            Arc::new(TcpRelay::new(splice::SplicePump).enforce_rate(args.enforce_rate))
+            Arc::new(TcpRelay::new(splice::SplicePump).enforce_rate(args.enforce_rate).connection_limits(limits.0, limits.1))
         }
         BackendKind::Sockmap => {
             if !args.experimental {
@@ -198,7 +208,7 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
             }
             // Falling back to splice mid-stream needs splice too.
             splice::probe()?;
-            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?).enforce_rate(args.enforce_rate))
+            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?).enforce_rate(args.enforce_rate).connection_limits(limits.0, limits.1))
         }
         BackendKind::StunnelSubprocess | BackendKind::HaproxySubprocess if args.enforce_rate => {
             return Err(DataPlaneError::Unsupported {

@@ -18,6 +18,16 @@ use super::{pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, Stat
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Defaults of `--max_conn_per_listener` and `--tcp_keepalive`.
+pub const DEFAULT_CONN_PER_LISTENER: usize = 8;
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Keepalive probes after the idle time, and their spacing: a vanished peer
+/// is noticed about a minute after the first probe.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+/// At most one "over the cap" warning per session per this long.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Moves the bytes of one accepted connection to its target until both
 /// directions have ended.
 pub trait Pump: Send + Sync + 'static {
@@ -37,16 +47,72 @@ pub struct TcpRelay<P> {
     pump: Arc<P>,
     /// `--enforce_rate`: pace each session's sockets at its `rate`.
     enforce_rate: bool,
+    /// `--max_conn_per_listener`: a session holds at most this many
+    /// connections per listener, handshaking ones included.
+    conn_per_listener: usize,
+    /// `--tcp_keepalive` on both legs; `None` off.
+    keepalive: Option<Duration>,
 }
 
 impl<P: Pump> TcpRelay<P> {
     pub fn new(pump: P) -> Self {
-        Self { pump: Arc::new(pump), enforce_rate: false }
+        Self { pump: Arc::new(pump), enforce_rate: false, conn_per_listener: DEFAULT_CONN_PER_LISTENER, keepalive: Some(DEFAULT_KEEPALIVE) }
     }
 
     pub fn enforce_rate(mut self, on: bool) -> Self {
         self.enforce_rate = on;
         self
+    }
+
+    pub fn connection_limits(mut self, per_listener: usize, keepalive: Option<Duration>) -> Self {
+        self.conn_per_listener = per_listener.max(1);
+        self.keepalive = keepalive;
+        self
+    }
+}
+
+/// What every accept loop of one session shares.
+#[derive(Clone)]
+struct Admission {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    cap: usize,
+    keepalive: Option<Duration>,
+    last_warn: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// One admitted connection; dropping it frees its place under the cap.
+struct Admitted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    fn admit(&self) -> Option<Admitted> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.cap).then_some(n + 1))
+            .ok()
+            .map(|_| Admitted(self.open.clone()))
+    }
+
+    fn warn_refused(&self, peer: SocketAddr) {
+        let now = std::time::Instant::now();
+        let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_WARN_EVERY) {
+            *last = Some(now);
+            warn!(%peer, cap = self.cap, "session at its connection cap (--max_conn_per_listener x num_conn); closing new connections");
+        }
+    }
+}
+
+fn set_keepalive(sock: &impl std::os::fd::AsFd, idle: Option<Duration>) {
+    if let Some(idle) = idle {
+        let ka = socket2::TcpKeepalive::new().with_time(idle).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
+        if let Err(e) = socket2::SockRef::from(sock).set_tcp_keepalive(&ka) {
+            debug!(error = %e, "cannot set TCP keepalive");
+        }
     }
 }
 
@@ -72,13 +138,19 @@ impl<P: Pump> Backend for TcpRelay<P> {
             tasks: TaskTracker::new(),
         };
         let pacing = if self.enforce_rate { pacing::per_connection(spec.rate_kbps, listeners.len()) } else { None };
+        let admission = Admission {
+            open: Arc::default(),
+            cap: self.conn_per_listener.saturating_mul(listeners.len().max(1)),
+            keepalive: self.keepalive,
+            last_warn: Arc::default(),
+        };
         let spec = Arc::new(spec);
         for (index, l) in listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
             let listener = TcpListener::from_std(l)?;
             let span = info_span!("listener", uid = %spec.log_id, side = ?spec.side, index);
             fwd.tasks.spawn(
-                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone(), pacing)
+                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone(), pacing, admission.clone())
                     .instrument(span),
             );
         }
@@ -128,6 +200,7 @@ async fn accept_loop<P: Pump>(
     cancel: CancellationToken,
     tasks: TaskTracker,
     pacing: Option<u64>,
+    admission: Admission,
 ) {
     loop {
         let (sock, peer) = tokio::select! {
@@ -142,6 +215,14 @@ async fn accept_loop<P: Pump>(
                     continue;
                 }
             },
+        };
+        let Some(admitted) = admission.admit() else {
+            // Closed with RST at once: a flood holds no descriptor and no
+            // handshake state here.
+            let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+            drop(sock);
+            admission.warn_refused(peer);
+            continue;
         };
         let target = {
             let t = targets.read().unwrap_or_else(|p| p.into_inner());
@@ -162,10 +243,11 @@ async fn accept_loop<P: Pump>(
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
         let (pump, stats, cancel, session) = (pump.clone(), stats.clone(), cancel.clone(), session.clone());
         let span = info_span!("conn", %peer, %target);
-        let sockets = ConnSockets::default();
+        let sockets = ConnSockets { keepalive: admission.keepalive, ..Default::default() };
         sockets.hold(&sock);
         tasks.spawn(
             pacing::CONNECTION_PACING.scope(pacing, CONN_SOCKETS.scope(sockets.clone(), async move {
+                let _admitted = admitted;
                 debug!("accepted");
                 let result = tokio::select! {
                     _ = cancel.cancelled() => Ok(()),
@@ -210,21 +292,27 @@ tokio::task_local! {
 /// close sends FIN: the consumer or producer would take a cut stream for a
 /// complete one. After an error every end is closed with RST instead. The
 /// duplicates only keep the sockets alive until the task ends.
+/// Both legs get the session's TCP keepalive here, so a peer that vanished
+/// without a FIN does not hold a plaintext connection for ever.
 #[derive(Clone, Default)]
-struct ConnSockets(Arc<std::sync::Mutex<Vec<std::os::fd::OwnedFd>>>);
+struct ConnSockets {
+    fds: Arc<std::sync::Mutex<Vec<std::os::fd::OwnedFd>>>,
+    keepalive: Option<Duration>,
+}
 
 impl ConnSockets {
     fn hold(&self, s: &TcpStream) {
         use std::os::fd::AsFd;
+        set_keepalive(s, self.keepalive);
         if let Ok(fd) = s.as_fd().try_clone_to_owned() {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+            self.fds.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
         }
     }
 
     /// Linger 0 on every end: their last close, when this task drops the
     /// duplicates, sends RST.
     fn abort(&self) {
-        for fd in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for fd in self.fds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
         }
     }

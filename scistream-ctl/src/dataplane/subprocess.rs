@@ -209,9 +209,10 @@ impl Supervised {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         // PR_SET_PDEATHSIG fires when the *thread* that forked exits, not
-        // only the process: spawns come from tokio's worker threads (gRPC
-        // handlers) or the main thread (restore at start), which live as long
-        // as s2cs. Never spawn from spawn_blocking, whose threads time out.
+        // only the process: spawns come from the registry's data-plane
+        // threads (control/offload.rs) or the main thread (restore at
+        // start), which live as long as s2cs. Never spawn from
+        // spawn_blocking, whose threads time out.
         let parent = nix::unistd::getpid();
         let fds = inherit.to_vec();
         // SAFETY: between fork and exec only async-signal-safe calls are made
@@ -530,6 +531,10 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
         C::KEYING
     }
 
+    fn binds_ports_itself(&self) -> bool {
+        !self.compat.inherits_listeners()
+    }
+
     fn start(
         &self,
         spec: SessionSpec,
@@ -597,7 +602,8 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
                 files,
                 procs: vec![proc],
             }),
-            last_counters: Mutex::default(),
+            last_counters: Arc::default(),
+            reading: Arc::default(),
         }))
     }
 }
@@ -639,9 +645,13 @@ struct SubprocessForwarder<C> {
     config: PathBuf,
     ctx: SpawnContext,
     state: Mutex<State>,
-    /// The program's counters at the last good reading, shown when a
-    /// reading fails (the program busy or gone) rather than zeros.
-    last_counters: Mutex<StatsSnapshot>,
+    /// The program's counters at the last good reading. `stats` answers
+    /// from here at once and starts a new reading on the blocking pool, so
+    /// a scrape or `status` never waits on the program's socket on a
+    /// runtime worker (nor with a session lock held).
+    last_counters: Arc<Mutex<StatsSnapshot>>,
+    /// A reading is under way.
+    reading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<C: Compat> Forwarder for SubprocessForwarder<C> {
@@ -699,14 +709,22 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        let mut last = self.last_counters.lock().unwrap_or_else(|p| p.into_inner());
-        if C::COUNTERS {
-            match self.compat.counters(&self.config) {
-                Ok(now) => *last = now,
-                Err(e) => debug!(uid = %self.spec.log_id, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
+        if C::COUNTERS && !self.reading.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let (compat, config, last, reading) = (self.compat.clone(), self.config.clone(), self.last_counters.clone(), self.reading.clone());
+            let uid = self.spec.log_id.clone();
+            let read = move || {
+                match compat.counters(&config) {
+                    Ok(now) => *last.lock().unwrap_or_else(|p| p.into_inner()) = now,
+                    Err(e) => debug!(uid = %uid, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
+                }
+                reading.store(false, std::sync::atomic::Ordering::Release);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(read)),
+                Err(_) => read(),
             }
         }
-        *last
+        *self.last_counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn counters_observable(&self) -> bool {

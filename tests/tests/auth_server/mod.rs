@@ -410,6 +410,8 @@ impl S2cs {
         let dir = fresh_dir("s2cs");
         let mut cmd = Command::new(bin("s2cs"));
         cmd.args(["--listener_ip", "127.0.0.1", "--control_ip", "127.0.0.1", "--ssl", "false", "--type", "splice"])
+            // Producers and targets of these tests are on loopback.
+            .args(["--allow_target_nets", "127.0.0.0/8"])
             .args(["--port", &base.to_string(), "--port_range", &format!("{}-{}", base + 1, base + 9)])
             .arg("--state_dir")
             .arg(&dir)

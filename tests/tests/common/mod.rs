@@ -3,6 +3,7 @@
 //! written only from docs/protocol.md's field numbers (no code shared with s2cs).
 #![allow(dead_code)]
 
+pub mod loopback;
 pub mod raw;
 
 use std::net::{IpAddr, SocketAddr};

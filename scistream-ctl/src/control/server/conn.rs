@@ -58,6 +58,20 @@ pub struct ConnInfo(Arc<ConnState>);
 struct ConnState {
     in_flight: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// Bytes of request messages not yet whole (see preauth.rs).
+    partial_bytes: AtomicUsize,
+    /// `req` calls in flight.
+    reqs: AtomicUsize,
+    peer: SocketAddr,
+}
+
+/// Marks a `req` in flight on its connection until dropped.
+pub struct ReqGuard(Arc<ConnState>);
+
+impl Drop for ReqGuard {
+    fn drop(&mut self) {
+        self.0.reqs.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Marks a call in flight on its connection until dropped.
@@ -67,6 +81,31 @@ impl ConnInfo {
     pub fn begin_call(&self) -> CallGuard {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         CallGuard(self.0.clone())
+    }
+
+    /// A `req` in flight, unless `limit` of them already are.
+    pub fn begin_req(&self, limit: usize) -> Option<ReqGuard> {
+        self.0
+            .reqs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| ReqGuard(self.0.clone()))
+    }
+
+    /// Charges `n` bytes of partial messages, unless that passes `limit`.
+    pub fn charge(&self, n: usize, limit: usize) -> bool {
+        self.0
+            .partial_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| (b + n <= limit).then_some(b + n))
+            .is_ok()
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.0.peer
+    }
+
+    pub fn refund(&self, n: usize) {
+        self.0.partial_bytes.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -137,6 +176,9 @@ impl ControlIo {
         let info = ConnInfo(Arc::new(ConnState {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(accepted),
+            partial_bytes: AtomicUsize::new(0),
+            reqs: AtomicUsize::new(0),
+            peer,
         }));
         Self {
             io,
