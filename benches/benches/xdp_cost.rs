@@ -71,8 +71,12 @@ fn bench(c: &mut Criterion) {
     // A session that names its peers: one more (LPM trie) lookup per frame.
     let restricted = LISTENER + 1;
     let peer = format!("{}/32", std::net::Ipv4Addr::from(CONSUMER.0));
-    guard.allow_peer(2, &peer.parse().expect("peer")).expect("guard peer");
-    guard.allow_port_from_peers(restricted, 2).expect("guard restricted port");
+    guard
+        .allow_peer(2, &peer.parse().expect("peer"))
+        .expect("guard peer");
+    guard
+        .allow_port_from_peers(restricted, 2)
+        .expect("guard restricted port");
     let from_peer = frame(CONSUMER, (GATEWAY_IN, restricted), 0x10, PAYLOAD);
     nat.set_ranges(DATA, (CONSUMER.1, CONSUMER.1))
         .expect("nat ranges");

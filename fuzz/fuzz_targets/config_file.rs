@@ -35,8 +35,14 @@ fuzz_target!(|bytes: &[u8]| {
             // it can overflow later (an `Instant` past its range panics).
             let now = std::time::Instant::now();
             for (name, d) in args.durations() {
-                assert!(d.as_secs() <= scistream_ctl::config::MAX_TTL_SECS, "{name} = {d:?} passed its bound");
-                assert!(now.checked_add(d).is_some(), "{name} = {d:?} overflows an Instant");
+                assert!(
+                    d.as_secs() <= scistream_ctl::config::MAX_TTL_SECS,
+                    "{name} = {d:?} passed its bound"
+                );
+                assert!(
+                    now.checked_add(d).is_some(),
+                    "{name} = {d:?} overflows an Instant"
+                );
             }
             assert_eq!(args.config.as_ref(), Some(path));
         }

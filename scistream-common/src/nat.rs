@@ -106,7 +106,11 @@ impl NatConfig {
     /// silent for `idle_s`. Its entries may then be freed and its source
     /// port handed out again.
     pub const fn expired(&self, a: &Rewrite, b: &Rewrite, now_s: u32) -> bool {
-        let seen = if a.seen_s > b.seen_s { a.seen_s } else { b.seen_s };
+        let seen = if a.seen_s > b.seen_s {
+            a.seen_s
+        } else {
+            b.seen_s
+        };
         let quiet = now_s.saturating_sub(seen);
         let answered = (a.flags | b.flags) & Rewrite::ANSWERED != 0;
         (a.closed_with(b) && quiet >= self.linger_s as u32)
@@ -494,7 +498,10 @@ mod tests {
         let open = (at(100, 0), at(90, Rewrite::ANSWERED));
         assert!(!c.expired(&open.0, &open.1, 100 + UNANSWERED_S as u32 + 1));
         assert!(c.expired(&open.0, &open.1, 100 + IDLE_S));
-        let closed = (at(100, Rewrite::FIN_SEEN), at(100, Rewrite::FIN_SEEN | Rewrite::ANSWERED));
+        let closed = (
+            at(100, Rewrite::FIN_SEEN),
+            at(100, Rewrite::FIN_SEEN | Rewrite::ANSWERED),
+        );
         assert!(!c.expired(&closed.0, &closed.1, 101));
         assert!(c.expired(&closed.0, &closed.1, 100 + LINGER_S as u32));
         let unanswered = (at(100, 0), at(100, 0));

@@ -17,12 +17,19 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Parses every entry; the first bad one names itself in the error.
 pub fn parse_socket_addrs<S: AsRef<str>>(items: &[S]) -> Result<Vec<SocketAddr>, String> {
-    items.iter().map(|s| parse_socket_addr(s.as_ref())).collect()
+    items
+        .iter()
+        .map(|s| parse_socket_addr(s.as_ref()))
+        .collect()
 }
 
 /// Splits a comma-separated list (as `s2uc outbound-request` takes it) into addresses.
 pub fn parse_addr_list(s: &str) -> Result<Vec<SocketAddr>, String> {
-    let parts: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     if parts.is_empty() {
         return Err("empty listener list".into());
     }
@@ -55,8 +62,12 @@ mod tests {
 
     #[test]
     fn malformed_addresses_are_rejected_with_a_reason() {
-        assert!(parse_socket_addr("10.0.0.1").unwrap_err().contains("not ip:port"));
-        assert!(parse_socket_addr("::1").unwrap_err().contains("[addr]:port"));
+        assert!(parse_socket_addr("10.0.0.1")
+            .unwrap_err()
+            .contains("not ip:port"));
+        assert!(parse_socket_addr("::1")
+            .unwrap_err()
+            .contains("[addr]:port"));
         assert!(parse_socket_addr("host:99999").is_err());
         assert!(parse_addr_list(" , ").is_err());
     }

@@ -197,7 +197,12 @@ pub struct ServerArgs {
 
     /// Client secret; with it, every call's token is checked by introspection.
     /// Without it authentication is off, as in SciStream.
-    #[arg(long = "client_secret", alias = "client-secret", env = "S2CS_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(
+        long = "client_secret",
+        alias = "client-secret",
+        env = "S2CS_CLIENT_SECRET",
+        hide_env_values = true
+    )]
     pub client_secret: Option<String>,
 
     /// OAuth2 token introspection endpoint (RFC 7662), e.g. a Keycloak realm's.
@@ -263,7 +268,11 @@ pub struct ServerArgs {
     /// Networks (CIDR, comma-separated) `update` may forward to although
     /// they are loopback or link-local, which are refused otherwise. The
     /// gateway's own control, metrics and data ports stay refused.
-    #[arg(long = "allow_target_nets", alias = "allow-target-nets", value_delimiter = ',')]
+    #[arg(
+        long = "allow_target_nets",
+        alias = "allow-target-nets",
+        value_delimiter = ','
+    )]
     pub allow_target_nets: Option<Vec<crate::control::targets::IpNet>>,
 
     /// Connections one session's data ports hold at once, per listener
@@ -332,7 +341,10 @@ impl ServerArgs {
             ("control_idle_timeout", self.control_idle_timeout()),
             ("tunnel_timeout", self.tunnel_timeout()),
             ("control_body_timeout", self.control_body_timeout()),
-            ("token_cache_secs", Duration::from_secs(self.token_cache_secs)),
+            (
+                "token_cache_secs",
+                Duration::from_secs(self.token_cache_secs),
+            ),
             ("session_ttl", Duration::from_secs(self.session_ttl)),
         ];
         d.extend(self.tcp_keepalive().map(|k| ("tcp_keepalive", k)));
@@ -352,7 +364,9 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("scistream");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/state/scistream")
 }
 
@@ -382,44 +396,108 @@ mod tests {
     #[test]
     fn snake_and_kebab_flags_both_parse() {
         let a = ServerArgs::try_parse_from([
-            "s2cs", "--server_crt=/a.crt", "--server-key", "/a.key", "--listener_ip=::1",
-            "--port-range", "6000-6010", "--type=StunnelSubprocess", "--verbose", "--ssl", "false",
+            "s2cs",
+            "--server_crt=/a.crt",
+            "--server-key",
+            "/a.key",
+            "--listener_ip=::1",
+            "--port-range",
+            "6000-6010",
+            "--type=StunnelSubprocess",
+            "--verbose",
+            "--ssl",
+            "false",
         ])
         .unwrap();
         assert_eq!(a.server_crt.unwrap().to_str(), Some("/a.crt"));
         assert_eq!(a.server_key.unwrap().to_str(), Some("/a.key"));
         assert!(a.listener_ip.is_ipv6());
-        assert_eq!(a.port_range, PortRange { start: 6000, end: 6010 });
+        assert_eq!(
+            a.port_range,
+            PortRange {
+                start: 6000,
+                end: 6010
+            }
+        );
         assert_eq!(a.backend, BackendKind::StunnelSubprocess);
         assert!(a.verbose && !a.ssl);
-        let b = ServerArgs::try_parse_from(["s2cs", "-v", "--ssl=False", "--port_range=1-2"]).unwrap();
+        let b =
+            ServerArgs::try_parse_from(["s2cs", "-v", "--ssl=False", "--port_range=1-2"]).unwrap();
         assert!(b.verbose && !b.ssl);
         let c = ServerArgs::try_parse_from([
-            "s2cs", "--client-id", "abc", "--client_secret=s", "--introspect-url", "http://127.0.0.1:1/i",
-            "--required_scope", "x", "--token-cache-secs", "0",
+            "s2cs",
+            "--client-id",
+            "abc",
+            "--client_secret=s",
+            "--introspect-url",
+            "http://127.0.0.1:1/i",
+            "--required_scope",
+            "x",
+            "--token-cache-secs",
+            "0",
         ])
         .unwrap();
-        assert_eq!((c.client_id.as_deref(), c.client_secret.as_deref()), (Some("abc"), Some("s")));
-        assert_eq!((c.introspect_url.as_str(), c.required_scope.as_deref(), c.token_cache_secs), ("http://127.0.0.1:1/i", Some("x"), 0));
-        let d = ServerArgs::try_parse_from(["s2cs", "--guard", "false", "--data-iface", "eth0,eth1"]).unwrap();
+        assert_eq!(
+            (c.client_id.as_deref(), c.client_secret.as_deref()),
+            (Some("abc"), Some("s"))
+        );
+        assert_eq!(
+            (
+                c.introspect_url.as_str(),
+                c.required_scope.as_deref(),
+                c.token_cache_secs
+            ),
+            ("http://127.0.0.1:1/i", Some("x"), 0)
+        );
+        let d =
+            ServerArgs::try_parse_from(["s2cs", "--guard", "false", "--data-iface", "eth0,eth1"])
+                .unwrap();
         assert!(!d.guard);
-        assert_eq!(d.data_iface, Some(vec!["eth0".to_string(), "eth1".to_string()]));
+        assert_eq!(
+            d.data_iface,
+            Some(vec!["eth0".to_string(), "eth1".to_string()])
+        );
         let e = ServerArgs::try_parse_from(["s2cs", "--data_iface=veth0"]).unwrap();
         assert!(e.guard, "the guard is on by default");
         assert_eq!(e.data_iface, Some(vec!["veth0".to_string()]));
-        assert_eq!(e.ebpf_attach, crate::ebpf::AttachPolicy::Auto, "auto is the default attach policy");
+        assert_eq!(
+            e.ebpf_attach,
+            crate::ebpf::AttachPolicy::Auto,
+            "auto is the default attach policy"
+        );
         let f = ServerArgs::try_parse_from(["s2cs", "--ebpf_attach", "tc"]).unwrap();
         assert_eq!(f.ebpf_attach, crate::ebpf::AttachPolicy::Tc);
-        assert!(ServerArgs::try_parse_from(["s2cs", "--ebpf-attach", "skb"]).is_err(), "generic XDP is no choice");
+        assert!(
+            ServerArgs::try_parse_from(["s2cs", "--ebpf-attach", "skb"]).is_err(),
+            "generic XDP is no choice"
+        );
     }
 
     #[test]
     fn durations_past_their_bound_are_refused_at_parse_with_the_flag_named() {
-        for flag in ["--control_timeout", "--control_idle_timeout", "--token_cache_secs", "--hello_timeout", "--tunnel_timeout", "--session_ttl", "--control_body_timeout", "--tcp_keepalive"] {
-            let e = ServerArgs::try_parse_from(["s2cs", flag, "18446744073709551615"]).unwrap_err().to_string();
+        for flag in [
+            "--control_timeout",
+            "--control_idle_timeout",
+            "--token_cache_secs",
+            "--hello_timeout",
+            "--tunnel_timeout",
+            "--session_ttl",
+            "--control_body_timeout",
+            "--tcp_keepalive",
+        ] {
+            let e = ServerArgs::try_parse_from(["s2cs", flag, "18446744073709551615"])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(flag) && e.contains("not in 0.."), "{flag}: {e}");
         }
-        let a = ServerArgs::try_parse_from(["s2cs", "--control_timeout", "3600", "--session_ttl", "31536000"]).unwrap();
+        let a = ServerArgs::try_parse_from([
+            "s2cs",
+            "--control_timeout",
+            "3600",
+            "--session_ttl",
+            "31536000",
+        ])
+        .unwrap();
         for (name, d) in a.durations() {
             assert!(std::time::Instant::now().checked_add(d).is_some(), "{name}");
         }

@@ -21,7 +21,11 @@ const GLOBUS_SCOPE_PREFIX: &str = "https://auth.globus.org/scopes/";
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthSetupError {
     #[error("{what} {url:?} is not a URL: {reason}")]
-    BadUrl { what: &'static str, url: String, reason: String },
+    BadUrl {
+        what: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("{what} {url:?} must be https (plain http is accepted only to a loopback address)")]
     NotHttps { what: &'static str, url: String },
     // Display only (no source): s2uc prints an error's whole chain in one line.
@@ -57,16 +61,30 @@ pub fn globus_scope(client_id: &str) -> String {
 /// Tokens and client secrets travel to these endpoints, so they must be
 /// https; tests and same-host servers may use http on loopback.
 pub fn check_endpoint(what: &'static str, url: &str) -> Result<reqwest::Url, OAuthSetupError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| OAuthSetupError::BadUrl { what, url: url.into(), reason: e.to_string() })?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| OAuthSetupError::BadUrl {
+        what,
+        url: url.into(),
+        reason: e.to_string(),
+    })?;
     let Some(host) = parsed.host_str() else {
-        return Err(OAuthSetupError::BadUrl { what, url: url.into(), reason: "no host".into() });
+        return Err(OAuthSetupError::BadUrl {
+            what,
+            url: url.into(),
+            reason: "no host".into(),
+        });
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     match parsed.scheme() {
         "https" => Ok(parsed),
         "http" if loopback => Ok(parsed),
-        _ => Err(OAuthSetupError::NotHttps { what, url: url.into() }),
+        _ => Err(OAuthSetupError::NotHttps {
+            what,
+            url: url.into(),
+        }),
     }
 }
 
@@ -75,9 +93,14 @@ pub fn check_endpoint(what: &'static str, url: &str) -> Result<reqwest::Url, OAu
 /// looks for a process-wide rustls provider (and none can panic for lack of one).
 pub fn http_client() -> Result<reqwest::Client, OAuthSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| OAuthSetupError::Tls(e.to_string()))?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| OAuthSetupError::Tls(e.to_string()))?;
     let tls = match rustls_platform_verifier::Verifier::new(provider) {
-        Ok(v) => builder.dangerous().with_custom_certificate_verifier(Arc::new(v)).with_no_client_auth(),
+        Ok(v) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(v))
+            .with_no_client_auth(),
         // Without system CA certificates no https server can be verified; a
         // loopback http endpoint still works, and https fails with this reason.
         Err(e) => builder
@@ -101,7 +124,11 @@ pub fn http_client() -> Result<reqwest::Client, OAuthSetupError> {
 /// Reads a response body up to [`MAX_BODY`] bytes.
 pub async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| HttpError::Transport(error_chain(&e)))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| HttpError::Transport(error_chain(&e)))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(HttpError::TooLarge);
         }
@@ -125,16 +152,31 @@ impl ServerCertVerifier for NoRoots {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Err(rustls::Error::General(format!("no CA certificates to verify the server with: {}", self.0)))
+        Err(rustls::Error::General(format!(
+            "no CA certificates to verify the server with: {}",
+            self.0
+        )))
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("unverifiable".into()))
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("unverifiable".into()))
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -157,8 +199,14 @@ mod tests {
         assert!(check_endpoint("x", "http://127.0.0.1:8080/introspect").is_ok());
         assert!(check_endpoint("x", "http://[::1]:8080/introspect").is_ok());
         assert!(check_endpoint("x", "http://localhost/introspect").is_ok());
-        assert!(matches!(check_endpoint("x", "http://10.0.0.1/introspect"), Err(OAuthSetupError::NotHttps { .. })));
-        assert!(matches!(check_endpoint("x", "not a url"), Err(OAuthSetupError::BadUrl { .. })));
+        assert!(matches!(
+            check_endpoint("x", "http://10.0.0.1/introspect"),
+            Err(OAuthSetupError::NotHttps { .. })
+        ));
+        assert!(matches!(
+            check_endpoint("x", "not a url"),
+            Err(OAuthSetupError::BadUrl { .. })
+        ));
     }
 
     #[test]

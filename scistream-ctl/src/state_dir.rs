@@ -14,7 +14,10 @@ const MAX_DEPTH: usize = 4;
 /// Creates the state directory if missing and takes group and other access
 /// away from it and everything in it (symlinks are left alone, never followed).
 pub fn secure(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     tighten(dir, 0)
 }
 
@@ -46,7 +49,11 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = std::path::PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
     let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         // The umask can only have taken bits away; make it exactly 0600.
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         f.write_all(data)?;
@@ -74,7 +81,11 @@ mod tests {
         fs::create_dir_all(dir.join("compat")).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(dir.join("compat"), fs::Permissions::from_mode(0o777)).unwrap();
-        for (f, m) in [("guard-peers.json", 0o644), ("server.crt", 0o664), ("compat/x.stunnel", 0o755)] {
+        for (f, m) in [
+            ("guard-peers.json", 0o644),
+            ("server.crt", 0o664),
+            ("compat/x.stunnel", 0o755),
+        ] {
             fs::write(dir.join(f), b"x").unwrap();
             fs::set_permissions(dir.join(f), fs::Permissions::from_mode(m)).unwrap();
         }

@@ -17,9 +17,15 @@ use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme}
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no certificate usable to verify a peer ({unusable} unparsable)")]
@@ -63,14 +69,20 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read { path: path.into(), source })
+    fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read { path: path.into(), source })?;
+        .map_err(|source| TlsError::Read {
+            path: path.into(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { path: path.into() });
     }
@@ -80,7 +92,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read { path: path.into(), source })?
+        .map_err(|source| TlsError::Read {
+            path: path.into(),
+            source,
+        })?
         .ok_or_else(|| TlsError::NoKey { path: path.into() })
 }
 
@@ -106,13 +121,23 @@ pub fn server_identity(
             }
         }
     };
-    Ok(Identity { cert_pem: read(&cert_path)?, key_pem: read(&key_path)?, cert_path, key_path, generated: false })
+    Ok(Identity {
+        cert_pem: read(&cert_path)?,
+        key_pem: read(&key_path)?,
+        cert_path,
+        key_path,
+        generated: false,
+    })
 }
 
 /// Names a generated certificate covers: the listener address, loopback and
 /// the host name, so local clients can verify it too.
 fn subject_names(listener_ip: IpAddr) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if !listener_ip.is_unspecified() {
         names.insert(0, listener_ip.to_string());
     }
@@ -152,8 +177,12 @@ fn self_signed(state_dir: &Path, listener_ip: IpAddr) -> Result<Identity, TlsErr
     let _ = fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700));
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(names.clone())?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, names[0].clone());
-    params.distinguished_name.push(rcgen::DnType::OrganizationName, "scistream-rs gateway");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].clone());
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "scistream-rs gateway");
     let cert = params.self_signed(&key)?;
     let cert_pem = cert.pem().into_bytes();
     let key_pem = key.serialize_pem().into_bytes();
@@ -161,13 +190,24 @@ fn self_signed(state_dir: &Path, listener_ip: IpAddr) -> Result<Identity, TlsErr
     // Not secret, but the state directory keeps every file 0600.
     write_private(&cert_path, &cert_pem).map_err(write_err(&cert_path))?;
     write_private(&names_path, wanted.as_bytes()).map_err(write_err(&names_path))?;
-    Ok(Identity { cert_path, key_path, cert_pem, key_pem, generated: true })
+    Ok(Identity {
+        cert_path,
+        key_path,
+        cert_pem,
+        key_pem,
+        generated: true,
+    })
 }
 
 /// Writes a secret with mode 0600 from the start (never briefly world-readable).
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(tmp, path)
@@ -198,13 +238,19 @@ pub fn tunnel_client_config(peer_ca: Option<&Path>) -> Result<Arc<ClientConfig>,
 
 /// As [`tunnel_client_config`] over another provider (tests narrow it to
 /// one cipher suite).
-pub(crate) fn tunnel_client_config_with(peer_ca: Option<&Path>, provider: Arc<CryptoProvider>) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn tunnel_client_config_with(
+    peer_ca: Option<&Path>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut cfg = match peer_ca {
         Some(path) => builder
             .dangerous()
-            .with_custom_certificate_verifier(crate::trust::TrustFile::load(path, provider.clone())?)
+            .with_custom_certificate_verifier(crate::trust::TrustFile::load(
+                path,
+                provider.clone(),
+            )?)
             .with_no_client_auth(),
         None => builder
             .dangerous()
@@ -240,7 +286,12 @@ impl ServerCertVerifier for NoPeerVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -249,7 +300,12 @@ impl ServerCertVerifier for NoPeerVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -271,7 +327,10 @@ mod tests {
         let mode = fs::metadata(&a.key_path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let b = server_identity(None, None, &dir, ip).unwrap();
-        assert!(!b.generated, "an existing pair for the same names is reused");
+        assert!(
+            !b.generated,
+            "an existing pair for the same names is reused"
+        );
         assert_eq!(a.cert_pem, b.cert_pem);
         let c = server_identity(None, None, &dir, "10.1.2.4".parse().unwrap()).unwrap();
         assert!(c.generated, "a new listener address gets a new certificate");
@@ -282,9 +341,14 @@ mod tests {
 
     #[test]
     fn explicit_missing_certificate_is_an_error_naming_the_file() {
-        let e = server_identity(Some(Path::new("/nonexistent/x.crt")), None, Path::new("/tmp"), "0.0.0.0".parse().unwrap())
-            .err()
-            .unwrap();
+        let e = server_identity(
+            Some(Path::new("/nonexistent/x.crt")),
+            None,
+            Path::new("/tmp"),
+            "0.0.0.0".parse().unwrap(),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("/nonexistent/x.crt"), "{e}");
     }
 }

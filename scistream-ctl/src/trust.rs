@@ -27,11 +27,24 @@ pub enum TrustError {
         "the certificate {peer} presented ({subject}) is not the one in {file} and not signed by it: \
          wrong certificate file, or the gateway changed its certificate?"
     )]
-    NotTrusted { peer: String, subject: String, file: PathBuf },
+    NotTrusted {
+        peer: String,
+        subject: String,
+        file: PathBuf,
+    },
     #[error("the certificate {peer} presented ({subject}) expired on {not_after}; make a new one (its file is {file})")]
-    Expired { peer: String, subject: String, not_after: String, file: PathBuf },
+    Expired {
+        peer: String,
+        subject: String,
+        not_after: String,
+        file: PathBuf,
+    },
     #[error("the certificate {peer} presented ({subject}) is not valid before {not_before}: check both hosts' clocks")]
-    NotYetValid { peer: String, subject: String, not_before: String },
+    NotYetValid {
+        peer: String,
+        subject: String,
+        not_before: String,
+    },
     #[error(
         "the certificate {peer} presented names {names}, not the address or host dialled: \
          make it with subjectAltName=IP:{peer} (or DNS:), or dial a name it holds"
@@ -64,7 +77,11 @@ impl TrustFile {
     /// Reads `file` (PEM, one or more certificates).
     pub fn load(file: &Path, provider: Arc<CryptoProvider>) -> Result<Arc<Self>, TlsError> {
         let certs = load_certs(file)?;
-        let pinned: Vec<_> = certs.iter().filter(|c| is_self_signed(c)).cloned().collect();
+        let pinned: Vec<_> = certs
+            .iter()
+            .filter(|c| is_self_signed(c))
+            .cloned()
+            .collect();
         let mut roots = RootCertStore::empty();
         let (_, unusable) = roots.add_parsable_certificates(certs);
         let chain = if roots.is_empty() {
@@ -77,34 +94,70 @@ impl TrustFile {
             )
         };
         if pinned.is_empty() && chain.is_none() {
-            return Err(TlsError::Unusable { path: file.into(), unusable });
+            return Err(TlsError::Unusable {
+                path: file.into(),
+                unusable,
+            });
         }
-        Ok(Arc::new(Self { file: file.into(), pinned, chain, provider }))
+        Ok(Arc::new(Self {
+            file: file.into(),
+            pinned,
+            chain,
+            provider,
+        }))
     }
 
     fn refuse(&self, ee: &CertificateDer<'_>, peer: &ServerName<'_>, why: Why) -> rustls::Error {
         let peer = peer.to_str().into_owned();
         let parsed = X509Certificate::from_der(ee).ok().map(|(_, c)| c);
-        let subject = parsed.as_ref().map_or_else(|| "unparsable".into(), |c| c.subject().to_string());
+        let subject = parsed
+            .as_ref()
+            .map_or_else(|| "unparsable".into(), |c| c.subject().to_string());
         let e = match why {
-            Why::NotTrusted => TrustError::NotTrusted { peer, subject, file: self.file.clone() },
+            Why::NotTrusted => TrustError::NotTrusted {
+                peer,
+                subject,
+                file: self.file.clone(),
+            },
             Why::Expired => {
-                let not_after = parsed.as_ref().map_or_else(String::new, |c| c.validity().not_after.to_string());
-                TrustError::Expired { peer, subject, not_after, file: self.file.clone() }
+                let not_after = parsed
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.validity().not_after.to_string());
+                TrustError::Expired {
+                    peer,
+                    subject,
+                    not_after,
+                    file: self.file.clone(),
+                }
             }
             Why::NotYetValid => {
-                let not_before = parsed.as_ref().map_or_else(String::new, |c| c.validity().not_before.to_string());
-                TrustError::NotYetValid { peer, subject, not_before }
+                let not_before = parsed
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.validity().not_before.to_string());
+                TrustError::NotYetValid {
+                    peer,
+                    subject,
+                    not_before,
+                }
             }
-            Why::WrongName => TrustError::WrongName { peer, names: parsed.as_ref().map_or_else(String::new, names_of) },
+            Why::WrongName => TrustError::WrongName {
+                peer,
+                names: parsed.as_ref().map_or_else(String::new, names_of),
+            },
             Why::Other(reason) => TrustError::Other { peer, reason },
         };
         rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
     }
 
     /// The checks a pinned certificate still gets: dates and names.
-    fn check_pinned(&self, ee: &CertificateDer<'_>, peer: &ServerName<'_>, now: UnixTime) -> Result<(), Why> {
-        let (_, cert) = X509Certificate::from_der(ee).map_err(|e| Why::Other(format!("unparsable: {e}")))?;
+    fn check_pinned(
+        &self,
+        ee: &CertificateDer<'_>,
+        peer: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<(), Why> {
+        let (_, cert) =
+            X509Certificate::from_der(ee).map_err(|e| Why::Other(format!("unparsable: {e}")))?;
         let now = now.as_secs() as i64;
         if now < cert.validity().not_before.timestamp() {
             return Err(Why::NotYetValid);
@@ -112,7 +165,8 @@ impl TrustFile {
         if now > cert.validity().not_after.timestamp() {
             return Err(Why::Expired);
         }
-        let parsed = rustls::server::ParsedCertificate::try_from(ee).map_err(|e| Why::Other(e.to_string()))?;
+        let parsed = rustls::server::ParsedCertificate::try_from(ee)
+            .map_err(|e| Why::Other(e.to_string()))?;
         rustls::client::verify_server_name(&parsed, peer).map_err(|_| Why::WrongName)
     }
 }
@@ -129,10 +183,16 @@ impl From<&CertificateError> for Why {
     fn from(e: &CertificateError) -> Self {
         match e {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => Why::Expired,
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Why::NotYetValid,
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => Why::WrongName,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                Why::NotYetValid
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                Why::WrongName
+            }
             CertificateError::UnknownIssuer | CertificateError::BadSignature => Why::NotTrusted,
-            CertificateError::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => Why::NotTrusted,
+            CertificateError::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => {
+                Why::NotTrusted
+            }
             other => Why::Other(other.to_string()),
         }
     }
@@ -156,10 +216,12 @@ impl ServerCertVerifier for TrustFile {
         let Some(chain) = &self.chain else {
             return Err(self.refuse(ee, peer, Why::NotTrusted));
         };
-        chain.verify_server_cert(ee, intermediates, peer, ocsp, now).map_err(|e| match &e {
-            rustls::Error::InvalidCertificate(c) => self.refuse(ee, peer, Why::from(c)),
-            _ => e,
-        })
+        chain
+            .verify_server_cert(ee, intermediates, peer, ocsp, now)
+            .map_err(|e| match &e {
+                rustls::Error::InvalidCertificate(c) => self.refuse(ee, peer, Why::from(c)),
+                _ => e,
+            })
     }
 
     fn verify_tls12_signature(
@@ -168,7 +230,12 @@ impl ServerCertVerifier for TrustFile {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -177,11 +244,18 @@ impl ServerCertVerifier for TrustFile {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -189,7 +263,9 @@ impl ServerCertVerifier for TrustFile {
 /// out with its own key, so a CA-signed leaf is never pinned by mistake.
 fn is_self_signed(der: &CertificateDer<'_>) -> bool {
     match X509Certificate::from_der(der) {
-        Ok((_, c)) => c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok(),
+        Ok((_, c)) => {
+            c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok()
+        }
         Err(_) => false,
     }
 }
@@ -201,8 +277,14 @@ fn names_of(c: &X509Certificate<'_>) -> String {
             match n {
                 GeneralName::DNSName(d) => names.push(format!("DNS:{d}")),
                 GeneralName::IPAddress(ip) => names.push(match ip.len() {
-                    4 => format!("IP:{}", std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())),
-                    16 => format!("IP:{}", std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())),
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                    ),
                     _ => "IP:?".into(),
                 }),
                 _ => {}
@@ -221,7 +303,9 @@ fn names_of(c: &X509Certificate<'_>) -> String {
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) = e.downcast_ref::<rustls::Error>() {
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) =
+            e.downcast_ref::<rustls::Error>()
+        {
             if let Some(t) = o.0.downcast_ref::<TrustError>() {
                 return Some(t.to_string());
             }
@@ -230,7 +314,10 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
             return Some(t.to_string());
         }
         // io::Error's source() skips the error it wraps (tokio-rustls puts rustls' there).
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             if let Some(found) = explain(inner) {
                 return Some(found);
             }
@@ -255,7 +342,11 @@ mod tests {
         (path, cert.der().clone())
     }
 
-    fn verify(file: &Path, ee: &CertificateDer<'_>, ip: &str) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify(
+        file: &Path,
+        ee: &CertificateDer<'_>,
+        ip: &str,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         let v = TrustFile::load(file, crate::tls::provider()).unwrap();
         let name = ServerName::try_from(ip.to_string()).unwrap();
         v.verify_server_cert(ee, &[], &name, &[], UnixTime::now())
@@ -267,11 +358,20 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (a, a_der) = tutorial_like(&dir, "a.crt", "10.0.0.1");
         let (_, b_der) = tutorial_like(&dir, "b.crt", "10.0.0.1");
-        assert!(verify(&a, &a_der, "10.0.0.1").is_ok(), "the pinned certificate itself passes");
+        assert!(
+            verify(&a, &a_der, "10.0.0.1").is_ok(),
+            "the pinned certificate itself passes"
+        );
         let other = verify(&a, &b_der, "10.0.0.1").unwrap_err();
-        assert!(explain(&other).unwrap().contains("is not the one in"), "{other}");
+        assert!(
+            explain(&other).unwrap().contains("is not the one in"),
+            "{other}"
+        );
         let name = verify(&a, &a_der, "10.0.0.2").unwrap_err();
-        assert!(explain(&name).unwrap().contains("names IP:10.0.0.1"), "{name}");
+        assert!(
+            explain(&name).unwrap().contains("names IP:10.0.0.1"),
+            "{name}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

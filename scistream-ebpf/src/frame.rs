@@ -48,12 +48,7 @@ impl Frame for XdpFrame<'_> {
         // SAFETY: the helper writes at most N bytes into `buf` and fails
         // (non-zero) when the frame ends before offset + N.
         let ret = unsafe {
-            bpf_xdp_load_bytes(
-                self.0.ctx,
-                offset as u32,
-                buf.as_mut_ptr().cast(),
-                N as u32,
-            )
+            bpf_xdp_load_bytes(self.0.ctx, offset as u32, buf.as_mut_ptr().cast(), N as u32)
         };
         (ret == 0).then_some(buf)
     }

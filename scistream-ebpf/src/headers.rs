@@ -74,8 +74,20 @@ pub fn transport<F: Frame>(frame: &F) -> Result<Option<Transport>, DropReason> {
     }
     let (l3, source) = match ethertype {
         // Source address: 12 bytes into IPv4, 8 into IPv6.
-        ETH_P_IP => (ipv4(frame, offset)?, Source { offset: offset + 12, v6: false }),
-        ETH_P_IPV6 => (ipv6(frame, offset)?, Source { offset: offset + 8, v6: true }),
+        ETH_P_IP => (
+            ipv4(frame, offset)?,
+            Source {
+                offset: offset + 12,
+                v6: false,
+            },
+        ),
+        ETH_P_IPV6 => (
+            ipv6(frame, offset)?,
+            Source {
+                offset: offset + 8,
+                v6: true,
+            },
+        ),
         ETH_P_8021Q | ETH_P_8021AD => return Err(DropReason::Malformed),
         _ => return Ok(None),
     };
@@ -89,7 +101,12 @@ pub fn transport<F: Frame>(frame: &F) -> Result<Option<Transport>, DropReason> {
         IPPROTO_DCCP => DCCP_HLEN,
         _ => return Ok(None),
     };
-    Ok(Some(Transport { protocol, offset, header_len, source }))
+    Ok(Some(Transport {
+        protocol,
+        offset,
+        header_len,
+        source,
+    }))
 }
 
 /// `(protocol, offset of the L4 header)`, or `None` for a non-first fragment.

@@ -314,8 +314,17 @@ impl Topology {
         for link in Link::ALL {
             let (a, b) = link.ends();
             for node in [a, b] {
-                ip(&["-n", self.ns(node), "link", "set", "dev", link.iface(), "mtu", &mtu])
-                    .with_context(|| format!("MTU {mtu} on {} in {}", link.iface(), self.ns(node)))?;
+                ip(&[
+                    "-n",
+                    self.ns(node),
+                    "link",
+                    "set",
+                    "dev",
+                    link.iface(),
+                    "mtu",
+                    &mtu,
+                ])
+                .with_context(|| format!("MTU {mtu} on {} in {}", link.iface(), self.ns(node)))?;
             }
         }
         Ok(())

@@ -799,7 +799,9 @@ fn stream_reader(mut socket: &TcpStream, seed: u64, shared: &StreamShared) {
                 // closed it under us (a released session, a dead gateway).
                 if !shared.stop.load(Ordering::SeqCst) {
                     let at = shared.echoed.load(Ordering::SeqCst);
-                    shared.fail(format!("the other end closed the stream after {at} verified bytes"));
+                    shared.fail(format!(
+                        "the other end closed the stream after {at} verified bytes"
+                    ));
                 }
                 return;
             }

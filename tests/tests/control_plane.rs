@@ -26,13 +26,21 @@ fn plain_gateway(topo: &Topology, range: &str, extra: &[&str]) -> Gateway {
 }
 
 /// Runs `f` with a raw client inside the inbound gateway's namespace.
-fn with_client<T: Send>(topo: &Topology, gw: &Gateway, f: impl AsyncFnOnce(RawClient) -> T + Send) -> T {
+fn with_client<T: Send>(
+    topo: &Topology,
+    gw: &Gateway,
+    f: impl AsyncFnOnce(RawClient) -> T + Send,
+) -> T {
     let control = gw.control;
-    in_netns(topo.ns(Node::InboundGw), move || block_on(async move { f(RawClient::connect(control).await).await }))
+    in_netns(topo.ns(Node::InboundGw), move || {
+        block_on(async move { f(RawClient::connect(control).await).await })
+    })
 }
 
 fn port_of(s: &str) -> u16 {
-    s.parse::<SocketAddr>().unwrap_or_else(|_| panic!("listener {s:?} is not ip:port")).port()
+    s.parse::<SocketAddr>()
+        .unwrap_or_else(|_| panic!("listener {s:?} is not ip:port"))
+        .port()
 }
 
 #[test]
@@ -41,7 +49,12 @@ fn scistream_sequence_req_then_hello_half_a_second_later() {
         return;
     }
     let topo = Topology::new().unwrap();
-    let producer = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000), 1 << 20).unwrap();
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+        1 << 20,
+    )
+    .unwrap();
     let gw = plain_gateway(&topo, "5100-5199", &[]);
     let prod = producer.addr().to_string();
     let (uid, listeners) = with_client(&topo, &gw, async |c| {
@@ -51,23 +64,46 @@ fn scistream_sequence_req_then_hello_half_a_second_later() {
             async move { c.req(&uid, "PROD", 2, 10000).await }
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let app = c.hello(&uid, &[prod.as_str()], "PROD").await.expect("hello");
+        let app = c
+            .hello(&uid, &[prod.as_str()], "PROD")
+            .await
+            .expect("hello");
         assert!(!app.message.is_empty());
-        let resp = pending.await.unwrap().expect("req completes once the hello came");
+        let resp = pending
+            .await
+            .unwrap()
+            .expect("req completes once the hello came");
         assert_eq!(resp.listeners.len(), 2);
         for l in &resp.listeners {
             assert!(l.starts_with("10.91.2.2:"), "listener {l} uses listener_ip");
             assert!((5100..=5199).contains(&port_of(l)));
         }
         assert_eq!(resp.prod_listeners, vec![prod.clone()]);
-        let upd = c.update(&uid, &[prod.as_str()], "PROD").await.expect("update");
+        let upd = c
+            .update(&uid, &[prod.as_str()], "PROD")
+            .await
+            .expect("update");
         assert_eq!(upd.listeners, resp.listeners);
-        assert_eq!(upd.prod_listeners, vec![prod.clone(), prod.clone()], "targets cycled to num_conn");
+        assert_eq!(
+            upd.prod_listeners,
+            vec![prod.clone(), prod.clone()],
+            "targets cycled to num_conn"
+        );
         (uid, resp.listeners)
     });
     // The session forwards: the other gateway's side reaches the producer.
-    let t = consume(topo.ns(Node::OutboundGw), listeners[1].parse().unwrap(), 1 << 20, 9).expect("through the listener");
-    t.verify_with(&producer.wait_for(1, Duration::from_secs(10)).unwrap(), 1 << 20).unwrap();
+    let t = consume(
+        topo.ns(Node::OutboundGw),
+        listeners[1].parse().unwrap(),
+        1 << 20,
+        9,
+    )
+    .expect("through the listener");
+    t.verify_with(
+        &producer.wait_for(1, Duration::from_secs(10)).unwrap(),
+        1 << 20,
+    )
+    .unwrap();
     with_client(&topo, &gw, async |c| {
         c.release(&uid).await.expect("release");
         expect_code(c.release(&uid).await, Code::NotFound);
@@ -88,7 +124,10 @@ fn hello_before_req_is_accepted_and_req_role_counts() {
             async move { c.hello(&uid, &["10.91.3.2:7000"], "PROD").await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let resp = c.req(&uid, "PROD", 1, 10000).await.expect("req after its hello");
+        let resp = c
+            .req(&uid, "PROD", 1, 10000)
+            .await
+            .expect("req after its hello");
         let app = early.await.unwrap().expect("the early hello succeeds");
         assert_eq!(app.listeners, resp.listeners);
         assert_eq!(resp.prod_listeners, vec!["10.91.3.2:7000".to_string()]);
@@ -100,10 +139,16 @@ fn hello_before_req_is_accepted_and_req_role_counts() {
             async move { c.req(&cons, "CONS", 1, 10000).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let app = c.hello(&cons, &["10.91.3.2:80"], "PROD").await.expect("hello");
+        let app = c
+            .hello(&cons, &["10.91.3.2:80"], "PROD")
+            .await
+            .expect("hello");
         let resp = pending.await.unwrap().expect("req");
         assert_eq!(app.listeners, resp.listeners);
-        assert!(resp.prod_listeners.is_empty(), "a CONS session ignores the hello's addresses");
+        assert!(
+            resp.prod_listeners.is_empty(),
+            "a CONS session ignores the hello's addresses"
+        );
     });
 }
 
@@ -113,8 +158,18 @@ fn interleaved_sessions_get_disjoint_ports_and_their_own_producer() {
         return;
     }
     let topo = Topology::new().unwrap();
-    let pa = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7001), 1 << 20).unwrap();
-    let pb = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7002), 1 << 20).unwrap();
+    let pa = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7001),
+        1 << 20,
+    )
+    .unwrap();
+    let pb = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7002),
+        1 << 20,
+    )
+    .unwrap();
     let gw = plain_gateway(&topo, "5100-5199", &[]);
     let (a_addr, b_addr) = (pa.addr().to_string(), pb.addr().to_string());
     let (la, lb) = with_client(&topo, &gw, async |c| {
@@ -134,15 +189,30 @@ fn interleaved_sessions_get_disjoint_ports_and_their_own_producer() {
         let (ra, rb) = (ra.await.unwrap().unwrap(), rb.await.unwrap().unwrap());
         assert_eq!(ra.prod_listeners, vec![a_addr.clone()]);
         assert_eq!(rb.prod_listeners, vec![b_addr.clone()]);
-        assert!(ra.listeners.iter().all(|l| !rb.listeners.contains(l)), "{:?} vs {:?}", ra.listeners, rb.listeners);
+        assert!(
+            ra.listeners.iter().all(|l| !rb.listeners.contains(l)),
+            "{:?} vs {:?}",
+            ra.listeners,
+            rb.listeners
+        );
         c.update(&ua, &[a_addr.as_str()], "PROD").await.unwrap();
         c.update(&ub, &[b_addr.as_str()], "PROD").await.unwrap();
         (ra.listeners, rb.listeners)
     });
     let out = topo.ns(Node::OutboundGw);
-    consume(out, la[0].parse().unwrap(), 1 << 20, 1).unwrap().verify_with(&pa.wait_for(1, Duration::from_secs(10)).unwrap(), 1 << 20).unwrap();
-    consume(out, lb[1].parse().unwrap(), 1 << 20, 2).unwrap().verify_with(&pb.wait_for(1, Duration::from_secs(10)).unwrap(), 1 << 20).unwrap();
-    assert_eq!((pa.accepted(), pb.accepted()), (1, 1), "each session reached only its own producer");
+    consume(out, la[0].parse().unwrap(), 1 << 20, 1)
+        .unwrap()
+        .verify_with(&pa.wait_for(1, Duration::from_secs(10)).unwrap(), 1 << 20)
+        .unwrap();
+    consume(out, lb[1].parse().unwrap(), 1 << 20, 2)
+        .unwrap()
+        .verify_with(&pb.wait_for(1, Duration::from_secs(10)).unwrap(), 1 << 20)
+        .unwrap();
+    assert_eq!(
+        (pa.accepted(), pb.accepted()),
+        (1, 1),
+        "each session reached only its own producer"
+    );
 }
 
 #[test]
@@ -154,7 +224,10 @@ fn req_without_hello_times_out_and_returns_its_ports() {
     let gw = plain_gateway(&topo, "5100-5101", &["--hello_timeout", "1"]);
     with_client(&topo, &gw, async |c| {
         let start = Instant::now();
-        let msg = expect_code(c.req(&new_uid(), "PROD", 2, 1).await, Code::DeadlineExceeded);
+        let msg = expect_code(
+            c.req(&new_uid(), "PROD", 2, 1).await,
+            Code::DeadlineExceeded,
+        );
         assert!(msg.contains("hello"), "{msg}");
         assert!(start.elapsed() < Duration::from_secs(5));
         // Both ports came back: a new session can take them.
@@ -164,7 +237,10 @@ fn req_without_hello_times_out_and_returns_its_ports() {
             async move { c.req(&uid, "PROD", 2, 1).await }
         });
         c.hello(&uid, &["10.91.3.2:7000"], "PROD").await.unwrap();
-        let r = pending.await.unwrap().expect("the freed ports are allocated again");
+        let r = pending
+            .await
+            .unwrap()
+            .expect("the freed ports are allocated again");
         let mut ports: Vec<u16> = r.listeners.iter().map(|l| port_of(l)).collect();
         ports.sort();
         assert_eq!(ports, vec![5100, 5101]);
@@ -188,19 +264,31 @@ fn a_thousand_pending_reqs_do_not_stop_a_hello() {
         let mut pending = Vec::new();
         for _ in 0..1000 {
             let c = c.clone();
-            pending.push(tokio::spawn(async move { c.req(&new_uid(), "PROD", 1, 1).await }));
+            pending.push(tokio::spawn(async move {
+                c.req(&new_uid(), "PROD", 1, 1).await
+            }));
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         while pending.iter().filter(|p| p.is_finished()).count() < 1000 - HELD {
-            assert!(Instant::now() < deadline, "the reqs past the connection's share were not refused in time");
+            assert!(
+                Instant::now() < deadline,
+                "the reqs past the connection's share were not refused in time"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (done, waiting): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.is_finished());
-        assert_eq!(waiting.len(), HELD, "reqs waiting for their hello on one connection");
+        assert_eq!(
+            waiting.len(),
+            HELD,
+            "reqs waiting for their hello on one connection"
+        );
         for p in done {
             expect_code(p.await.unwrap(), Code::ResourceExhausted);
         }
-        assert_eq!(daemon.log_contents().matches("session requested").count(), HELD);
+        assert_eq!(
+            daemon.log_contents().matches("session requested").count(),
+            HELD
+        );
         let start = Instant::now();
         let uid = new_uid();
         let other = RawClient::connect(control).await;
@@ -209,14 +297,31 @@ fn a_thousand_pending_reqs_do_not_stop_a_hello() {
             async move { other.req(&uid, "PROD", 1, 1).await }
         });
         // The hello on the connection whose req share is full.
-        tokio::time::timeout(Duration::from_secs(10), c.hello(&uid, &["10.91.3.2:7000"], "PROD"))
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.hello(&uid, &["10.91.3.2:7000"], "PROD"),
+        )
+        .await
+        .expect("hello answered while the connection's reqs wait")
+        .expect("hello");
+        let r = tokio::time::timeout(Duration::from_secs(10), probe)
             .await
-            .expect("hello answered while the connection's reqs wait")
-            .expect("hello");
-        let r = tokio::time::timeout(Duration::from_secs(10), probe).await.expect("req answered").unwrap().unwrap();
-        assert!(port_of(&r.listeners[0]) >= 20000 + HELD as u16, "the pending sessions hold their ports: {:?}", r.listeners);
-        eprintln!("req+hello with {HELD} pending on one connection: {:?}", start.elapsed());
-        assert!(waiting.iter().all(|p| !p.is_finished()), "pending reqs stay pending");
+            .expect("req answered")
+            .unwrap()
+            .unwrap();
+        assert!(
+            port_of(&r.listeners[0]) >= 20000 + HELD as u16,
+            "the pending sessions hold their ports: {:?}",
+            r.listeners
+        );
+        eprintln!(
+            "req+hello with {HELD} pending on one connection: {:?}",
+            start.elapsed()
+        );
+        assert!(
+            waiting.iter().all(|p| !p.is_finished()),
+            "pending reqs stay pending"
+        );
         for p in waiting {
             p.abort();
         }
@@ -230,8 +335,15 @@ fn release_frees_ports_closes_connections_and_busy_ports_are_skipped() {
     }
     let topo = Topology::new().unwrap();
     // Another process's listener on 5101, inside the range.
-    let squatter = in_netns(topo.ns(Node::InboundGw), || TcpListener::bind("10.91.2.2:5101")).expect("squatting 5101");
-    let echo = Producer::start_echo(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
+    let squatter = in_netns(topo.ns(Node::InboundGw), || {
+        TcpListener::bind("10.91.2.2:5101")
+    })
+    .expect("squatting 5101");
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+    )
+    .unwrap();
     let gw = plain_gateway(&topo, "5100-5102", &[]);
     let target = echo.addr().to_string();
     let open = |c: RawClient, n: i32| {
@@ -254,16 +366,26 @@ fn release_frees_ports_closes_connections_and_busy_ports_are_skipped() {
 
     let stream = Stream::start(topo.ns(Node::OutboundGw), listeners[0].parse().unwrap()).unwrap();
     stream.assert_progress(Duration::from_secs(5));
-    with_client(&topo, &gw, async |c| c.release(&uid).await.expect("release"));
+    with_client(&topo, &gw, async |c| {
+        c.release(&uid).await.expect("release")
+    });
     let deadline = Instant::now() + Duration::from_secs(2);
     while stream.error().is_none() {
-        assert!(Instant::now() < deadline, "the live connection was not closed by release");
+        assert!(
+            Instant::now() < deadline,
+            "the live connection was not closed by release"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(stream);
     // Still the same two ports, free again.
-    let (_, again) = with_client(&topo, &gw, async |c| open(c, 2).await.expect("ports reusable after release"));
-    assert_eq!(again.iter().map(|l| port_of(l)).collect::<Vec<_>>(), vec![5100, 5102]);
+    let (_, again) = with_client(&topo, &gw, async |c| {
+        open(c, 2).await.expect("ports reusable after release")
+    });
+    assert_eq!(
+        again.iter().map(|l| port_of(l)).collect::<Vec<_>>(),
+        vec![5100, 5102]
+    );
     drop(squatter);
 }
 
@@ -273,7 +395,11 @@ fn every_error_code_leaves_a_live_session_streaming() {
         return;
     }
     let topo = Topology::new().unwrap();
-    let echo = Producer::start_echo(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000)).unwrap();
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+    )
+    .unwrap();
     let gw = plain_gateway(&topo, "5100-5103", &[]);
     let target = echo.addr().to_string();
     let (live_uid, live) = with_client(&topo, &gw, async |c| {
@@ -294,18 +420,27 @@ fn every_error_code_leaves_a_live_session_streaming() {
     with_client(&topo, &gw, async |c| {
         let unknown = new_uid();
         // NOT_FOUND
-        expect_code(c.update(&unknown, &["10.91.3.2:7000"], "PROD").await, Code::NotFound);
+        expect_code(
+            c.update(&unknown, &["10.91.3.2:7000"], "PROD").await,
+            Code::NotFound,
+        );
         alive();
         expect_code(c.release(&unknown).await, Code::NotFound);
         alive();
-        let m = expect_code(c.hello(&unknown, &["10.91.3.2:7000"], "PROD").await, Code::NotFound);
+        let m = expect_code(
+            c.hello(&unknown, &["10.91.3.2:7000"], "PROD").await,
+            Code::NotFound,
+        );
         assert!(m.contains(&unknown), "{m}");
         alive();
         // ALREADY_EXISTS
         expect_code(c.req(&live_uid, "PROD", 1, 1).await, Code::AlreadyExists);
         alive();
         // RESOURCE_EXHAUSTED, with nothing half-allocated: 3 ports are free, ask for 4.
-        let m = expect_code(c.req(&new_uid(), "PROD", 4, 1).await, Code::ResourceExhausted);
+        let m = expect_code(
+            c.req(&new_uid(), "PROD", 4, 1).await,
+            Code::ResourceExhausted,
+        );
         assert!(m.contains("5100-5103"), "{m}");
         alive();
         let uid3 = new_uid();
@@ -315,11 +450,27 @@ fn every_error_code_leaves_a_live_session_streaming() {
         });
         // INVALID_ARGUMENT: a malformed address in the hello leaves the req pending...
         tokio::time::sleep(Duration::from_millis(100)).await;
-        expect_code(c.hello(&uid3, &["10.91.3.2"], "PROD").await, Code::InvalidArgument);
-        c.hello(&uid3, &["10.91.3.2:7000"], "PROD").await.expect("a good hello after a bad one");
-        assert_eq!(pending.await.unwrap().expect("all three free ports").listeners.len(), 3);
+        expect_code(
+            c.hello(&uid3, &["10.91.3.2"], "PROD").await,
+            Code::InvalidArgument,
+        );
+        c.hello(&uid3, &["10.91.3.2:7000"], "PROD")
+            .await
+            .expect("a good hello after a bad one");
+        assert_eq!(
+            pending
+                .await
+                .unwrap()
+                .expect("all three free ports")
+                .listeners
+                .len(),
+            3
+        );
         alive();
-        expect_code(c.update(&uid3, &["garbage"], "PROD").await, Code::InvalidArgument);
+        expect_code(
+            c.update(&uid3, &["garbage"], "PROD").await,
+            Code::InvalidArgument,
+        );
         expect_code(c.update(&uid3, &[], "PROD").await, Code::InvalidArgument);
         c.release(&uid3).await.unwrap();
         alive();
@@ -337,6 +488,8 @@ fn every_error_code_leaves_a_live_session_streaming() {
         expect_code(c.release("'; DROP TABLE").await, Code::InvalidArgument);
     });
     alive();
-    let summary = stream.finish().expect("the live session's bytes all came back intact");
+    let summary = stream
+        .finish()
+        .expect("the live session's bytes all came back intact");
     assert!(summary.echoed_bytes > 0);
 }

@@ -21,30 +21,70 @@ fn stream_through(test: &str, backend: &str, num_conn: usize, bytes: u64, v6: bo
     }
     let topo = Topology::new().expect("topology");
     let (prod_ip, gin_ip, gout_ip): (IpAddr, IpAddr, IpAddr) = if v6 {
-        (addr::PRODUCER_V6.into(), addr::INBOUND_GW_WAN_V6.into(), addr::OUTBOUND_GW_LAN_V6.into())
+        (
+            addr::PRODUCER_V6.into(),
+            addr::INBOUND_GW_WAN_V6.into(),
+            addr::OUTBOUND_GW_LAN_V6.into(),
+        )
     } else {
-        (addr::PRODUCER.into(), addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into())
+        (
+            addr::PRODUCER.into(),
+            addr::INBOUND_GW_WAN.into(),
+            addr::OUTBOUND_GW_LAN.into(),
+        )
     };
-    let producer = Producer::start(topo.ns(Node::Producer), SocketAddr::new(prod_ip, PRODUCER_PORT), bytes).expect("producer");
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(prod_ip, PRODUCER_PORT),
+        bytes,
+    )
+    .expect("producer");
     let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, "5100-5199", backend, &[]);
-    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, "5100-5199", backend, &["--peer_ca", gin.cert_str()]);
+    let gout = Gateway::start(
+        topo.ns(Node::OutboundGw),
+        gout_ip,
+        "5100-5199",
+        backend,
+        &["--peer_ca", gin.cert_str()],
+    );
 
     let inbound = gin.inbound(topo.ns(Node::InboundGw), producer.addr(), num_conn);
     assert_eq!(inbound.listeners.len(), num_conn);
-    assert!(inbound.listeners.iter().all(|l| l.ip() == gin_ip), "{inbound:?}");
-    assert!(inbound.prod_listeners.iter().all(|p| *p == producer.addr()), "{inbound:?}");
+    assert!(
+        inbound.listeners.iter().all(|l| l.ip() == gin_ip),
+        "{inbound:?}"
+    );
+    assert!(
+        inbound.prod_listeners.iter().all(|p| *p == producer.addr()),
+        "{inbound:?}"
+    );
     let outbound = gout.outbound(topo.ns(Node::OutboundGw), &inbound, num_conn);
     assert_eq!(outbound.uid, inbound.uid);
     assert_eq!(outbound.listeners.len(), num_conn);
-    assert_eq!(outbound.prod_listeners, inbound.listeners, "outbound targets are the inbound listeners");
+    assert_eq!(
+        outbound.prod_listeners, inbound.listeners,
+        "outbound targets are the inbound listeners"
+    );
 
-    let transfers = consume_parallel(topo.ns(Node::Consumer), &outbound.listeners, bytes, 1).unwrap_or_else(|e| {
-        panic!("transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}", gin.daemon.log_contents(), gout.daemon.log_contents())
-    });
-    let seen = producer.wait_for(num_conn, Duration::from_secs(30)).expect("producer records");
+    let transfers = consume_parallel(topo.ns(Node::Consumer), &outbound.listeners, bytes, 1)
+        .unwrap_or_else(|e| {
+            panic!(
+                "transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}",
+                gin.daemon.log_contents(),
+                gout.daemon.log_contents()
+            )
+        });
+    let seen = producer
+        .wait_for(num_conn, Duration::from_secs(30))
+        .expect("producer records");
     for t in &transfers {
         t.verify_with(&seen, bytes).expect("both directions intact");
-        eprintln!("{test}: {} -> {}: {:.2} Gbit/s both ways", t.local, t.peer, t.gbit_per_s());
+        eprintln!(
+            "{test}: {} -> {}: {:.2} Gbit/s both ways",
+            t.local,
+            t.peer,
+            t.gbit_per_s()
+        );
     }
     // Each parallel stream used its own listener (and so its own tunnel port).
     let mut used: Vec<_> = transfers.iter().map(|t| t.peer).collect();
@@ -55,22 +95,46 @@ fn stream_through(test: &str, backend: &str, num_conn: usize, bytes: u64, v6: bo
 
 #[test]
 fn tls_session_streams_64mib_each_way() {
-    stream_through("tls_session_streams_64mib_each_way", "tls", 1, 64 * MIB, false);
+    stream_through(
+        "tls_session_streams_64mib_each_way",
+        "tls",
+        1,
+        64 * MIB,
+        false,
+    );
 }
 
 #[test]
 fn splice_session_streams_64mib_each_way() {
-    stream_through("splice_session_streams_64mib_each_way", "splice", 1, 64 * MIB, false);
+    stream_through(
+        "splice_session_streams_64mib_each_way",
+        "splice",
+        1,
+        64 * MIB,
+        false,
+    );
 }
 
 #[test]
 fn tls_session_with_num_conn_4_streams_four_in_parallel() {
-    stream_through("tls_session_with_num_conn_4_streams_four_in_parallel", "tls", 4, 64 * MIB, false);
+    stream_through(
+        "tls_session_with_num_conn_4_streams_four_in_parallel",
+        "tls",
+        4,
+        64 * MIB,
+        false,
+    );
 }
 
 #[test]
 fn splice_session_with_num_conn_4_streams_four_in_parallel() {
-    stream_through("splice_session_with_num_conn_4_streams_four_in_parallel", "splice", 4, 64 * MIB, false);
+    stream_through(
+        "splice_session_with_num_conn_4_streams_four_in_parallel",
+        "splice",
+        4,
+        64 * MIB,
+        false,
+    );
 }
 
 #[test]

@@ -15,7 +15,13 @@ use tonic::Code;
 
 #[test]
 fn update_targets_looping_into_the_gateway_are_refused_while_another_session_streams() {
-    let gw = LoopGw::start("loops", 27400, 8, "splice", &["--metrics_addr", "127.0.0.1:27409"]);
+    let gw = LoopGw::start(
+        "loops",
+        27400,
+        8,
+        "splice",
+        &["--metrics_addr", "127.0.0.1:27409"],
+    );
     let sink = Sink::start();
     let control = gw.control;
     block_on(async {
@@ -40,12 +46,21 @@ fn update_targets_looping_into_the_gateway_are_refused_while_another_session_str
             ("[fe80::1]:80", "link-local"),
         ];
         for (target, why) in cases {
-            let msg = expect_code(c.update(&uid, &[target], "PROD").await, Code::InvalidArgument);
-            assert!(msg.contains(why), "update to {target}: {msg:?} does not say {why:?}");
+            let msg = expect_code(
+                c.update(&uid, &[target], "PROD").await,
+                Code::InvalidArgument,
+            );
+            assert!(
+                msg.contains(why),
+                "update to {target}: {msg:?} does not say {why:?}"
+            );
         }
         // A list with one bad entry is refused whole.
         let good = sink.addr.to_string();
-        expect_code(c.update(&uid, &[&good, "127.0.0.1:22"], "PROD").await, Code::InvalidArgument);
+        expect_code(
+            c.update(&uid, &[&good, "127.0.0.1:22"], "PROD").await,
+            Code::InvalidArgument,
+        );
         // The session still forwards to its old target, and the other streams on.
         let mut probe = TcpStream::connect(own[0]).expect("own session still listens");
         std::io::Write::write_all(&mut probe, b"x").expect("write through the session");
@@ -58,7 +73,13 @@ fn five_thousand_connects_to_one_data_port_are_capped_and_another_session_stream
     raise_fd_limit();
     const CAP_PER_LISTENER: usize = 4;
     const CONNECTS: usize = 5000;
-    let gw = LoopGw::start("flood", 27420, 8, "splice", &["--max_conn_per_listener", "4"]);
+    let gw = LoopGw::start(
+        "flood",
+        27420,
+        8,
+        "splice",
+        &["--max_conn_per_listener", "4"],
+    );
     let sink = Sink::start();
     let control = gw.control;
     let (streaming, flooded) = block_on(async {
@@ -83,10 +104,16 @@ fn five_thousand_connects_to_one_data_port_are_capped_and_another_session_stream
     }
     std::thread::sleep(Duration::from_millis(500));
     max_fds = max_fds.max(gw.fds());
-    eprintln!("{CONNECTS} connects in {:?}: s2cs fds {base} before, at most {max_fds} during", start.elapsed());
+    eprintln!(
+        "{CONNECTS} connects in {:?}: s2cs fds {base} before, at most {max_fds} during",
+        start.elapsed()
+    );
     // Each admitted splice connection holds 2 sockets and 2 pipes (4 fds) at most.
     let bound = base + CAP_PER_LISTENER * 6 + 16;
-    assert!(max_fds <= bound, "s2cs held {max_fds} descriptors (bound {bound}, {base} before the flood)");
+    assert!(
+        max_fds <= bound,
+        "s2cs held {max_fds} descriptors (bound {bound}, {base} before the flood)"
+    );
     // Those over the cap were closed (reset) by s2cs: reading gives EOF or an error at once.
     let closed = held
         .iter()
@@ -97,12 +124,19 @@ fn five_thousand_connects_to_one_data_port_are_capped_and_another_session_stream
                 && !matches!(std::io::Read::read(&mut &**s, &mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         })
         .count();
-    assert!(closed >= held.len() - CAP_PER_LISTENER - 8, "only {closed} of {} connections were closed", held.len());
+    assert!(
+        closed >= held.len() - CAP_PER_LISTENER - 8,
+        "only {closed} of {} connections were closed",
+        held.len()
+    );
     sink.assert_progress(1 << 20, Duration::from_secs(5));
     drop(held);
     // Both legs of a relayed connection carry TCP keepalive: the one s2cs
     // accepted (local address the listener) and the one it opened (peer the sink).
-    let out = std::process::Command::new("ss").args(["-tnoH", "state", "established"]).output().expect("ss");
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss");
     let text = String::from_utf8_lossy(&out.stdout);
     let (listener, sink_addr) = (streaming.to_string(), sink.addr.to_string());
     let legs: Vec<&str> = text
@@ -113,7 +147,11 @@ fn five_thousand_connects_to_one_data_port_are_capped_and_another_session_stream
         })
         .collect();
     let keepalive = legs.iter().filter(|l| l.contains("keepalive")).count();
-    assert!(legs.len() >= 2 && keepalive == legs.len(), "s2cs's legs of the stream without a keepalive timer:\n{}", legs.join("\n"));
+    assert!(
+        legs.len() >= 2 && keepalive == legs.len(),
+        "s2cs's legs of the stream without a keepalive timer:\n{}",
+        legs.join("\n")
+    );
 }
 
 #[test]
@@ -148,12 +186,20 @@ fn fifty_concurrent_updates_never_stall_another_sessions_stream_over_200ms() {
         // Past the last update, one more gap can open; wait it out.
         tokio::time::sleep(Duration::from_millis(250)).await;
         let gap = sink.max_gap();
-        eprintln!("{} updates in {took:?}; longest pause of the other stream {gap:?}", SESSIONS * ROUNDS);
-        assert!(gap <= Duration::from_millis(200), "the stream stalled {gap:?} while updates ran");
+        eprintln!(
+            "{} updates in {took:?}; longest pause of the other stream {gap:?}",
+            SESSIONS * ROUNDS
+        );
+        assert!(
+            gap <= Duration::from_millis(200),
+            "the stream stalled {gap:?} while updates ran"
+        );
     });
 }
 
-async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<Result<T, tokio::task::JoinError>> {
+async fn futures_join<T>(
+    handles: Vec<tokio::task::JoinHandle<T>>,
+) -> Vec<Result<T, tokio::task::JoinError>> {
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
         out.push(h.await);

@@ -17,14 +17,35 @@ const RANGE: &str = "5100-5199";
 
 /// Both gateways on `sockmap`, with a session of `num_conn` connections to
 /// `producer`; returns the gateways and the consumer-side listeners.
-fn sockmap_session(topo: &Topology, producer: SocketAddr, num_conn: usize) -> (Gateway, Gateway, Vec<SocketAddr>) {
-    let (gin_ip, gout_ip): (IpAddr, IpAddr) = (addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into());
-    let gin = Gateway::start(topo.ns(Node::InboundGw), gin_ip, RANGE, "sockmap", &["--experimental"]);
-    let gout = Gateway::start(topo.ns(Node::OutboundGw), gout_ip, RANGE, "sockmap", &["--experimental"]);
+fn sockmap_session(
+    topo: &Topology,
+    producer: SocketAddr,
+    num_conn: usize,
+) -> (Gateway, Gateway, Vec<SocketAddr>) {
+    let (gin_ip, gout_ip): (IpAddr, IpAddr) =
+        (addr::INBOUND_GW_WAN.into(), addr::OUTBOUND_GW_LAN.into());
+    let gin = Gateway::start(
+        topo.ns(Node::InboundGw),
+        gin_ip,
+        RANGE,
+        "sockmap",
+        &["--experimental"],
+    );
+    let gout = Gateway::start(
+        topo.ns(Node::OutboundGw),
+        gout_ip,
+        RANGE,
+        "sockmap",
+        &["--experimental"],
+    );
     let inbound = gin.inbound(topo.ns(Node::InboundGw), producer, num_conn);
     let outbound = gout.outbound(topo.ns(Node::OutboundGw), &inbound, num_conn);
     assert_eq!(outbound.listeners.len(), num_conn);
-    assert!(gin.daemon.log_contents().contains("backend sockmap"), "{}", gin.daemon.log_contents());
+    assert!(
+        gin.daemon.log_contents().contains("backend sockmap"),
+        "{}",
+        gin.daemon.log_contents()
+    );
     let listeners = outbound.listeners.clone();
     (gin, gout, listeners)
 }
@@ -38,16 +59,33 @@ fn sockmap_session_streams_64mib_each_way_on_four_connections() {
     }
     let (num_conn, bytes) = (4, 64 * MIB);
     let topo = Topology::new().expect("topology");
-    let producer = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT), bytes).expect("producer");
+    let producer = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT),
+        bytes,
+    )
+    .expect("producer");
     let (gin, gout, listeners) = sockmap_session(&topo, producer.addr(), num_conn);
 
-    let transfers = consume_parallel(topo.ns(Node::Consumer), &listeners, bytes, 1).unwrap_or_else(|e| {
-        panic!("transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}", gin.daemon.log_contents(), gout.daemon.log_contents())
-    });
-    let seen = producer.wait_for(num_conn, Duration::from_secs(30)).expect("producer records");
+    let transfers =
+        consume_parallel(topo.ns(Node::Consumer), &listeners, bytes, 1).unwrap_or_else(|e| {
+            panic!(
+                "transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}",
+                gin.daemon.log_contents(),
+                gout.daemon.log_contents()
+            )
+        });
+    let seen = producer
+        .wait_for(num_conn, Duration::from_secs(30))
+        .expect("producer records");
     for t in &transfers {
         t.verify_with(&seen, bytes).expect("both directions intact");
-        eprintln!("{TEST}: {} -> {}: {:.2} Gbit/s both ways", t.local, t.peer, t.gbit_per_s());
+        eprintln!(
+            "{TEST}: {} -> {}: {:.2} Gbit/s both ways",
+            t.local,
+            t.peer,
+            t.gbit_per_s()
+        );
     }
     let mut used: Vec<_> = transfers.iter().map(|t| t.peer).collect();
     used.sort();
@@ -55,7 +93,10 @@ fn sockmap_session_streams_64mib_each_way_on_four_connections() {
     assert_eq!(used.len(), num_conn, "each stream used its own listener");
     for gw in [&gin, &gout] {
         let log = gw.daemon.log_contents();
-        assert!(!log.contains("moving the connection to splice"), "the kernel path stalled:\n{log}");
+        assert!(
+            !log.contains("moving the connection to splice"),
+            "the kernel path stalled:\n{log}"
+        );
     }
 }
 
@@ -69,7 +110,8 @@ fn sockmap_passes_half_close_on_while_the_other_direction_flows() {
     const REPLY: &[u8] = b"got it all; here is the answer";
     let topo = Topology::new().expect("topology");
     let bind = SocketAddr::new(addr::PRODUCER.into(), PRODUCER_PORT);
-    let listener = in_netns(topo.ns(Node::Producer), || TcpListener::bind(bind)).expect("producer listener");
+    let listener =
+        in_netns(topo.ns(Node::Producer), || TcpListener::bind(bind)).expect("producer listener");
     // The producer reads the whole request up to EOF, and only then answers:
     // without the consumer's half-close crossing both gateways it never would.
     let server = std::thread::spawn(move || -> std::io::Result<usize> {
@@ -83,8 +125,12 @@ fn sockmap_passes_half_close_on_while_the_other_direction_flows() {
     });
     let (gin, gout, listeners) = sockmap_session(&topo, bind, 1);
 
-    let mut c = in_netns(topo.ns(Node::Consumer), || TcpStream::connect_timeout(&listeners[0], Duration::from_secs(10))).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut c = in_netns(topo.ns(Node::Consumer), || {
+        TcpStream::connect_timeout(&listeners[0], Duration::from_secs(10))
+    })
+    .expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     c.write_all(&vec![0x5a; REQUEST]).expect("request");
     c.shutdown(Shutdown::Write).expect("half-close");
     let mut reply = Vec::new();
@@ -97,5 +143,9 @@ fn sockmap_passes_half_close_on_while_the_other_direction_flows() {
         gin.daemon.log_contents(),
         gout.daemon.log_contents()
     );
-    assert_eq!(received.expect("producer side"), REQUEST, "the producer saw the whole request, then EOF");
+    assert_eq!(
+        received.expect("producer side"),
+        REQUEST,
+        "the producer saw the whole request, then EOF"
+    );
 }

@@ -23,7 +23,10 @@ fn wait_log_count(gw: &Gateway, needle: &str, n: usize, within: Duration) {
         if log.matches(needle).count() >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "expected {n}x {needle:?} in the s2cs log:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "expected {n}x {needle:?} in the s2cs log:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -36,10 +39,31 @@ fn wrong_session_secret_is_refused_while_another_session_streams() {
         return;
     }
     let topo = Topology::new().unwrap();
-    let echo = Producer::start_echo(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7001)).unwrap();
-    let data = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000), MIB).unwrap();
-    let gin = Gateway::start(topo.ns(Node::InboundGw), addr::INBOUND_GW_WAN.into(), "5100-5199", "tls", &[]);
-    let gout = Gateway::start(topo.ns(Node::OutboundGw), addr::OUTBOUND_GW_LAN.into(), "5100-5199", "tls", &["--peer_ca", gin.cert_str()]);
+    let echo = Producer::start_echo(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7001),
+    )
+    .unwrap();
+    let data = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+        MIB,
+    )
+    .unwrap();
+    let gin = Gateway::start(
+        topo.ns(Node::InboundGw),
+        addr::INBOUND_GW_WAN.into(),
+        "5100-5199",
+        "tls",
+        &[],
+    );
+    let gout = Gateway::start(
+        topo.ns(Node::OutboundGw),
+        addr::OUTBOUND_GW_LAN.into(),
+        "5100-5199",
+        "tls",
+        &["--peer_ca", gin.cert_str()],
+    );
     let (gin_ns, gout_ns) = (topo.ns(Node::InboundGw), topo.ns(Node::OutboundGw));
 
     // A good session that keeps streaming through everything below.
@@ -55,17 +79,27 @@ fn wrong_session_secret_is_refused_while_another_session_streams() {
     forged.uid = uuid::Uuid::new_v4().to_string();
     let forged_out = gout.outbound(gout_ns, &forged, 1);
     let r = consume(topo.ns(Node::Consumer), forged_out.listeners[0], MIB, 3);
-    assert!(r.as_ref().map(|t| t.received_bytes == 0).unwrap_or(true), "nothing may come back: {r:?}");
+    assert!(
+        r.as_ref().map(|t| t.received_bytes == 0).unwrap_or(true),
+        "nothing may come back: {r:?}"
+    );
     wait_log_count(&gin, REFUSED, 1, Duration::from_secs(10));
-    assert!(gin.daemon.log_contents().contains("10.91.2.1"), "the refusal names the peer address");
+    assert!(
+        gin.daemon.log_contents().contains("10.91.2.1"),
+        "the refusal names the peer address"
+    );
     stream.assert_progress(Duration::from_secs(5));
     assert_eq!(data.accepted(), 0, "no connection reached the producer");
 
     // The right uid passes on the same listener.
     let real_out = gout.outbound(gout_ns, &victim, 1);
-    let t = consume(topo.ns(Node::Consumer), real_out.listeners[0], MIB, 4).expect("the real session streams");
-    t.verify_with(&data.wait_for(1, Duration::from_secs(10)).unwrap(), MIB).unwrap();
-    stream.finish().expect("the good session's bytes all came back intact");
+    let t = consume(topo.ns(Node::Consumer), real_out.listeners[0], MIB, 4)
+        .expect("the real session streams");
+    t.verify_with(&data.wait_for(1, Duration::from_secs(10)).unwrap(), MIB)
+        .unwrap();
+    stream
+        .finish()
+        .expect("the good session's bytes all came back intact");
 }
 
 #[test]
@@ -74,8 +108,19 @@ fn garbage_tls12_silent_and_proofless_peers_are_cut_off() {
         return;
     }
     let topo = Topology::new().unwrap();
-    let data = Producer::start(topo.ns(Node::Producer), SocketAddr::new(addr::PRODUCER.into(), 7000), MIB).unwrap();
-    let gin = Gateway::start(topo.ns(Node::InboundGw), addr::INBOUND_GW_WAN.into(), "5100-5199", "tls", &["--tunnel_timeout", "2"]);
+    let data = Producer::start(
+        topo.ns(Node::Producer),
+        SocketAddr::new(addr::PRODUCER.into(), 7000),
+        MIB,
+    )
+    .unwrap();
+    let gin = Gateway::start(
+        topo.ns(Node::InboundGw),
+        addr::INBOUND_GW_WAN.into(),
+        "5100-5199",
+        "tls",
+        &["--tunnel_timeout", "2"],
+    );
     let gin_ns = topo.ns(Node::InboundGw);
     let session = gin.inbound(gin_ns, data.addr(), 1);
     let listener = session.listeners[0];
@@ -84,13 +129,22 @@ fn garbage_tls12_silent_and_proofless_peers_are_cut_off() {
     // Plain TCP garbage.
     let s = in_netns(gout_ns, || TcpStream::connect(listener)).unwrap();
     (&s).write_all(&[0x42u8; 4096]).unwrap();
-    assert!(closed_by_peer(&s, Instant::now(), Duration::from_secs(3)).is_some(), "garbage must get the connection closed");
+    assert!(
+        closed_by_peer(&s, Instant::now(), Duration::from_secs(3)).is_some(),
+        "garbage must get the connection closed"
+    );
 
     // Silent peer: connects and says nothing; the handshake timeout cuts it.
     let s = in_netns(gout_ns, || TcpStream::connect(listener)).unwrap();
     let start = Instant::now();
-    assert!(closed_by_peer(&s, start, Duration::from_secs(6)).is_some(), "a silent peer must be cut off");
-    assert!(start.elapsed() >= Duration::from_millis(1500), "cut at the configured timeout, not before");
+    assert!(
+        closed_by_peer(&s, start, Duration::from_secs(6)).is_some(),
+        "a silent peer must be cut off"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "cut at the configured timeout, not before"
+    );
 
     // TLS 1.2 is refused in the handshake.
     let target = listener.to_string();
@@ -101,8 +155,12 @@ fn garbage_tls12_silent_and_proofless_peers_are_cut_off() {
             .output()
     })
     .expect("openssl");
-    let out = String::from_utf8_lossy(&tls12.stdout).to_string() + &String::from_utf8_lossy(&tls12.stderr);
-    assert!(out.contains("Cipher is (NONE)") && !out.contains("New, TLSv1.2"), "a TLS 1.2 session was established:\n{out}");
+    let out = String::from_utf8_lossy(&tls12.stdout).to_string()
+        + &String::from_utf8_lossy(&tls12.stderr);
+    assert!(
+        out.contains("Cipher is (NONE)") && !out.contains("New, TLSv1.2"),
+        "a TLS 1.2 session was established:\n{out}"
+    );
 
     // A real TLS 1.3 client that sends something other than the proof.
     let tls13 = in_netns(gout_ns, || {
@@ -117,7 +175,11 @@ fn garbage_tls12_silent_and_proofless_peers_are_cut_off() {
     })
     .expect("openssl");
     // Neither the server's proof nor producer data comes back to it.
-    assert!(tls13.stdout.is_empty(), "got {:?}", String::from_utf8_lossy(&tls13.stdout));
+    assert!(
+        tls13.stdout.is_empty(),
+        "got {:?}",
+        String::from_utf8_lossy(&tls13.stdout)
+    );
 
     assert_eq!(data.accepted(), 0, "no byte reached the producer");
     wait_log_count(&gin, REFUSED, 4, Duration::from_secs(10));

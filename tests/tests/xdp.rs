@@ -180,7 +180,11 @@ fn xdp_programs(ns: &str) -> String {
         .expect("ip link");
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(iface) = line.split(": ").nth(1).map(|i| i.split('@').next().unwrap_or(i)) else {
+        let Some(iface) = line
+            .split(": ")
+            .nth(1)
+            .map(|i| i.split('@').next().unwrap_or(i))
+        else {
             continue;
         };
         for mode in ["xdp", "xdpgeneric", "xdpdrv", "xdpoffload"] {
@@ -794,7 +798,8 @@ fn xdp_reports_open_connections_from_its_flows_and_nat_drops_in_metrics() {
         "{page}"
     );
     for iface in ["veth-clan", "veth-wan"] {
-        let series = format!("scistream_ebpf_attached{{program=\"nat\",iface=\"{iface}\",hook=\"tc\"}} 1");
+        let series =
+            format!("scistream_ebpf_attached{{program=\"nat\",iface=\"{iface}\",hook=\"tc\"}} 1");
         assert!(page.contains(&series), "no {series}:\n{page}");
     }
 }
@@ -820,7 +825,10 @@ fn xdp_stop_with_keep_sessions_leaves_the_nat_pinned_for_the_next_start_to_adopt
     let echo = Producer::start_echo(topo.ns(Node::Producer), bind).expect("echo producer");
     let mut s = xdp_session_with(&topo, echo.addr(), 1, &["--keep_sessions"], &[]);
     let listener = s.listeners[0];
-    assert_eq!(fresh_echo(&topo, listener, b"before").expect("echo"), b"before");
+    assert_eq!(
+        fresh_echo(&topo, listener, b"before").expect("echo"),
+        b"before"
+    );
     let gw_ns = topo.ns(Node::InboundGw);
     let pins = pin_dir_of(&s.gin);
 
@@ -847,7 +855,11 @@ fn xdp_stop_with_keep_sessions_leaves_the_nat_pinned_for_the_next_start_to_adopt
         .expect("session restored");
     let log = s.gin.daemon.log_contents();
     assert!(log.contains("adopted the pinned xdp NAT"), "{log}");
-    assert_eq!(xdp_programs(gw_ns).lines().count(), 2, "one program per veth, not two");
+    assert_eq!(
+        xdp_programs(gw_ns).lines().count(),
+        2,
+        "one program per veth, not two"
+    );
     assert_eq!(
         fresh_echo(&topo, listener, b"after").unwrap_or_else(|e| panic!("{e}\n{}", logs(&s))),
         b"after"
@@ -881,15 +893,26 @@ fn assert_nat_at_tc(topo: &Topology, s: &Session) {
         let found = xdp_programs(topo.ns(gw));
         let mut lines: Vec<&str> = found.lines().collect();
         lines.sort();
-        let lan = if gw == Node::InboundGw { "veth-plan tc" } else { "veth-clan tc" };
+        let lan = if gw == Node::InboundGw {
+            "veth-plan tc"
+        } else {
+            "veth-clan tc"
+        };
         let mut want = vec![lan, "veth-wan tc"];
         want.sort();
-        assert_eq!(lines, want,
-            "{gw:?}: the NAT at tc on both veths, nothing else\n{}", logs(s));
+        assert_eq!(
+            lines,
+            want,
+            "{gw:?}: the NAT at tc on both veths, nothing else\n{}",
+            logs(s)
+        );
     }
     for gw in [&s.gin, &s.gout] {
         let log = gw.daemon.log_contents();
-        let line = log.lines().find(|l| l.contains("xdp NAT attached")).expect("attach line");
+        let line = log
+            .lines()
+            .find(|l| l.contains("xdp NAT attached"))
+            .expect("attach line");
         assert!(line.contains("veth-wan:tc"), "{line}");
     }
 }
@@ -918,11 +941,17 @@ fn streams_64mib_each_way_at_mtu(test: &str, mtu: u32) {
         .wait_for(num_conn, Duration::from_secs(30))
         .expect("producer records");
     for t in &transfers {
-        t.verify_with(&seen, bytes).expect("SHA-256 equal both ways");
+        t.verify_with(&seen, bytes)
+            .expect("SHA-256 equal both ways");
         eprintln!("{test}: MTU {mtu}: {:.2} Gbit/s both ways", t.gbit_per_s());
     }
     let opens_after: Vec<u64> = gateways.iter().map(|ns| passive_opens(ns)).collect();
-    assert_eq!(opens_before, opens_after, "TCP was terminated at a gateway\n{}", logs(&s));
+    assert_eq!(
+        opens_before,
+        opens_after,
+        "TCP was terminated at a gateway\n{}",
+        logs(&s)
+    );
 }
 
 #[test]
@@ -946,14 +975,16 @@ fn flow_entries(gw: &Gateway) -> usize {
     let path = pin_dir_of(gw).join("NAT_FLOWS");
     let data = aya::maps::MapData::from_pin(&path)
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    let flows: aya::maps::HashMap<_, [u8; 16], [u8; 24]> =
-        aya::maps::Map::LruHashMap(data).try_into().expect("the flow map");
+    let flows: aya::maps::HashMap<_, [u8; 16], [u8; 24]> = aya::maps::Map::LruHashMap(data)
+        .try_into()
+        .expect("the flow map");
     flows.keys().filter(|k| k.is_ok()).count()
 }
 
 #[test]
 fn xdp_session_takes_20000_sequential_connections_at_mtu_9000_and_frees_every_flow() {
-    const TEST: &str = "xdp_session_takes_20000_sequential_connections_at_mtu_9000_and_frees_every_flow";
+    const TEST: &str =
+        "xdp_session_takes_20000_sequential_connections_at_mtu_9000_and_frees_every_flow";
     if !require_root(TEST) {
         return;
     }
@@ -980,12 +1011,15 @@ fn xdp_session_takes_20000_sequential_connections_at_mtu_9000_and_frees_every_fl
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             let data = format!("connection {i:05}");
             if echo_round(&mut c, data.as_bytes())? != data.as_bytes() {
-                return Err(std::io::Error::other(format!("connection {i}: echo differs")));
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: echo differs"
+                )));
             }
         }
         Ok(CONNECTIONS)
     });
-    let done = result.unwrap_or_else(|e| panic!("after {:?}: {e}\n{}", started.elapsed(), logs(&s)));
+    let done =
+        result.unwrap_or_else(|e| panic!("after {:?}: {e}\n{}", started.elapsed(), logs(&s)));
     eprintln!("{TEST}: {done} connections in {:?}", started.elapsed());
     // Every flow ended (FIN each way): the sweeper frees them within a few seconds.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -994,7 +1028,11 @@ fn xdp_session_takes_20000_sequential_connections_at_mtu_9000_and_frees_every_fl
         if left == [0, 0] {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "flow entries left: {left:?}\n{}", logs(&s));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flow entries left: {left:?}\n{}",
+            logs(&s)
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }

@@ -16,8 +16,8 @@ use anyhow::{bail, Context, Result};
 use testbed::netns::{Link, Node, Topology};
 use testbed::process::{netns_command, run_command, spawn_in, Daemon};
 
-use crate::bench_peers::{self, PeerPair};
 use crate::bench_control;
+use crate::bench_peers::{self, PeerPair};
 use crate::bench_report::{self, Cell, Report, Sample};
 use crate::gateways::{self, Gateways};
 use crate::privilege;
@@ -215,11 +215,16 @@ pub fn main(args: &Args) -> Result<ExitCode> {
                     match &outcome {
                         Ok(s) => println!(
                             "round {round}/{}: {:<8} {:<7} P{streams}: {:6.2} Gbit/s",
-                            args.rounds, bed.label, way.name(), s.gbps
+                            args.rounds,
+                            bed.label,
+                            way.name(),
+                            s.gbps
                         ),
                         Err(e) => println!(
                             "round {round}/{}: {:<8} {:<7} P{streams}: FAILED: {e:#}",
-                            args.rounds, bed.label, way.name()
+                            args.rounds,
+                            bed.label,
+                            way.name()
                         ),
                     }
                     report.record(&bed.label, streams, outcome.map_err(|e| format!("{e:#}")));
@@ -247,7 +252,10 @@ pub fn main(args: &Args) -> Result<ExitCode> {
         bench_report::print_table(report, cells);
     }
     let json = out_dir.join("bench.json");
-    let pairs: Vec<(&Report, &[Cell])> = reports.iter().zip(all_cells.iter().map(Vec::as_slice)).collect();
+    let pairs: Vec<(&Report, &[Cell])> = reports
+        .iter()
+        .zip(all_cells.iter().map(Vec::as_slice))
+        .collect();
     bench_report::write_json(&pairs, &json)?;
     let mut written = vec![json.display().to_string()];
     for (report, cells) in &pairs {
@@ -272,7 +280,14 @@ fn refuse_generic_xdp(topo: &Topology) -> Result<()> {
         let (a, b) = link.ends();
         for node in [a, b] {
             let mut cmd = std::process::Command::new("ip");
-            cmd.args(["-n", topo.ns(node), "link", "show", "dev", topo.iface(node, link)]);
+            cmd.args([
+                "-n",
+                topo.ns(node),
+                "link",
+                "show",
+                "dev",
+                topo.iface(node, link),
+            ]);
             let out = run_command(cmd, Duration::from_secs(10))?;
             if String::from_utf8_lossy(&out.stdout).contains("xdpgeneric") {
                 bail!("{node:?}'s {} runs generic XDP", topo.iface(node, link));
@@ -285,7 +300,14 @@ fn refuse_generic_xdp(topo: &Topology) -> Result<()> {
 /// Whether `node`'s veth on `link` carries an XDP program (`ip link` says `xdp`).
 fn xdp_attached(topo: &Topology, node: Node, link: Link) -> Result<bool> {
     let mut cmd = std::process::Command::new("ip");
-    cmd.args(["-n", topo.ns(node), "link", "show", "dev", topo.iface(node, link)]);
+    cmd.args([
+        "-n",
+        topo.ns(node),
+        "link",
+        "show",
+        "dev",
+        topo.iface(node, link),
+    ]);
     let out = run_command(cmd, Duration::from_secs(10))?;
     Ok(String::from_utf8_lossy(&out.stdout).contains(" xdp"))
 }
@@ -321,10 +343,11 @@ fn prepare(label: &str, state: &Path, mtu: u32) -> Result<Bed> {
         label => {
             // The XDP guard is on by default (as root); the twin without it
             // prices the guard within the same run.
-            let (backend, extra): (&str, &[&str]) = match label.strip_suffix(bench_report::NOGUARD_SUFFIX) {
-                Some(backend) => (backend, &["--guard", "false"]),
-                None => (label, &[]),
-            };
+            let (backend, extra): (&str, &[&str]) =
+                match label.strip_suffix(bench_report::NOGUARD_SUFFIX) {
+                    Some(backend) => (backend, &["--guard", "false"]),
+                    None => (label, &[]),
+                };
             let gws = Gateways::start_with(&topo, backend, state, label, extra)
                 .with_context(|| format!("s2cs --type {backend} {}", extra.join(" ")))?;
             // A guard cost is only a cost if the twins differ in the guard alone.
@@ -332,7 +355,10 @@ fn prepare(label: &str, state: &Path, mtu: u32) -> Result<Bed> {
             if !extra.is_empty() && guarded {
                 bail!("an XDP program is on the inbound gateway's WAN veth despite --guard false");
             }
-            println!("{label}: XDP program on the inbound gateway's data interface: {}", if guarded { "yes" } else { "no" });
+            println!(
+                "{label}: XDP program on the inbound gateway's data interface: {}",
+                if guarded { "yes" } else { "no" }
+            );
             // One listener: iperf3's control and data connections all go to the
             // same port, and the gateway forwards every connection it accepts.
             let session = gws.session(producer, 1)?;
@@ -491,7 +517,10 @@ fn parse_host_busy_ticks(stat: &str) -> Result<u64> {
     let ticks = line
         .split_whitespace()
         .skip(1)
-        .map(|f| f.parse::<u64>().with_context(|| format!("`{f}` is not a number")))
+        .map(|f| {
+            f.parse::<u64>()
+                .with_context(|| format!("`{f}` is not a number"))
+        })
         .collect::<Result<Vec<u64>>>()?;
     // user nice system idle iowait irq softirq steal ...
     let [user, nice, system, _idle, _iowait, irq, softirq, ..] = ticks[..] else {

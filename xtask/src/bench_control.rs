@@ -37,7 +37,8 @@ pub struct IdleMemory {
 
 impl IdleMemory {
     pub fn per_session_kib(&self) -> f64 {
-        self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 / f64::from(self.sessions.max(1))
+        self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64
+            / f64::from(self.sessions.max(1))
     }
 }
 
@@ -53,7 +54,16 @@ impl LoopbackGateway {
         std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
         let port = free_port()?;
         let mut cmd = Command::new(bin("s2cs"));
-        cmd.args(["--listener_ip", "127.0.0.1", "--port", &port.to_string(), "--port_range", range, "--type", backend]);
+        cmd.args([
+            "--listener_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--port_range",
+            range,
+            "--type",
+            backend,
+        ]);
         // Producers and the peer gateway are on loopback.
         cmd.args(["--allow_target_nets", "127.0.0.0/8"]);
         cmd.args(["--state_dir", &path_str(state)?]);
@@ -63,40 +73,83 @@ impl LoopbackGateway {
         let mut daemon = Daemon::spawn(cmd)?;
         let control = SocketAddr::new(LOOPBACK.into(), port);
         wait_listening_host(&mut daemon, control)?;
-        Ok(Self { daemon, control, cert: state.join("server.crt") })
+        Ok(Self {
+            daemon,
+            control,
+            cert: state.join("server.crt"),
+        })
     }
 
     /// Runs `s2uc args... --json` against this gateway; returns its JSON answer.
     fn s2uc(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut cmd = Command::new(bin("s2uc"));
-        cmd.args(args).args(["--s2cs", &self.control.to_string(), "--server_cert", &path_str(&self.cert)?, "--json"]);
+        cmd.args(args).args([
+            "--s2cs",
+            &self.control.to_string(),
+            "--server_cert",
+            &path_str(&self.cert)?,
+            "--json",
+        ]);
         let out = run_command(cmd, RUN)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("s2uc {} exited with {}: {}{}", args.join(" "), out.status, stdout, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "s2uc {} exited with {}: {}{}",
+                args.join(" "),
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         stdout
             .lines()
             .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(serde_json::Value::is_object))
+            .find_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .filter(serde_json::Value::is_object)
+            })
             .with_context(|| format!("no JSON answer from s2uc {}: {stdout}", args.join(" ")))
     }
 
     fn inbound_request(&self) -> Result<(String, String)> {
         let port = PRODUCER.port().to_string();
-        let v = self.s2uc(&["inbound-request", "--remote_ip", "127.0.0.1", "--receiver_ports", &port, "--num_conn", "1"])?;
-        let uid = v["uid"].as_str().context("no uid in the answer")?.to_owned();
-        let listeners = v["listeners"].as_array().context("no listeners in the answer")?;
+        let v = self.s2uc(&[
+            "inbound-request",
+            "--remote_ip",
+            "127.0.0.1",
+            "--receiver_ports",
+            &port,
+            "--num_conn",
+            "1",
+        ])?;
+        let uid = v["uid"]
+            .as_str()
+            .context("no uid in the answer")?
+            .to_owned();
+        let listeners = v["listeners"]
+            .as_array()
+            .context("no listeners in the answer")?;
         let listeners: Vec<&str> = listeners.iter().filter_map(|l| l.as_str()).collect();
         Ok((uid, listeners.join(",")))
     }
 
     fn release(&self, uid: &str) -> Result<()> {
         let mut cmd = Command::new(bin("s2uc"));
-        cmd.args(["release", uid, "--s2cs", &self.control.to_string(), "--server_cert", &path_str(&self.cert)?]);
+        cmd.args([
+            "release",
+            uid,
+            "--s2cs",
+            &self.control.to_string(),
+            "--server_cert",
+            &path_str(&self.cert)?,
+        ]);
         let out = run_command(cmd, RUN)?;
         if !out.status.success() {
-            bail!("s2uc release {uid}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "s2uc release {uid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -107,13 +160,30 @@ impl LoopbackGateway {
 /// the next.
 pub fn setup_latency(backend: &str, n: u32, state: &Path) -> Result<Latency> {
     let gin = LoopbackGateway::start(backend, INBOUND_RANGE, &state.join("latency-gin"), None)?;
-    let gout = LoopbackGateway::start(backend, OUTBOUND_RANGE, &state.join("latency-gout"), Some(&gin.cert))?;
+    let gout = LoopbackGateway::start(
+        backend,
+        OUTBOUND_RANGE,
+        &state.join("latency-gout"),
+        Some(&gin.cert),
+    )?;
     let (mut inbound_ms, mut outbound_ms) = (Vec::new(), Vec::new());
     for i in 0..n {
         let t0 = Instant::now();
-        let (uid, listeners) = gin.inbound_request().with_context(|| format!("session {} of {n}", i + 1))?;
+        let (uid, listeners) = gin
+            .inbound_request()
+            .with_context(|| format!("session {} of {n}", i + 1))?;
         let t1 = Instant::now();
-        gout.s2uc(&["outbound-request", "--remote_ip", "127.0.0.1", "--receiver_ports", "9", "--num_conn", "1", &uid, &listeners])?;
+        gout.s2uc(&[
+            "outbound-request",
+            "--remote_ip",
+            "127.0.0.1",
+            "--receiver_ports",
+            "9",
+            "--num_conn",
+            "1",
+            &uid,
+            &listeners,
+        ])?;
         let t2 = Instant::now();
         inbound_ms.push((t1 - t0).as_secs_f64() * 1e3);
         outbound_ms.push((t2 - t1).as_secs_f64() * 1e3);
@@ -151,13 +221,21 @@ pub fn idle_memory(backend: &str, n: u32, state: &Path) -> Result<IdleMemory> {
             })
             .collect();
         for w in workers {
-            w.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
         }
         Ok(())
     })?;
     std::thread::sleep(Duration::from_millis(300));
     let (rss_after_kib, threads_after) = rss_and_threads(pid)?;
-    Ok(IdleMemory { backend: backend.to_owned(), sessions: n, rss_before_kib, rss_after_kib, threads_before, threads_after })
+    Ok(IdleMemory {
+        backend: backend.to_owned(),
+        sessions: n,
+        rss_before_kib,
+        rss_after_kib,
+        threads_before,
+        threads_after,
+    })
 }
 
 fn rss_and_threads(pid: u32) -> Result<(u64, u64)> {

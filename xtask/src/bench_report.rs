@@ -182,7 +182,13 @@ pub struct Cell {
 }
 
 impl Report {
-    pub fn new(seconds: u32, rounds: u32, streams: &[u32], mtu: u32, way: crate::bench::Way) -> Report {
+    pub fn new(
+        seconds: u32,
+        rounds: u32,
+        streams: &[u32],
+        mtu: u32,
+        way: crate::bench::Way,
+    ) -> Report {
         Report {
             machine: Machine::probe(),
             mtu,
@@ -295,7 +301,10 @@ impl Report {
         }
         let gbps: Vec<f64> = samples.iter().map(|s| s.gbps).collect();
         let cpu: Vec<f64> = samples.iter().filter_map(Sample::cpu_s_per_gb).collect();
-        let host: Vec<f64> = samples.iter().filter_map(Sample::host_cpu_s_per_gb).collect();
+        let host: Vec<f64> = samples
+            .iter()
+            .filter_map(Sample::host_cpu_s_per_gb)
+            .collect();
         let busy: Vec<f64> = samples
             .iter()
             .filter_map(|s| s.host_busy_fraction(self.machine.cpus))

@@ -102,7 +102,8 @@ pub fn target_dir() -> Result<PathBuf> {
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo metadata")?;
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
     meta["target_directory"]
         .as_str()
         .map(PathBuf::from)

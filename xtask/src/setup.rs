@@ -31,7 +31,13 @@ pub fn ensure_fuzzing() -> Result<()> {
     }
     println!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 2 minutes, once)...");
     run(Command::new("cargo")
-        .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION])
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
         // Its own temporary target dir: nothing of it belongs in the shared cache.
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET_DIR"))

@@ -68,7 +68,14 @@ enum KernelChoice {
 }
 
 /// Debian packages this command runs or packs.
-const PACKAGES: &[&str] = &["qemu-system-x86", "cpio", "busybox-static", "musl-tools", "xz-utils", "gzip"];
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
+    "musl-tools",
+    "xz-utils",
+    "gzip",
+];
 
 pub fn main(args: &Args) -> Result<std::process::ExitCode> {
     setup::ensure(PACKAGES)?;
@@ -88,7 +95,10 @@ pub fn main(args: &Args) -> Result<std::process::ExitCode> {
         build_initramfs(&kernel, &test_bin, &test_command(args, suite), &initrd)?;
         println!("vm-test: booting {} ({})", kernel.release, suite.name());
         match boot(&kernel.vmlinuz, &initrd, Duration::from_secs(args.timeout))? {
-            Outcome::Pass { boot_secs, total_secs } => {
+            Outcome::Pass {
+                boot_secs,
+                total_secs,
+            } => {
                 println!("vm-test: {} PASS (test started {boot_secs:.1} s after boot began, VM ran {total_secs:.1} s)", kernel.release)
             }
             Outcome::Fail(why) => {
@@ -105,12 +115,21 @@ pub fn main(args: &Args) -> Result<std::process::ExitCode> {
 }
 
 fn ensure_musl_target() -> Result<()> {
-    let out = Command::new("rustup").args(["target", "list", "--installed"]).output().context("running rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == MUSL) {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL)
+    {
         return Ok(());
     }
     println!("adding the Rust target {MUSL}...");
-    let status = Command::new("rustup").args(["target", "add", MUSL]).status().context("running rustup")?;
+    let status = Command::new("rustup")
+        .args(["target", "add", MUSL])
+        .status()
+        .context("running rustup")?;
     if !status.success() {
         bail!("rustup target add {MUSL} failed");
     }
@@ -121,11 +140,23 @@ fn ensure_musl_target() -> Result<()> {
 /// target needs a C compiler for musl: Debian's `musl-gcc` wrapper.
 fn build_test_binary() -> Result<PathBuf> {
     let mut cmd = bins::cargo();
-    cmd.args(["build", "--release", "--target", MUSL, "-p", "scistream-ctl", "--example", "vm_ktls"])
-        .arg("--message-format=json-render-diagnostics")
-        .env("CC_x86_64_unknown_linux_musl", "musl-gcc");
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        MUSL,
+        "-p",
+        "scistream-ctl",
+        "--example",
+        "vm_ktls",
+    ])
+    .arg("--message-format=json-render-diagnostics")
+    .env("CC_x86_64_unknown_linux_musl", "musl-gcc");
     let built = bins::artifacts(cmd)?;
-    built.get("vm_ktls").cloned().context("cargo built no vm_ktls executable")
+    built
+        .get("vm_ktls")
+        .cloned()
+        .context("cargo built no vm_ktls executable")
 }
 
 /// The test's command line in the VM for this kernel (see the module doc).
@@ -142,15 +173,28 @@ fn test_command(args: &Args, suite: vm_kernel::Suite) -> String {
     }
     let compare = if rekeys { args.compare_mib } else { 0 };
     // The kernel half of a mixed session needs kernel TLS that re-keys.
-    let mixed = if rekeys && expect == "kernel" && args.rekey_mib > 0 { args.mixed_mib } else { 0 };
-    let size = if rekeys { args.size_mib } else { args.fallback_mib };
+    let mixed = if rekeys && expect == "kernel" && args.rekey_mib > 0 {
+        args.mixed_mib
+    } else {
+        0
+    };
+    let size = if rekeys {
+        args.size_mib
+    } else {
+        args.fallback_mib
+    };
     format!(
         "{env} /bin/vm_ktls --netns --expect {expect} --size-mib {size} --compare-mib {compare} --mixed-mib {mixed}"
     )
 }
 
 /// A gzip'ed `newc` cpio with /init, busybox, the modules and the test.
-fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, test: &str, out: &Path) -> Result<()> {
+fn build_initramfs(
+    kernel: &vm_kernel::Kernel,
+    test_bin: &Path,
+    test: &str,
+    out: &Path,
+) -> Result<()> {
     let root = out.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
     for dir in ["bin", "dev", "proc", "sys", "tmp", "modules"] {
@@ -164,9 +208,16 @@ fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, test: &str, out:
     std::fs::copy(test_bin, root.join("bin/vm_ktls")).context("copying the test binary")?;
     let mut insmods = String::new();
     for (i, m) in kernel.modules.iter().enumerate() {
-        let name = format!("{i:02}-{}", m.file_name().and_then(|n| n.to_str()).unwrap_or("module.ko"));
+        let name = format!(
+            "{i:02}-{}",
+            m.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("module.ko")
+        );
         std::fs::copy(m, root.join("modules").join(&name))?;
-        insmods.push_str(&format!("$B insmod /modules/{name} || echo \"vm-test: insmod {name} failed\"\n"));
+        insmods.push_str(&format!(
+            "$B insmod /modules/{name} || echo \"vm-test: insmod {name} failed\"\n"
+        ));
     }
     // /dev/console does not exist in an empty initramfs; devtmpfs provides it,
     // and only then can init's output reach the serial console.
@@ -195,7 +246,10 @@ fn build_initramfs(kernel: &vm_kernel::Kernel, test_bin: &Path, test: &str, out:
         root.display(),
         out.display()
     );
-    let status = Command::new("sh").args(["-c", &script]).status().context("running cpio")?;
+    let status = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .context("running cpio")?;
     if !status.success() {
         bail!("packing the initramfs failed");
     }
@@ -214,7 +268,18 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<Outcome> {
     // TCG: /dev/kvm exists on the hosts we know but guests hang there.
     let mut child = Command::new("qemu-system-x86_64")
         // thread=multi: one host thread per vCPU, so both host cores emulate.
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024", "-smp", "2", "-nographic", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -231,7 +296,10 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<Outcome> {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(timeout).is_err() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             return true;
         }
         false
@@ -254,7 +322,10 @@ fn boot(vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<Outcome> {
     let timed_out = watchdog.join().unwrap_or(false);
     let total_secs = start.elapsed().as_secs_f64();
     Ok(match verdict {
-        Some(v) if v == "PASS" => Outcome::Pass { boot_secs, total_secs },
+        Some(v) if v == "PASS" => Outcome::Pass {
+            boot_secs,
+            total_secs,
+        },
         Some(v) => Outcome::Fail(v),
         None if timed_out => Outcome::Fail(format!("no verdict within {timeout:?}")),
         None => Outcome::Fail("the VM stopped without a verdict".into()),

@@ -46,8 +46,18 @@ pub struct Kernel {
 /// them setting TLS_TX fails with ENOENT. `veth` joins the test's network
 /// namespaces. Names missing from a kernel's modules are built in there (or
 /// absent) and skipped; `tls` is required.
-const MODULES: &[&str] =
-    &["gf128mul", "ghash-generic", "ctr", "gcm", "libaes", "cryptd", "crypto_simd", "aesni-intel", "tls", "veth"];
+const MODULES: &[&str] = &[
+    "gf128mul",
+    "ghash-generic",
+    "ctr",
+    "gcm",
+    "libaes",
+    "cryptd",
+    "crypto_simd",
+    "aesni-intel",
+    "tls",
+    "veth",
+];
 
 /// Sid's lists are refreshed when older than this.
 const LIST_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
@@ -60,7 +70,10 @@ pub fn fetch(suite: Suite, cache: &Path) -> Result<Kernel> {
     let packages: Vec<String> = match suite {
         Suite::Bookworm => vec![format!("linux-image-{release}-unsigned")],
         // Since 6.1x Debian splits the image into a kernel and a modules package.
-        Suite::Sid => vec![format!("linux-binary-{release}"), format!("linux-modules-{release}")],
+        Suite::Sid => vec![
+            format!("linux-binary-{release}"),
+            format!("linux-modules-{release}"),
+        ],
     };
     let tree = cache.join(format!("kernel-{release}"));
     let stamp = tree.join(".unpacked");
@@ -69,7 +82,8 @@ pub fn fetch(suite: Suite, cache: &Path) -> Result<Kernel> {
         std::fs::create_dir_all(&tree)?;
         for p in &packages {
             let deb = apt.download(p, &debs)?;
-            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree)).with_context(|| format!("unpacking {}", deb.display()))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))
+                .with_context(|| format!("unpacking {}", deb.display()))?;
         }
         std::fs::write(&stamp, b"")?;
     }
@@ -78,16 +92,22 @@ pub fn fetch(suite: Suite, cache: &Path) -> Result<Kernel> {
         .map(|d| tree.join(d).join(&release))
         .find(|d| d.is_dir())
         .with_context(|| format!("no modules directory for {release} in {}", tree.display()))?;
-    let vmlinuz = [tree.join(format!("boot/vmlinuz-{release}")), moddir.join("vmlinuz")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .with_context(|| format!("no vmlinuz for {release} in {}", tree.display()))?;
+    let vmlinuz = [
+        tree.join(format!("boot/vmlinuz-{release}")),
+        moddir.join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .with_context(|| format!("no vmlinuz for {release} in {}", tree.display()))?;
     let mut files = Vec::new();
     walk(&moddir.join("kernel"), &mut files)?;
     let mut modules = Vec::new();
     for name in MODULES {
         let wanted = [format!("{name}.ko"), format!("{name}.ko.xz")];
-        let Some(found) = files.iter().find(|f| f.file_name().is_some_and(|n| wanted.iter().any(|w| n == w.as_str()))) else {
+        let Some(found) = files.iter().find(|f| {
+            f.file_name()
+                .is_some_and(|n| wanted.iter().any(|w| n == w.as_str()))
+        }) else {
             if *name == "tls" {
                 bail!("{release} has no tls module under {}", moddir.display());
             }
@@ -98,14 +118,19 @@ pub fn fetch(suite: Suite, cache: &Path) -> Result<Kernel> {
         let packed = plain.with_extension("ko.xz");
         if !plain.is_file() && packed.is_file() {
             // busybox's insmod takes plain .ko files only: unpack here.
-            run(Command::new("xz").args(["-dk"]).arg(&packed)).with_context(|| format!("unpacking {}", packed.display()))?;
+            run(Command::new("xz").args(["-dk"]).arg(&packed))
+                .with_context(|| format!("unpacking {}", packed.display()))?;
         }
         if !plain.is_file() {
             bail!("{} is not in {release}'s packages", plain.display());
         }
         modules.push(plain);
     }
-    Ok(Kernel { release, vmlinuz, modules })
+    Ok(Kernel {
+        release,
+        vmlinuz,
+        modules,
+    })
 }
 
 /// Every file below `dir` (a kernel's module tree).
@@ -129,7 +154,9 @@ struct Apt {
 impl Apt {
     fn for_suite(suite: Suite, cache: &Path) -> Result<Self> {
         match suite {
-            Suite::Bookworm => Ok(Self { options: Vec::new() }),
+            Suite::Bookworm => Ok(Self {
+                options: Vec::new(),
+            }),
             Suite::Sid => {
                 let dir = cache.join("apt-sid");
                 let lists = dir.join("lists");
@@ -151,8 +178,12 @@ impl Apt {
                     ],
                 };
                 if lists_are_stale(&lists) {
-                    println!("vm-test: refreshing sid's package lists (private, under {})...", dir.display());
-                    run(apt.command("apt-get").arg("update").arg("-qq")).context("apt-get update for sid")?;
+                    println!(
+                        "vm-test: refreshing sid's package lists (private, under {})...",
+                        dir.display()
+                    );
+                    run(apt.command("apt-get").arg("update").arg("-qq"))
+                        .context("apt-get update for sid")?;
                 }
                 Ok(apt)
             }
@@ -169,7 +200,11 @@ impl Apt {
 
     /// `6.1.0-48-cloud-amd64` from the `linux-image-cloud-amd64` meta package.
     fn cloud_kernel_release(&self) -> Result<String> {
-        let out = self.command("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output().context("running apt-cache")?;
+        let out = self
+            .command("apt-cache")
+            .args(["depends", "linux-image-cloud-amd64"])
+            .output()
+            .context("running apt-cache")?;
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
@@ -184,8 +219,17 @@ impl Apt {
             return Ok(deb);
         }
         println!("vm-test: downloading {package}...");
-        run(self.command("apt-get").args(["download", "-qq", package]).current_dir(dir)).with_context(|| format!("apt-get download {package}"))?;
-        find_deb(dir, package)?.with_context(|| format!("apt-get download {package} left no .deb in {}", dir.display()))
+        run(self
+            .command("apt-get")
+            .args(["download", "-qq", package])
+            .current_dir(dir))
+        .with_context(|| format!("apt-get download {package}"))?;
+        find_deb(dir, package)?.with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                dir.display()
+            )
+        })
     }
 }
 
@@ -211,7 +255,10 @@ fn lists_are_stale(lists: &Path) -> bool {
         .filter_map(|e| e.metadata().ok()?.modified().ok())
         .max();
     match newest {
-        Some(t) => SystemTime::now().duration_since(t).map(|age| age > LIST_MAX_AGE).unwrap_or(false),
+        Some(t) => SystemTime::now()
+            .duration_since(t)
+            .map(|age| age > LIST_MAX_AGE)
+            .unwrap_or(false),
         None => true,
     }
 }
@@ -245,7 +292,9 @@ fn mirror_from(texts: &[String]) -> Option<String> {
             } else {
                 None
             };
-            if let Some(u) = uri.filter(|u| !u.contains("security") && u.trim_end_matches('/').ends_with("/debian")) {
+            if let Some(u) = uri
+                .filter(|u| !u.contains("security") && u.trim_end_matches('/').ends_with("/debian"))
+            {
                 return Some(u.trim_end_matches('/').to_string());
             }
         }
@@ -260,9 +309,15 @@ mod tests {
     #[test]
     fn mirror_comes_from_deb822_or_one_line_sources_but_not_security() {
         let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n\nTypes: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n";
-        assert_eq!(mirror_from(&[deb822.into()]).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_from(&[deb822.into()]).as_deref(),
+            Some("http://mirror.example/debian")
+        );
         let one_line = "deb [arch=amd64] http://ftp.example.org/debian bookworm main\n";
-        assert_eq!(mirror_from(&[one_line.into()]).as_deref(), Some("http://ftp.example.org/debian"));
+        assert_eq!(
+            mirror_from(&[one_line.into()]).as_deref(),
+            Some("http://ftp.example.org/debian")
+        );
         assert_eq!(mirror_from(&["# nothing\n".into()]), None);
     }
 }

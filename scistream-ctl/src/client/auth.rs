@@ -49,7 +49,10 @@ const CONFIG_FILE: &str = "config.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum AuthClientError {
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error("neither XDG_CONFIG_HOME nor HOME is set; cannot find the scistream config directory")]
@@ -57,9 +60,17 @@ pub enum AuthClientError {
     #[error(transparent)]
     Setup(#[from] OAuthSetupError),
     #[error("{what} at {url}: {reason}")]
-    Http { what: &'static str, url: String, reason: String },
+    Http {
+        what: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("{what} refused: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Refused { what: &'static str, error: String, description: Option<String> },
+    Refused {
+        what: &'static str,
+        error: String,
+        description: Option<String>,
+    },
     #[error("no authorization code given")]
     NoCode,
     #[error("the pasted redirect address belongs to another login (state does not match)")]
@@ -87,19 +98,49 @@ type Result<T> = std::result::Result<T, AuthClientError>;
 #[derive(Args, Debug, Clone, Default)]
 pub struct OAuthFlags {
     /// OAuth2 client id of s2uc itself, a native (public) app.
-    #[arg(long = "native_client_id", alias = "native-client-id", env = "S2UC_NATIVE_CLIENT_ID", global = true, help_heading = "OAuth2 server")]
+    #[arg(
+        long = "native_client_id",
+        alias = "native-client-id",
+        env = "S2UC_NATIVE_CLIENT_ID",
+        global = true,
+        help_heading = "OAuth2 server"
+    )]
     pub native_client_id: Option<String>,
     /// Authorization endpoint (the login page).
-    #[arg(long = "authorize_url", alias = "authorize-url", env = "S2UC_AUTHORIZE_URL", global = true, help_heading = "OAuth2 server")]
+    #[arg(
+        long = "authorize_url",
+        alias = "authorize-url",
+        env = "S2UC_AUTHORIZE_URL",
+        global = true,
+        help_heading = "OAuth2 server"
+    )]
     pub authorize_url: Option<String>,
     /// Token endpoint (code exchange and refresh).
-    #[arg(long = "token_url", alias = "token-url", env = "S2UC_TOKEN_URL", global = true, help_heading = "OAuth2 server")]
+    #[arg(
+        long = "token_url",
+        alias = "token-url",
+        env = "S2UC_TOKEN_URL",
+        global = true,
+        help_heading = "OAuth2 server"
+    )]
     pub token_url: Option<String>,
     /// Revocation endpoint (RFC 7009), used by logout.
-    #[arg(long = "revoke_url", alias = "revoke-url", env = "S2UC_REVOKE_URL", global = true, help_heading = "OAuth2 server")]
+    #[arg(
+        long = "revoke_url",
+        alias = "revoke-url",
+        env = "S2UC_REVOKE_URL",
+        global = true,
+        help_heading = "OAuth2 server"
+    )]
     pub revoke_url: Option<String>,
     /// Redirect URI registered for the native client; its page shows the code.
-    #[arg(long = "redirect_uri", alias = "redirect-uri", env = "S2UC_REDIRECT_URI", global = true, help_heading = "OAuth2 server")]
+    #[arg(
+        long = "redirect_uri",
+        alias = "redirect-uri",
+        env = "S2UC_REDIRECT_URI",
+        global = true,
+        help_heading = "OAuth2 server"
+    )]
     pub redirect_uri: Option<String>,
 }
 
@@ -129,13 +170,27 @@ impl FileConfig {
         let text = match fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(error) => return Err(AuthClientError::Io { path: path.into(), error }),
+            Err(error) => {
+                return Err(AuthClientError::Io {
+                    path: path.into(),
+                    error,
+                })
+            }
         };
         toml::from_str(&text).map_err(|e| {
             // toml's Display draws a multi-line snippet; s2uc errors are one line.
-            let line = e.span().map(|sp| text.get(..sp.start).unwrap_or_default().matches('\n').count() + 1);
+            let line = e.span().map(|sp| {
+                text.get(..sp.start)
+                    .unwrap_or_default()
+                    .matches('\n')
+                    .count()
+                    + 1
+            });
             let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-            AuthClientError::BadFile { path: path.into(), reason: format!("{}{at}", e.message().trim()) }
+            AuthClientError::BadFile {
+                path: path.into(),
+                reason: format!("{}{at}", e.message().trim()),
+            }
         })
     }
 
@@ -148,12 +203,20 @@ impl FileConfig {
             if a.parse::<std::net::IpAddr>().is_ok() {
                 return None;
             }
-            a.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            a.rsplit_once(':')
+                .filter(|(_, p)| p.parse::<u16>().is_ok())
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
         };
         let bare = |a: &str| host(a).unwrap_or_else(|| a.trim_matches(['[', ']']).to_string());
         let found = self.servers.get(s2cs).or_else(|| {
             let (wanted, has_port) = (bare(s2cs), host(s2cs).is_some());
-            self.servers.iter().find(|(k, _)| (has_port && host(k).is_none() && bare(k) == wanted) || (!has_port && bare(k) == wanted)).map(|(_, v)| v)
+            self.servers
+                .iter()
+                .find(|(k, _)| {
+                    (has_port && host(k).is_none() && bare(k) == wanted)
+                        || (!has_port && bare(k) == wanted)
+                })
+                .map(|(_, v)| v)
         });
         found.map(|s| oauth::scope_for(s))
     }
@@ -171,11 +234,22 @@ pub struct Endpoints {
 impl Endpoints {
     pub fn resolve(flags: &OAuthFlags, file: &AuthSection) -> Self {
         let pick = |flag: &Option<String>, file: &Option<String>, default: &str| {
-            flag.clone().or_else(|| file.clone()).filter(|s| !s.trim().is_empty()).unwrap_or_else(|| default.to_string())
+            flag.clone()
+                .or_else(|| file.clone())
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| default.to_string())
         };
         Self {
-            client_id: pick(&flags.native_client_id, &file.native_client_id, SCISTREAM_NATIVE_CLIENT_ID),
-            authorize_url: pick(&flags.authorize_url, &file.authorize_url, GLOBUS_AUTHORIZE_URL),
+            client_id: pick(
+                &flags.native_client_id,
+                &file.native_client_id,
+                SCISTREAM_NATIVE_CLIENT_ID,
+            ),
+            authorize_url: pick(
+                &flags.authorize_url,
+                &file.authorize_url,
+                GLOBUS_AUTHORIZE_URL,
+            ),
             token_url: pick(&flags.token_url, &file.token_url, GLOBUS_TOKEN_URL),
             revoke_url: pick(&flags.revoke_url, &file.revoke_url, GLOBUS_REVOKE_URL),
             redirect_uri: pick(&flags.redirect_uri, &file.redirect_uri, GLOBUS_REDIRECT_URI),
@@ -185,11 +259,17 @@ impl Endpoints {
 
 /// `$XDG_CONFIG_HOME/scistream`, else `~/.config/scistream`.
 pub fn config_dir() -> Result<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(x) = var("XDG_CONFIG_HOME") {
         return Ok(x.join("scistream"));
     }
-    var("HOME").map(|h| h.join(".config/scistream")).ok_or(AuthClientError::NoConfigDir)
+    var("HOME")
+        .map(|h| h.join(".config/scistream"))
+        .ok_or(AuthClientError::NoConfigDir)
 }
 
 /// One scope's tokens. No `Debug`: nothing should print a token by accident.
@@ -216,23 +296,45 @@ impl TokenStore {
         let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(error) => return Err(AuthClientError::Io { path: path.into(), error }),
+            Err(error) => {
+                return Err(AuthClientError::Io {
+                    path: path.into(),
+                    error,
+                })
+            }
         };
-        serde_json::from_slice(&bytes).map_err(|e| AuthClientError::BadFile { path: path.into(), reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| AuthClientError::BadFile {
+            path: path.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Replaces the file atomically. The new file is created with mode 0600
     /// (never readable by others, not even for a moment) and renamed over
     /// the old one, so a reader sees the old store or the new, never half.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let io = |error| AuthClientError::Io { path: path.into(), error };
+        let io = |error| AuthClientError::Io {
+            path: path.into(),
+            error,
+        };
         let dir = path.parent().unwrap_or(Path::new("."));
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
         let tmp = dir.join(format!(".{TOKENS_FILE}.{}.tmp", std::process::id()));
         let _ = fs::remove_file(&tmp);
-        let json = serde_json::to_vec_pretty(self).map_err(|e| AuthClientError::BadFile { path: path.into(), reason: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(self).map_err(|e| AuthClientError::BadFile {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         let written = (|| {
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
             // The umask may only have removed bits; make it exactly 0600.
             f.set_permissions(fs::Permissions::from_mode(0o600))?;
             f.write_all(&json)?;
@@ -256,7 +358,10 @@ impl Pkce {
     pub fn new() -> Result<Self> {
         let verifier = random_urlsafe(32)?;
         let challenge = s256_challenge(&verifier);
-        Ok(Self { verifier, challenge })
+        Ok(Self {
+            verifier,
+            challenge,
+        })
     }
 }
 
@@ -271,7 +376,10 @@ fn random_urlsafe(bytes: usize) -> Result<String> {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// A token endpoint's answer. Globus answers a request for several resource
@@ -305,8 +413,16 @@ fn identity_from_id_token(jwt: &str) -> Option<String> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let s = |k: &str| claims.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
-    let name = s("preferred_username").or_else(|| s("email")).or_else(|| s("name"));
+    let s = |k: &str| {
+        claims
+            .get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let name = s("preferred_username")
+        .or_else(|| s("email"))
+        .or_else(|| s("name"));
     match (name, s("sub")) {
         (Some(n), Some(sub)) => Some(format!("{n} ({sub})")),
         (n, sub) => n.or(sub),
@@ -314,7 +430,11 @@ fn identity_from_id_token(jwt: &str) -> Option<String> {
 }
 
 /// Picks, for each wanted scope, the token granted for it.
-fn tokens_for_scopes(answer: TokenAnswer, wanted: &[String], now: i64) -> Result<BTreeMap<String, StoredToken>> {
+fn tokens_for_scopes(
+    answer: TokenAnswer,
+    wanted: &[String],
+    now: i64,
+) -> Result<BTreeMap<String, StoredToken>> {
     let identity = answer.id_token.as_deref().and_then(identity_from_id_token);
     let lone = wanted.len() == 1 && answer.other_tokens.is_empty() && answer.scope.is_none();
     let mut all = vec![];
@@ -325,7 +445,13 @@ fn tokens_for_scopes(answer: TokenAnswer, wanted: &[String], now: i64) -> Result
     }
     let mut out = BTreeMap::new();
     for scope in wanted {
-        let granted = all.iter().find(|a| a.scope.as_deref().unwrap_or_default().split_whitespace().any(|s| s == scope));
+        let granted = all.iter().find(|a| {
+            a.scope
+                .as_deref()
+                .unwrap_or_default()
+                .split_whitespace()
+                .any(|s| s == scope)
+        });
         // RFC 6749 5.1: an answer may omit `scope` when it is the one asked for.
         let granted = granted.or(if lone { all.first() } else { None });
         let a = granted.ok_or_else(|| AuthClientError::ScopeNotGranted(scope.clone()))?;
@@ -352,11 +478,17 @@ fn code_from_input(input: &str, state: &str) -> Result<String> {
     let Ok(url) = reqwest::Url::parse(input) else {
         return Ok(input.to_string());
     };
-    let param = |k: &str| url.query_pairs().find(|(n, _)| n == k).map(|(_, v)| v.into_owned());
+    let param = |k: &str| {
+        url.query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+    };
     if param("state").is_some_and(|s| s != state) {
         return Err(AuthClientError::StateMismatch);
     }
-    param("code").filter(|c| !c.is_empty()).ok_or(AuthClientError::NoCode)
+    param("code")
+        .filter(|c| !c.is_empty())
+        .ok_or(AuthClientError::NoCode)
 }
 
 /// The OAuth2 endpoints with an HTTP client; what login, refresh and logout use.
@@ -367,7 +499,10 @@ struct OAuthClient {
 
 impl OAuthClient {
     fn new(ep: Endpoints) -> Result<Self> {
-        Ok(Self { ep, http: oauth::http_client()? })
+        Ok(Self {
+            ep,
+            http: oauth::http_client()?,
+        })
     }
 
     /// POSTs a form to the token endpoint and decodes its answer.
@@ -381,24 +516,48 @@ impl OAuthClient {
         })
     }
 
-    async fn post(&self, what: &'static str, url: reqwest::Url, form: &[(&str, &str)]) -> Result<Vec<u8>> {
+    async fn post(
+        &self,
+        what: &'static str,
+        url: reqwest::Url,
+        form: &[(&str, &str)],
+    ) -> Result<Vec<u8>> {
         let shown = url.to_string();
-        let http_err = |reason: String| AuthClientError::Http { what, url: shown.clone(), reason };
-        let resp = self.http.post(url.clone()).form(form).send().await.map_err(|e| http_err(oauth::error_chain(&e)))?;
+        let http_err = |reason: String| AuthClientError::Http {
+            what,
+            url: shown.clone(),
+            reason,
+        };
+        let resp = self
+            .http
+            .post(url.clone())
+            .form(form)
+            .send()
+            .await
+            .map_err(|e| http_err(oauth::error_chain(&e)))?;
         let status = resp.status();
-        let body = oauth::read_body(resp).await.map_err(|e| http_err(e.to_string()))?;
+        let body = oauth::read_body(resp)
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
         if status.is_success() {
             return Ok(body);
         }
         match serde_json::from_slice::<ErrorAnswer>(&body) {
-            Ok(e) => Err(AuthClientError::Refused { what, error: e.error, description: e.error_description }),
+            Ok(e) => Err(AuthClientError::Refused {
+                what,
+                error: e.error,
+                description: e.error_description,
+            }),
             Err(_) => Err(http_err(format!("HTTP {status}"))),
         }
     }
 
     fn authorize_url(&self, scopes: &[String], pkce: &Pkce, state: &str) -> Result<reqwest::Url> {
         let base = oauth::check_endpoint("authorize URL", &self.ep.authorize_url)?;
-        let scope = std::iter::once(IDENTITY_SCOPES.to_string()).chain(scopes.iter().cloned()).collect::<Vec<_>>().join(" ");
+        let scope = std::iter::once(IDENTITY_SCOPES.to_string())
+            .chain(scopes.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut url = base;
         url.query_pairs_mut()
             .append_pair("client_id", &self.ep.client_id)
@@ -425,12 +584,19 @@ impl OAuthClient {
     }
 
     async fn refresh(&self, scope: &str, old: &StoredToken) -> Result<StoredToken> {
-        let failed = |reason: String| AuthClientError::RefreshFailed { scope: scope.into(), reason };
+        let failed = |reason: String| AuthClientError::RefreshFailed {
+            scope: scope.into(),
+            reason,
+        };
         let Some(rt) = old.refresh_token.as_deref() else {
             return Err(failed("no refresh token was granted".into()));
         };
         let answer = self
-            .token_call(&[("grant_type", "refresh_token"), ("refresh_token", rt), ("client_id", &self.ep.client_id)])
+            .token_call(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt),
+                ("client_id", &self.ep.client_id),
+            ])
             .await
             .map_err(|e| failed(e.to_string()))?;
         Ok(StoredToken {
@@ -444,9 +610,17 @@ impl OAuthClient {
 
     async fn revoke(&self, token: &str, hint: &str) -> Result<()> {
         let url = oauth::check_endpoint("revoke URL", &self.ep.revoke_url)?;
-        self.post("revocation endpoint", url, &[("token", token), ("token_type_hint", hint), ("client_id", &self.ep.client_id)])
-            .await
-            .map(drop)
+        self.post(
+            "revocation endpoint",
+            url,
+            &[
+                ("token", token),
+                ("token_type_hint", hint),
+                ("client_id", &self.ep.client_id),
+            ],
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -461,7 +635,11 @@ impl Context {
     pub fn load(flags: &OAuthFlags) -> Result<Self> {
         let dir = config_dir()?;
         let file = FileConfig::load(&dir.join(CONFIG_FILE))?;
-        Ok(Self { dir, file, flags: flags.clone() })
+        Ok(Self {
+            dir,
+            file,
+            flags: flags.clone(),
+        })
     }
 
     fn tokens_path(&self) -> PathBuf {
@@ -481,7 +659,10 @@ impl Context {
     /// `None` when there is no scope or no token (s2uc then sends
     /// `INVALID_TOKEN`, as SciStream does).
     pub async fn token_for(&self, s2cs: &str, scope: Option<&str>) -> Result<Option<String>> {
-        let Some(scope) = scope.map(oauth::scope_for).or_else(|| self.file.scope_of(s2cs)) else {
+        let Some(scope) = scope
+            .map(oauth::scope_for)
+            .or_else(|| self.file.scope_of(s2cs))
+        else {
             return Ok(None);
         };
         let path = self.tokens_path();
@@ -506,7 +687,12 @@ impl Context {
         let scopes: Vec<String> = match scope {
             Some(s) => vec![oauth::scope_for(s)],
             None => {
-                let mut v: Vec<String> = self.file.servers.values().map(|s| oauth::scope_for(s)).collect();
+                let mut v: Vec<String> = self
+                    .file
+                    .servers
+                    .values()
+                    .map(|s| oauth::scope_for(s))
+                    .collect();
                 v.sort();
                 v.dedup();
                 v
@@ -528,7 +714,10 @@ impl Context {
         })
         .await
         .map_err(|_| AuthClientError::NoCode)?
-        .map_err(|error| AuthClientError::Io { path: "stdin".into(), error })?;
+        .map_err(|error| AuthClientError::Io {
+            path: "stdin".into(),
+            error,
+        })?;
         if line.trim().is_empty() {
             println!();
         }
@@ -564,7 +753,10 @@ impl Context {
         let mut failures = vec![];
         let mut revoked = 0;
         for (scope, t) in &store.tokens {
-            let pairs = [(Some(t.access_token.as_str()), "access_token"), (t.refresh_token.as_deref(), "refresh_token")];
+            let pairs = [
+                (Some(t.access_token.as_str()), "access_token"),
+                (t.refresh_token.as_deref(), "refresh_token"),
+            ];
             for (token, hint) in pairs {
                 let Some(token) = token else { continue };
                 match client.revoke(token, hint).await {
@@ -581,16 +773,27 @@ impl Context {
         if !failures.is_empty() {
             return Err(AuthClientError::RevocationFailed(failures.join("; ")));
         }
-        println!("logged out: revoked {revoked} tokens of {} scopes and deleted them", store.tokens.len());
+        println!(
+            "logged out: revoked {revoked} tokens of {} scopes and deleted them",
+            store.tokens.len()
+        );
         Ok(())
     }
 
     /// `s2uc check-auth`: scope, identity and expiry of the stored tokens.
-    pub fn check_auth(&self, scope: Option<&str>, ip: Option<&str>, show_token: bool) -> Result<()> {
+    pub fn check_auth(
+        &self,
+        scope: Option<&str>,
+        ip: Option<&str>,
+        show_token: bool,
+    ) -> Result<()> {
         let store = TokenStore::load(&self.tokens_path())?;
         let scopes: Vec<String> = match (scope, ip) {
             (Some(s), _) => vec![oauth::scope_for(s)],
-            (None, Some(ip)) => vec![self.file.scope_of(ip).ok_or_else(|| AuthClientError::UnknownServer(ip.into(), self.config_path()))?],
+            (None, Some(ip)) => vec![self
+                .file
+                .scope_of(ip)
+                .ok_or_else(|| AuthClientError::UnknownServer(ip.into(), self.config_path()))?],
             (None, None) if store.tokens.is_empty() => {
                 println!("not logged in");
                 return Ok(());
@@ -599,19 +802,46 @@ impl Context {
         };
         let now = unix_now();
         for (i, scope) in scopes.iter().enumerate() {
-            let t = store.tokens.get(scope).ok_or_else(|| AuthClientError::NotLoggedIn(scope.clone()))?;
+            let t = store
+                .tokens
+                .get(scope)
+                .ok_or_else(|| AuthClientError::NotLoggedIn(scope.clone()))?;
             if i > 0 {
                 println!();
             }
             println!("scope: {scope}");
-            println!("identity: {}", t.identity.as_deref().unwrap_or("(not named by the token server)"));
+            println!(
+                "identity: {}",
+                t.identity
+                    .as_deref()
+                    .unwrap_or("(not named by the token server)")
+            );
             if t.expires_at > now {
-                println!("expires: {} (in {})", utc(t.expires_at), span(t.expires_at - now));
+                println!(
+                    "expires: {} (in {})",
+                    utc(t.expires_at),
+                    span(t.expires_at - now)
+                );
             } else {
-                let next = if t.refresh_token.is_some() { "refreshed on next use" } else { "log in again" };
-                println!("expires: {} (expired {} ago; {next})", utc(t.expires_at), span(now - t.expires_at));
+                let next = if t.refresh_token.is_some() {
+                    "refreshed on next use"
+                } else {
+                    "log in again"
+                };
+                println!(
+                    "expires: {} (expired {} ago; {next})",
+                    utc(t.expires_at),
+                    span(now - t.expires_at)
+                );
             }
-            println!("refresh token: {}", if t.refresh_token.is_some() { "yes" } else { "no" });
+            println!(
+                "refresh token: {}",
+                if t.refresh_token.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
             if show_token {
                 println!("access token: {}", t.access_token);
             }
@@ -641,7 +871,12 @@ fn utc(t: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]
@@ -651,18 +886,30 @@ mod tests {
 
     fn temp_dir() -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!("s2uc-auth-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let d = std::env::temp_dir().join(format!(
+            "s2uc-auth-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_dir_all(&d);
         d
     }
 
     fn token(access: &str) -> StoredToken {
-        StoredToken { access_token: access.into(), refresh_token: Some("r".into()), expires_at: 5, identity: None }
+        StoredToken {
+            access_token: access.into(),
+            refresh_token: Some("r".into()),
+            expires_at: 5,
+            identity: None,
+        }
     }
 
     #[test]
     fn pkce_challenge_matches_rfc7636_appendix_b() {
-        assert_eq!(s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+        assert_eq!(
+            s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
     }
 
     #[test]
@@ -671,7 +918,10 @@ mod tests {
         assert_ne!(a.verifier, b.verifier);
         // RFC 7636 4.1: 43 to 128 unreserved characters.
         assert!((43..=128).contains(&a.verifier.len()));
-        assert!(a.verifier.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c)));
+        assert!(a
+            .verifier
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c)));
         assert_eq!(a.challenge, s256_challenge(&a.verifier));
     }
 
@@ -682,9 +932,18 @@ mod tests {
         let mut store = TokenStore::default();
         store.tokens.insert("s".into(), token("a1"));
         store.save(&path).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(TokenStore::load(&path).unwrap().tokens["s"].access_token, "a1");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            TokenStore::load(&path).unwrap().tokens["s"].access_token,
+            "a1"
+        );
         let _ = fs::remove_dir_all(dir.parent().unwrap());
     }
 
@@ -696,8 +955,15 @@ mod tests {
         fs::write(&path, "{}").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         TokenStore::default().save(&path).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != TOKENS_FILE).collect();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != TOKENS_FILE)
+            .collect();
         assert!(leftovers.is_empty(), "no temporary file left behind");
         let _ = fs::remove_dir_all(&dir);
     }
@@ -717,16 +983,29 @@ mod tests {
         assert_eq!(got["S1"].expires_at, 1200);
         assert_eq!(got["S2"].access_token, "ss2");
         assert_eq!(got["S1"].identity.as_deref(), Some("ann@uni.edu (u-1)"));
-        let answer: TokenAnswer = serde_json::from_str(r#"{"access_token":"x","scope":"other"}"#).unwrap();
-        assert!(matches!(tokens_for_scopes(answer, &["S1".into()], 0), Err(AuthClientError::ScopeNotGranted(_))));
+        let answer: TokenAnswer =
+            serde_json::from_str(r#"{"access_token":"x","scope":"other"}"#).unwrap();
+        assert!(matches!(
+            tokens_for_scopes(answer, &["S1".into()], 0),
+            Err(AuthClientError::ScopeNotGranted(_))
+        ));
     }
 
     #[test]
     fn pasted_code_or_redirect_address() {
         assert_eq!(code_from_input(" abc123\n", "st").unwrap(), "abc123");
-        assert_eq!(code_from_input("https://app/cb?code=xyz&state=st", "st").unwrap(), "xyz");
-        assert!(matches!(code_from_input("https://app/cb?code=xyz&state=other", "st"), Err(AuthClientError::StateMismatch)));
-        assert!(matches!(code_from_input("\n", "st"), Err(AuthClientError::NoCode)));
+        assert_eq!(
+            code_from_input("https://app/cb?code=xyz&state=st", "st").unwrap(),
+            "xyz"
+        );
+        assert!(matches!(
+            code_from_input("https://app/cb?code=xyz&state=other", "st"),
+            Err(AuthClientError::StateMismatch)
+        ));
+        assert!(matches!(
+            code_from_input("\n", "st"),
+            Err(AuthClientError::NoCode)
+        ));
     }
 
     #[test]
@@ -741,21 +1020,39 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.scope_of("10.0.0.1:5000").unwrap(), oauth::globus_scope("26c25f3c-c4b7-4107-8a25-df96898a24fe"));
+        assert_eq!(
+            cfg.scope_of("10.0.0.1:5000").unwrap(),
+            oauth::globus_scope("26c25f3c-c4b7-4107-8a25-df96898a24fe")
+        );
         assert_eq!(cfg.scope_of("gw.example.org:5000").unwrap(), "urn:x");
         assert!(cfg.scope_of("10.0.0.2:5000").is_none());
-        assert_eq!(cfg.scope_of("gw.example.org").unwrap(), "urn:x", "a bare host finds its host:port entry");
-        let hosts: FileConfig = toml::from_str("[servers]\n\"10.0.0.9\" = \"urn:y\"\n\"::1\" = \"urn:z\"").unwrap();
-        assert_eq!(hosts.scope_of("10.0.0.9:5000").unwrap(), "urn:y", "a host-only entry covers every port");
+        assert_eq!(
+            cfg.scope_of("gw.example.org").unwrap(),
+            "urn:x",
+            "a bare host finds its host:port entry"
+        );
+        let hosts: FileConfig =
+            toml::from_str("[servers]\n\"10.0.0.9\" = \"urn:y\"\n\"::1\" = \"urn:z\"").unwrap();
+        assert_eq!(
+            hosts.scope_of("10.0.0.9:5000").unwrap(),
+            "urn:y",
+            "a host-only entry covers every port"
+        );
         assert_eq!(hosts.scope_of("[::1]:5000").unwrap(), "urn:z");
         assert!(hosts.scope_of("10.0.0.10:5000").is_none());
-        let flags = OAuthFlags { revoke_url: Some("https://flag/revoke".into()), ..Default::default() };
+        let flags = OAuthFlags {
+            revoke_url: Some("https://flag/revoke".into()),
+            ..Default::default()
+        };
         let ep = Endpoints::resolve(&flags, &cfg.auth);
         assert_eq!(ep.token_url, "https://kc.example.org/token");
         assert_eq!(ep.revoke_url, "https://flag/revoke");
         assert_eq!(ep.authorize_url, GLOBUS_AUTHORIZE_URL);
         assert_eq!(ep.client_id, SCISTREAM_NATIVE_CLIENT_ID);
-        assert!(toml::from_str::<FileConfig>("[auth]\ntoken_ur = \"x\"").is_err(), "typos are reported");
+        assert!(
+            toml::from_str::<FileConfig>("[auth]\ntoken_ur = \"x\"").is_err(),
+            "typos are reported"
+        );
     }
 
     #[test]

@@ -14,7 +14,11 @@ use super::{status_error, tunnel_keys, Connection};
 use crate::control::tunnel_key::{self, KEY_LEN};
 
 #[derive(Parser, Debug)]
-#[command(name = "s2uc", version, about = "scistream-rs user client: sets up streaming sessions on s2cs gateways")]
+#[command(
+    name = "s2uc",
+    version,
+    about = "scistream-rs user client: sets up streaming sessions on s2cs gateways"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -118,7 +122,12 @@ pub struct InboundArgs {
     #[arg(long = "remote_ip", alias = "remote-ip")]
     pub remote_ip: std::net::IpAddr,
     /// Producer app port(s), comma-separated.
-    #[arg(long = "receiver_ports", alias = "receiver-ports", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "receiver_ports",
+        alias = "receiver-ports",
+        value_delimiter = ',',
+        required = true
+    )]
     pub receiver_ports: Vec<u16>,
     #[arg(long = "num_conn", alias = "num-conn", default_value_t = 5)]
     pub num_conn: i32,
@@ -145,7 +154,11 @@ pub struct OutboundArgs {
     /// Accepted for SciStream compatibility (sent in the hello).
     #[arg(long = "remote_ip", alias = "remote-ip")]
     pub remote_ip: Option<std::net::IpAddr>,
-    #[arg(long = "receiver_ports", alias = "receiver-ports", value_delimiter = ',')]
+    #[arg(
+        long = "receiver_ports",
+        alias = "receiver-ports",
+        value_delimiter = ','
+    )]
     pub receiver_ports: Vec<u16>,
     #[arg(long = "num_conn", alias = "num-conn", default_value_t = 5)]
     pub num_conn: i32,
@@ -159,7 +172,12 @@ pub struct OutboundArgs {
     /// output or its key file. Default: the key inbound-request kept for this
     /// uid under this account (~/.config/scistream/tunnel-keys/); none for a session whose
     /// inbound gateway made none (SciStream 1.2, StunnelSubprocess).
-    #[arg(long = "tunnel_key", alias = "tunnel-key", env = "S2UC_TUNNEL_KEY", hide_env_values = true)]
+    #[arg(
+        long = "tunnel_key",
+        alias = "tunnel-key",
+        env = "S2UC_TUNNEL_KEY",
+        hide_env_values = true
+    )]
     pub tunnel_key: Option<String>,
     #[arg(long, hide = true)]
     pub mock: bool,
@@ -223,7 +241,10 @@ async fn open(c: &Conn, oauth: &OAuthFlags, timeout: Duration) -> anyhow::Result
     let token = if c.scope.is_none() && super::auth::config_dir().is_err() {
         None
     } else {
-        auth_context(oauth)?.token_for(&c.s2cs, c.scope.as_deref()).await.context("token")?
+        auth_context(oauth)?
+            .token_for(&c.s2cs, c.scope.as_deref())
+            .await
+            .context("token")?
     };
     Connection::open(&c.s2cs, cert.as_deref(), c.ssl, token, timeout).await
 }
@@ -247,7 +268,10 @@ fn keep_tunnel_key(uid: &str, got: &[u8], json: bool) -> anyhow::Result<Option<S
     let hex = key.map(|k| tunnel_key::hex(&k));
     match tunnel_keys::dir().and_then(|d| Ok(tunnel_keys::save(&d, uid, key.as_ref())?)) {
         Ok(path) if key.is_some() && !json => {
-            eprintln!("s2uc: tunnel key kept in {} for outbound-request (elsewhere: --tunnel_key)", path.display())
+            eprintln!(
+                "s2uc: tunnel key kept in {} for outbound-request (elsewhere: --tunnel_key)",
+                path.display()
+            )
         }
         Ok(_) => {}
         Err(e) => {
@@ -263,7 +287,9 @@ fn keep_tunnel_key(uid: &str, got: &[u8], json: bool) -> anyhow::Result<Option<S
 /// inbound-request kept for this uid.
 fn tunnel_key_for(uid: &str, given: Option<&str>) -> anyhow::Result<Option<[u8; KEY_LEN]>> {
     if let Some(h) = given {
-        return tunnel_key::parse_hex_key(h).map(Some).ok_or_else(|| anyhow::anyhow!("--tunnel_key must be {} hex digits", 2 * KEY_LEN));
+        return tunnel_key::parse_hex_key(h)
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("--tunnel_key must be {} hex digits", 2 * KEY_LEN));
     }
     let dir = tunnel_keys::dir().ok();
     match dir.as_deref().map(|d| tunnel_keys::load(d, uid)) {
@@ -282,36 +308,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let oauth = &cli.oauth;
     match cli.command {
         Command::Inbound(a) => {
-            let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?.with_allowed_peers(&a.allowed_peers).wanting_tunnel_key();
+            let conn = open(&a.conn, oauth, CALL_TIMEOUT)
+                .await?
+                .with_allowed_peers(&a.allowed_peers)
+                .wanting_tunnel_key();
             let uid = new_uid();
-            let producers: Vec<String> =
-                a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string()).collect();
+            let producers: Vec<String> = a
+                .receiver_ports
+                .iter()
+                .map(|p| std::net::SocketAddr::new(a.remote_ip, *p).to_string())
+                .collect();
             if !a.conn.json {
-                println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
+                println!(
+                    "uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message",
+                    a.conn.s2cs
+                );
             }
-            let resp = conn.req_with_hello(&uid, "PROD", a.num_conn, a.rate, &producers, "PROD").await?;
-            let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
+            let resp = conn
+                .req_with_hello(&uid, "PROD", a.num_conn, a.rate, &producers, "PROD")
+                .await?;
+            let upd = conn
+                .update(&uid, &resp.prod_listeners, "PROD")
+                .await
+                .map_err(|s| status_error(&conn.target, "update", &s))?;
             let tunnel_key = keep_tunnel_key(&uid, &resp.tunnel_key, a.conn.json)?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key }.print(a.conn.json);
+            Outcome {
+                uid: &uid,
+                listeners: &resp.listeners,
+                prod_listeners: &upd.prod_listeners,
+                tunnel_key,
+            }
+            .print(a.conn.json);
         }
         Command::Outbound(a) => {
-            let uid = crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let uid =
+                crate::control::session::parse_uid(&a.uid).map_err(|e| anyhow::anyhow!("{e}"))?;
             let key = tunnel_key_for(&uid, a.tunnel_key.as_deref())?;
             let conn = open(&a.conn, oauth, CALL_TIMEOUT)
                 .await?
                 .with_allowed_peers(&a.allowed_peers)
                 .with_tunnel_key(key.as_ref().map(|k| &k[..]));
-            let remote = crate::addr::parse_addr_list(&a.prod_listeners).map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
+            let remote = crate::addr::parse_addr_list(&a.prod_listeners)
+                .map_err(|e| anyhow::anyhow!("PROD_LISTENERS: {e}"))?;
             let hello_addrs: Vec<String> = match a.remote_ip {
-                Some(ip) => a.receiver_ports.iter().map(|p| std::net::SocketAddr::new(ip, *p).to_string()).collect(),
+                Some(ip) => a
+                    .receiver_ports
+                    .iter()
+                    .map(|p| std::net::SocketAddr::new(ip, *p).to_string())
+                    .collect(),
                 None => Vec::new(),
             };
-            let resp = conn.req_with_hello(&uid, "CONS", a.num_conn, a.rate, &hello_addrs, "CONS").await?;
+            let resp = conn
+                .req_with_hello(&uid, "CONS", a.num_conn, a.rate, &hello_addrs, "CONS")
+                .await?;
             let upd = conn
                 .update(&uid, &crate::addr::to_strings(&remote), "CONS")
                 .await
                 .map_err(|s| status_error(&conn.target, "update", &s))?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key: None }.print(a.conn.json);
+            Outcome {
+                uid: &uid,
+                listeners: &resp.listeners,
+                prod_listeners: &upd.prod_listeners,
+                tunnel_key: None,
+            }
+            .print(a.conn.json);
         }
         Command::List(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
@@ -324,7 +384,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Release(a) => {
             let conn = open(&a.conn, oauth, CALL_TIMEOUT).await?;
-            conn.release(&a.uid).await.map_err(|s| status_error(&conn.target, "release", &s))?;
+            conn.release(&a.uid)
+                .await
+                .map_err(|s| status_error(&conn.target, "release", &s))?;
             if a.conn.json {
                 println!("{}", serde_json::json!({"uid": a.uid, "released": true}));
             } else {
@@ -333,19 +395,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ProdReq(a) => {
             // The producer app sends the hello itself; wait as long as the server does.
-            let conn = open(&a.conn, oauth, Duration::from_secs(200)).await?.wanting_tunnel_key();
+            let conn = open(&a.conn, oauth, Duration::from_secs(200))
+                .await?
+                .wanting_tunnel_key();
             let uid = new_uid();
             if !a.conn.json {
-                println!("uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message", a.conn.s2cs);
+                println!(
+                    "uid; s2cs; role\n{uid} {} PROD\nwaiting for hello message",
+                    a.conn.s2cs
+                );
             }
-            let resp = conn.req(&uid, "PROD", a.num_conn, a.rate).await.map_err(|s| status_error(&conn.target, "req", &s))?;
-            let upd = conn.update(&uid, &resp.prod_listeners, "PROD").await.map_err(|s| status_error(&conn.target, "update", &s))?;
+            let resp = conn
+                .req(&uid, "PROD", a.num_conn, a.rate)
+                .await
+                .map_err(|s| status_error(&conn.target, "req", &s))?;
+            let upd = conn
+                .update(&uid, &resp.prod_listeners, "PROD")
+                .await
+                .map_err(|s| status_error(&conn.target, "update", &s))?;
             let tunnel_key = keep_tunnel_key(&uid, &resp.tunnel_key, a.conn.json)?;
-            Outcome { uid: &uid, listeners: &resp.listeners, prod_listeners: &upd.prod_listeners, tunnel_key }.print(a.conn.json);
+            Outcome {
+                uid: &uid,
+                listeners: &resp.listeners,
+                prod_listeners: &upd.prod_listeners,
+                tunnel_key,
+            }
+            .print(a.conn.json);
         }
-        Command::Login(a) => auth_context(oauth)?.login(a.scope.as_deref()).await.context("login")?,
+        Command::Login(a) => auth_context(oauth)?
+            .login(a.scope.as_deref())
+            .await
+            .context("login")?,
         Command::Logout => auth_context(oauth)?.logout().await.context("logout")?,
-        Command::CheckAuth(a) => auth_context(oauth)?.check_auth(a.scope.as_deref(), a.ip.as_deref(), a.show_token).context("check-auth")?,
+        Command::CheckAuth(a) => auth_context(oauth)?
+            .check_auth(a.scope.as_deref(), a.ip.as_deref(), a.show_token)
+            .context("check-auth")?,
     }
     Ok(())
 }
@@ -353,7 +437,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Entry point of the binary: one error line and exit code 1 on failure.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("s2uc: error: cannot start the runtime: {e}");
@@ -374,6 +462,10 @@ trait RootCauseChain {
 }
 impl RootCauseChain for anyhow::Error {
     fn root_cause_chain(&self) -> String {
-        self.chain().skip(1).map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+        self.chain()
+            .skip(1)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": ")
     }
 }

@@ -47,7 +47,9 @@ fn tls_connector(
 ) -> anyhow::Result<
     impl tower::Service<
             tonic::codegen::http::Uri,
-            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+            Response = hyper_util::rt::TokioIo<
+                tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+            >,
             Error = std::io::Error,
             Future = impl Send,
         > + Send
@@ -84,18 +86,31 @@ fn host_of(s2cs: &str) -> anyhow::Result<String> {
     if let Ok(sa) = s2cs.parse::<std::net::SocketAddr>() {
         return Ok(sa.ip().to_string());
     }
-    let (host, port) = s2cs.rsplit_once(':').ok_or_else(|| anyhow!("--s2cs {s2cs:?} is not host:port"))?;
-    port.parse::<u16>().map_err(|_| anyhow!("--s2cs {s2cs:?}: bad port"))?;
-    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    let (host, port) = s2cs
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--s2cs {s2cs:?} is not host:port"))?;
+    port.parse::<u16>()
+        .map_err(|_| anyhow!("--s2cs {s2cs:?}: bad port"))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
 }
 
 impl Connection {
     /// Connects (TLS verified against `server_cert` unless `ssl` is false).
-    pub async fn open(s2cs: &str, server_cert: Option<&Path>, ssl: bool, token: Option<String>, call_timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn open(
+        s2cs: &str,
+        server_cert: Option<&Path>,
+        ssl: bool,
+        token: Option<String>,
+        call_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let host = host_of(s2cs)?;
         let scheme = if ssl { "https" } else { "http" };
-        let origin: tonic::codegen::http::Uri =
-            format!("{scheme}://{s2cs}").parse().map_err(|e| anyhow!("--s2cs {s2cs:?}: {e}"))?;
+        let origin: tonic::codegen::http::Uri = format!("{scheme}://{s2cs}")
+            .parse()
+            .map_err(|e| anyhow!("--s2cs {s2cs:?}: {e}"))?;
         // The connector below does TLS itself, so the endpoint dials plain
         // http; requests still carry the https origin.
         let ep = Endpoint::from_shared(format!("http://{s2cs}"))
@@ -116,7 +131,14 @@ impl Connection {
             let why = crate::trust::explain(&e).unwrap_or_else(|| crate::oauth::error_chain(&e));
             anyhow!("cannot connect to s2cs at {s2cs}: {why}")
         })?;
-        Ok(Self { client: ControlClient::new(channel), token: token.unwrap_or_else(|| NO_TOKEN.into()), target: s2cs.into(), allowed_peers: Vec::new(), want_tunnel_key: false, tunnel_key: Vec::new() })
+        Ok(Self {
+            client: ControlClient::new(channel),
+            token: token.unwrap_or_else(|| NO_TOKEN.into()),
+            target: s2cs.into(),
+            allowed_peers: Vec::new(),
+            want_tunnel_key: false,
+            tunnel_key: Vec::new(),
+        })
     }
 
     fn with_token<T>(&self, msg: T) -> tonic::Request<T> {
@@ -145,7 +167,13 @@ impl Connection {
         self
     }
 
-    pub async fn req(&self, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<proto::Response, Status> {
+    pub async fn req(
+        &self,
+        uid: &str,
+        role: &str,
+        num_conn: i32,
+        rate: i32,
+    ) -> Result<proto::Response, Status> {
         let msg = proto::Request {
             uid: uid.into(),
             role: role.into(),
@@ -155,36 +183,93 @@ impl Connection {
             want_tunnel_key: self.want_tunnel_key,
             tunnel_key: self.tunnel_key.clone(),
         };
-        Ok(self.client.clone().req(self.with_token(msg)).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .req(self.with_token(msg))
+            .await?
+            .into_inner())
     }
 
-    pub async fn hello(&self, uid: &str, prod_listeners: &[String], role: &str) -> Result<proto::AppResponse, Status> {
-        let msg = proto::Hello { uid: uid.into(), prod_listeners: prod_listeners.to_vec(), role: role.into() };
-        Ok(self.client.clone().hello(self.with_token(msg)).await?.into_inner())
+    pub async fn hello(
+        &self,
+        uid: &str,
+        prod_listeners: &[String],
+        role: &str,
+    ) -> Result<proto::AppResponse, Status> {
+        let msg = proto::Hello {
+            uid: uid.into(),
+            prod_listeners: prod_listeners.to_vec(),
+            role: role.into(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .hello(self.with_token(msg))
+            .await?
+            .into_inner())
     }
 
-    pub async fn update(&self, uid: &str, remote_listeners: &[String], role: &str) -> Result<proto::Response, Status> {
-        let msg = proto::UpdateTargets { uid: uid.into(), remote_listeners: remote_listeners.to_vec(), role: role.into() };
-        Ok(self.client.clone().update(self.with_token(msg)).await?.into_inner())
+    pub async fn update(
+        &self,
+        uid: &str,
+        remote_listeners: &[String],
+        role: &str,
+    ) -> Result<proto::Response, Status> {
+        let msg = proto::UpdateTargets {
+            uid: uid.into(),
+            remote_listeners: remote_listeners.to_vec(),
+            role: role.into(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .update(self.with_token(msg))
+            .await?
+            .into_inner())
     }
 
     pub async fn list(&self) -> Result<Vec<proto::SessionInfo>, Status> {
-        Ok(self.client.clone().list(self.with_token(proto::ListRequest {})).await?.into_inner().sessions)
+        Ok(self
+            .client
+            .clone()
+            .list(self.with_token(proto::ListRequest {}))
+            .await?
+            .into_inner()
+            .sessions)
     }
 
     pub async fn status(&self, uid: &str) -> Result<proto::SessionInfo, Status> {
-        Ok(self.client.clone().status(self.with_token(proto::StatusRequest { uid: uid.into() })).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .status(self.with_token(proto::StatusRequest { uid: uid.into() }))
+            .await?
+            .into_inner())
     }
 
     pub async fn release(&self, uid: &str) -> Result<proto::Response, Status> {
         let msg = proto::Release { uid: uid.into() };
-        Ok(self.client.clone().release(self.with_token(msg)).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .release(self.with_token(msg))
+            .await?
+            .into_inner())
     }
 
     /// `req` and its `hello`, the hello sent right after the req and retried
     /// while the server does not know the uid yet (an original s2cs answers
     /// a hello that overtakes its req with an error).
-    pub async fn req_with_hello(&self, uid: &str, role: &str, num_conn: i32, rate: i32, hello_listeners: &[String], hello_role: &str) -> anyhow::Result<proto::Response> {
+    pub async fn req_with_hello(
+        &self,
+        uid: &str,
+        role: &str,
+        num_conn: i32,
+        rate: i32,
+        hello_listeners: &[String],
+        hello_role: &str,
+    ) -> anyhow::Result<proto::Response> {
         let req = {
             let c = self.clone();
             let (uid, role) = (uid.to_string(), role.to_string());
@@ -192,13 +277,20 @@ impl Connection {
         };
         let hello = {
             let c = self.clone();
-            let (uid, hl, hr) = (uid.to_string(), hello_listeners.to_vec(), hello_role.to_string());
+            let (uid, hl, hr) = (
+                uid.to_string(),
+                hello_listeners.to_vec(),
+                hello_role.to_string(),
+            );
             tokio::spawn(async move {
                 let start = tokio::time::Instant::now();
                 let mut backoff = Duration::from_millis(10);
                 loop {
                     match c.hello(&uid, &hl, &hr).await {
-                        Err(s) if matches!(s.code(), Code::NotFound | Code::Unknown) && start.elapsed() < HELLO_RETRY_FOR => {
+                        Err(s)
+                            if matches!(s.code(), Code::NotFound | Code::Unknown)
+                                && start.elapsed() < HELLO_RETRY_FOR =>
+                        {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_millis(250));
                         }
@@ -214,15 +306,27 @@ impl Connection {
                 return Err(status_error(&self.target, "req", &s));
             }
         };
-        hello.await.context("hello task")?.map_err(|s| status_error(&self.target, "hello", &s))?;
+        hello
+            .await
+            .context("hello task")?
+            .map_err(|s| status_error(&self.target, "hello", &s))?;
         Ok(resp)
     }
 }
 
 /// One line naming the server, the call and what it said.
 pub fn status_error(target: &str, call: &str, s: &Status) -> anyhow::Error {
-    if s.code() == Code::Unavailable || s.code() == Code::Unknown && s.message().contains("transport") {
-        return anyhow!("s2cs at {target} unreachable during {call}: {}", s.message());
+    if s.code() == Code::Unavailable
+        || s.code() == Code::Unknown && s.message().contains("transport")
+    {
+        return anyhow!(
+            "s2cs at {target} unreachable during {call}: {}",
+            s.message()
+        );
     }
-    anyhow!("s2cs at {target} refused {call}: {:?}: {}", s.code(), s.message())
+    anyhow!(
+        "s2cs at {target} refused {call}: {:?}: {}",
+        s.code(),
+        s.message()
+    )
 }

@@ -12,7 +12,13 @@ use crate::proto::SessionInfo;
 pub fn info_json(s: &SessionInfo) -> serde_json::Value {
     // Unknown counters are null, never a zero that reads as "idle".
     let seen = counters_observable(s);
-    let n = |v: u64| if seen { serde_json::json!(v) } else { serde_json::Value::Null };
+    let n = |v: u64| {
+        if seen {
+            serde_json::json!(v)
+        } else {
+            serde_json::Value::Null
+        }
+    };
     serde_json::json!({
         "uid": s.uid, "role": s.role, "backend": s.backend,
         "listeners": s.listeners, "targets": s.targets,
@@ -42,7 +48,8 @@ fn secret_text(s: &SessionInfo) -> &'static str {
 /// (`counters_available`); an older s2cs does not, and then its compat
 /// backends (`StunnelSubprocess`, `HaproxySubprocess`) counted nothing.
 fn counters_observable(s: &SessionInfo) -> bool {
-    s.counters_available.unwrap_or(!s.backend.ends_with("Subprocess"))
+    s.counters_available
+        .unwrap_or(!s.backend.ends_with("Subprocess"))
 }
 
 fn bytes(n: u64) -> String {
@@ -53,18 +60,32 @@ fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn gbits(bytes: u64, over: Duration) -> String {
     let s = over.as_secs_f64();
-    if s <= 0.0 { "-".into() } else { format!("{:.3} Gbit/s", bytes as f64 * 8.0 / s / 1e9) }
+    if s <= 0.0 {
+        "-".into()
+    } else {
+        format!("{:.3} Gbit/s", bytes as f64 * 8.0 / s / 1e9)
+    }
 }
 
 pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
-    let sessions = conn.list().await.map_err(|s| status_error(&conn.target, "list", &s))?;
+    let sessions = conn
+        .list()
+        .await
+        .map_err(|s| status_error(&conn.target, "list", &s))?;
     if json {
-        println!("{}", serde_json::Value::Array(sessions.iter().map(info_json).collect()));
+        println!(
+            "{}",
+            serde_json::Value::Array(sessions.iter().map(info_json).collect())
+        );
         return Ok(());
     }
     if sessions.is_empty() {
@@ -81,13 +102,33 @@ pub async fn list(conn: &Connection, json: bool) -> anyhow::Result<()> {
             s.uid,
             s.role,
             s.backend,
-            if s.tunnel_secret.is_empty() { "?" } else { s.tunnel_secret.as_str() },
-            if counters_observable(s) { s.connections_active.to_string() } else { "n/a".into() },
-            if counters_observable(s) { bytes(s.bytes_forward) } else { "n/a".into() },
-            if counters_observable(s) { bytes(s.bytes_backward) } else { "n/a".into() },
+            if s.tunnel_secret.is_empty() {
+                "?"
+            } else {
+                s.tunnel_secret.as_str()
+            },
+            if counters_observable(s) {
+                s.connections_active.to_string()
+            } else {
+                "n/a".into()
+            },
+            if counters_observable(s) {
+                bytes(s.bytes_forward)
+            } else {
+                "n/a".into()
+            },
+            if counters_observable(s) {
+                bytes(s.bytes_backward)
+            } else {
+                "n/a".into()
+            },
             s.age_ms / 1000,
             s.listeners.join(","),
-            if s.targets.is_empty() { "(not set)".to_string() } else { s.targets.join(",") },
+            if s.targets.is_empty() {
+                "(not set)".to_string()
+            } else {
+                s.targets.join(",")
+            },
         );
     }
     Ok(())
@@ -97,32 +138,72 @@ fn print_status(s: &SessionInfo, rates: Option<(String, String)>) {
     println!("uid:         {}", s.uid);
     println!("role:        {} ({} backend)", s.role, s.backend);
     println!("listeners:   {}", s.listeners.join(", "));
-    println!("targets:     {}", if s.targets.is_empty() { "(not set yet)".into() } else { s.targets.join(", ") });
-    println!("hello:       {}", if s.hello_received { "received" } else { "waiting" });
+    println!(
+        "targets:     {}",
+        if s.targets.is_empty() {
+            "(not set yet)".into()
+        } else {
+            s.targets.join(", ")
+        }
+    );
+    println!(
+        "hello:       {}",
+        if s.hello_received {
+            "received"
+        } else {
+            "waiting"
+        }
+    );
     println!("secret:      {}", secret_text(s));
     if counters_observable(s) {
-        println!("connections: {} active, {} total, {} failed", s.connections_active, s.connections_total, s.connections_failed);
+        println!(
+            "connections: {} active, {} total, {} failed",
+            s.connections_active, s.connections_total, s.connections_failed
+        );
         println!("forward:     {}", bytes(s.bytes_forward));
         println!("back:        {}", bytes(s.bytes_backward));
     } else {
-        println!("counters:    not observable: the {} backend's program moves the bytes outside s2cs", s.backend);
+        println!(
+            "counters:    not observable: the {} backend's program moves the bytes outside s2cs",
+            s.backend
+        );
     }
     if let Some((f, b)) = rates.filter(|_| counters_observable(s)) {
         println!("rate:        {f} forward, {b} back");
     }
     if s.auth_failures > 0 {
-        println!("refused:     {} tunnel peers failed the session proof", s.auth_failures);
+        println!(
+            "refused:     {} tunnel peers failed the session proof",
+            s.auth_failures
+        );
     }
     if !s.guard_attach.is_empty() {
-        println!("guard:       on {}", s.guard_attach.replace('=', " at ").replace(',', ", "));
+        println!(
+            "guard:       on {}",
+            s.guard_attach.replace('=', " at ").replace(',', ", ")
+        );
     }
     if s.guard_dropped_packets > 0 {
-        println!("guard:       {} frames ({}) from peers not allowed, dropped", s.guard_dropped_packets, bytes(s.guard_dropped_bytes));
+        println!(
+            "guard:       {} frames ({}) from peers not allowed, dropped",
+            s.guard_dropped_packets,
+            bytes(s.guard_dropped_bytes)
+        );
     }
-    println!("age:         {} s (requested rate {} kbit/s)", s.age_ms / 1000, s.rate);
+    println!(
+        "age:         {} s (requested rate {} kbit/s)",
+        s.age_ms / 1000,
+        s.rate
+    );
 }
 
-pub async fn status(conn: &Connection, uid: &str, watch: bool, every: Duration, json: bool) -> anyhow::Result<()> {
+pub async fn status(
+    conn: &Connection,
+    uid: &str,
+    watch: bool,
+    every: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut last: Option<(Instant, SessionInfo)> = None;
     loop {
         let s = match conn.status(uid).await {

@@ -40,7 +40,10 @@ fn file(dir: &Path, uid: &str) -> PathBuf {
 
 /// Records what the inbound gateway answered for `uid`; returns the file.
 pub fn save(dir: &Path, uid: &str, key: Option<&[u8; KEY_LEN]>) -> std::io::Result<PathBuf> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     prune(dir);
     let path = file(dir, uid);
@@ -48,7 +51,11 @@ pub fn save(dir: &Path, uid: &str, key: Option<&[u8; KEY_LEN]>) -> std::io::Resu
     let _ = fs::remove_file(&tmp);
     let text = key.map(|k| hex(k)).unwrap_or_else(|| "none".into());
     let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         writeln!(f, "{text}")?;
         f.sync_all()?;
@@ -63,16 +70,23 @@ pub fn save(dir: &Path, uid: &str, key: Option<&[u8; KEY_LEN]>) -> std::io::Resu
 pub fn load(dir: &Path, uid: &str) -> Stored {
     match fs::read_to_string(file(dir, uid)) {
         Ok(t) if t.trim() == "none" => Stored::NoKey,
-        Ok(t) => parse_hex_key(&t).map(Stored::Key).unwrap_or(Stored::Missing),
+        Ok(t) => parse_hex_key(&t)
+            .map(Stored::Key)
+            .unwrap_or(Stored::Missing),
         Err(_) => Stored::Missing,
     }
 }
 
 fn prune(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     let now = SystemTime::now();
     for e in entries.flatten() {
-        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > KEEP_FOR));
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > KEEP_FOR));
         if old {
             let _ = fs::remove_file(e.path());
         }
@@ -85,17 +99,31 @@ mod tests {
 
     #[test]
     fn keys_are_kept_private_per_uid() {
-        let dir = std::env::temp_dir().join(format!("ss-tunnel-keys-{}", std::process::id())).join("tunnel-keys");
+        let dir = std::env::temp_dir()
+            .join(format!("ss-tunnel-keys-{}", std::process::id()))
+            .join("tunnel-keys");
         let _ = fs::remove_dir_all(&dir);
-        let (a, b) = ("0c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e", "1c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e");
+        let (a, b) = (
+            "0c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e",
+            "1c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e",
+        );
         let key = [5u8; KEY_LEN];
         let path = save(&dir, a, Some(&key)).unwrap();
         save(&dir, b, None).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(load(&dir, a), Stored::Key(key));
         assert_eq!(load(&dir, b), Stored::NoKey);
-        assert_eq!(load(&dir, "2c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e"), Stored::Missing);
+        assert_eq!(
+            load(&dir, "2c1f7c2e-5b9a-4a53-9f55-2f3f0c8f1d7e"),
+            Stored::Missing
+        );
         let _ = fs::remove_dir_all(dir.parent().unwrap());
     }
 }

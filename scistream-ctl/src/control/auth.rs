@@ -89,9 +89,13 @@ pub enum Rejection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("no token sent; this s2cs needs a token for scope {scope} (s2uc login --scope {scope})")]
+    #[error(
+        "no token sent; this s2cs needs a token for scope {scope} (s2uc login --scope {scope})"
+    )]
     Missing { scope: String },
-    #[error("{reason}; this s2cs needs a valid token for scope {scope} (s2uc login --scope {scope})")]
+    #[error(
+        "{reason}; this s2cs needs a valid token for scope {scope} (s2uc login --scope {scope})"
+    )]
     Rejected { reason: Rejection, scope: String },
     /// The token could not be checked; the call is refused, never let through.
     #[error("cannot check the token: introspection at {url} failed: {reason}")]
@@ -125,7 +129,11 @@ impl AuthConfig {
             (None, Some(_)) => return Err(AuthSetupError::SecretWithoutId),
             _ => return Ok(None),
         };
-        let required_scope = args.required_scope.as_deref().map(oauth::scope_for).unwrap_or_else(|| oauth::globus_scope(&id));
+        let required_scope = args
+            .required_scope
+            .as_deref()
+            .map(oauth::scope_for)
+            .unwrap_or_else(|| oauth::globus_scope(&id));
         Ok(Some(Self {
             client_id: id,
             client_secret: secret,
@@ -212,18 +220,30 @@ impl Authenticator {
 
     /// [`Authenticator::check`] for a caller at `source`, whose
     /// introspections in flight are limited to [`MAX_IN_FLIGHT_PER_SOURCE`].
-    pub async fn check_from(&self, metadata: Option<&[u8]>, source: Option<std::net::IpAddr>) -> Result<Identity, AuthError> {
+    pub async fn check_from(
+        &self,
+        metadata: Option<&[u8]>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Identity, AuthError> {
         let scope = &self.cfg.required_scope;
         let token = extract_token(metadata).map_err(|reason| match reason {
-            None => AuthError::Missing { scope: scope.clone() },
-            Some(reason) => AuthError::Rejected { reason, scope: scope.clone() },
+            None => AuthError::Missing {
+                scope: scope.clone(),
+            },
+            Some(reason) => AuthError::Rejected {
+                reason,
+                scope: scope.clone(),
+            },
         })?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(id) = self.lock_cache().get(&key, Instant::now()) {
             return Ok(id);
         }
         if let Some(reason) = self.recently_rejected(&key) {
-            return Err(AuthError::Rejected { reason, scope: scope.clone() });
+            return Err(AuthError::Rejected {
+                reason,
+                scope: scope.clone(),
+            });
         }
         let _slot = match source {
             Some(ip) => Some(self.source_slot(ip)?),
@@ -233,11 +253,17 @@ impl Authenticator {
         let (identity, expires) = evaluate(&answer, scope, unix_now()).map_err(|reason| {
             tracing::info!(%reason, "token rejected");
             self.remember_rejection(key, reason.clone());
-            AuthError::Rejected { reason, scope: scope.clone() }
+            AuthError::Rejected {
+                reason,
+                scope: scope.clone(),
+            }
         })?;
         tracing::debug!(identity = %identity, "token accepted");
-        let until = expires.map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).max(0) as u64));
-        self.lock_cache().insert(key, identity.clone(), until, Instant::now());
+        let until = expires.map(|exp| {
+            Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).max(0) as u64)
+        });
+        self.lock_cache()
+            .insert(key, identity.clone(), until, Instant::now());
         Ok(identity)
     }
 
@@ -272,11 +298,16 @@ impl Authenticator {
         if *n >= MAX_IN_FLIGHT_PER_SOURCE {
             return Err(AuthError::Unavailable {
                 url: self.cfg.introspect_url.clone(),
-                reason: format!("{MAX_IN_FLIGHT_PER_SOURCE} token checks from {ip} already in flight; retry"),
+                reason: format!(
+                    "{MAX_IN_FLIGHT_PER_SOURCE} token checks from {ip} already in flight; retry"
+                ),
             });
         }
         *n += 1;
-        Ok(SourceSlot { map: &self.per_source, ip })
+        Ok(SourceSlot {
+            map: &self.per_source,
+            ip,
+        })
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -284,7 +315,10 @@ impl Authenticator {
     }
 
     async fn introspect(&self, token: &str) -> Result<Introspection, AuthError> {
-        let unavailable = |reason: String| AuthError::Unavailable { url: self.cfg.introspect_url.clone(), reason };
+        let unavailable = |reason: String| AuthError::Unavailable {
+            url: self.cfg.introspect_url.clone(),
+            reason,
+        };
         let _permit = tokio::time::timeout(oauth::HTTP_TIMEOUT, self.in_flight.acquire())
             .await
             .map_err(|_| unavailable("too many token checks in flight".into()))?
@@ -299,13 +333,18 @@ impl Authenticator {
             .map_err(|e| unavailable(oauth::error_chain(&e)))?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            return Err(unavailable(format!("HTTP {status}: the server refused s2cs's --client_id/--client_secret")));
+            return Err(unavailable(format!(
+                "HTTP {status}: the server refused s2cs's --client_id/--client_secret"
+            )));
         }
         if !status.is_success() {
             return Err(unavailable(format!("HTTP {status}")));
         }
-        let body = oauth::read_body(resp).await.map_err(|e| unavailable(e.to_string()))?;
-        serde_json::from_slice(&body).map_err(|e| unavailable(format!("not an introspection answer: {e}")))
+        let body = oauth::read_body(resp)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| unavailable(format!("not an introspection answer: {e}")))
     }
 }
 
@@ -332,7 +371,11 @@ fn extract_token(metadata: Option<&[u8]>) -> Result<&str, Option<Rejection>> {
 
 /// Applies the rules to an introspection answer: active, unexpired, the
 /// scope, an identity. Returns the identity and the expiry (unix seconds).
-fn evaluate(a: &Introspection, scope: &str, now: i64) -> Result<(Identity, Option<i64>), Rejection> {
+fn evaluate(
+    a: &Introspection,
+    scope: &str,
+    now: i64,
+) -> Result<(Identity, Option<i64>), Rejection> {
     // Clocks of the two hosts differ a little; `nbf` gets that much slack.
     const SKEW: i64 = 60;
     if !a.active {
@@ -344,18 +387,48 @@ fn evaluate(a: &Introspection, scope: &str, now: i64) -> Result<(Identity, Optio
     if a.nbf.is_some_and(|nbf| nbf > now + SKEW) {
         return Err(Rejection::NotYetValid);
     }
-    if !a.scope.as_deref().unwrap_or_default().split_whitespace().any(|s| s == scope) {
+    if !a
+        .scope
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|s| s == scope)
+    {
         return Err(Rejection::WrongScope);
     }
-    let nonempty = |s: &Option<String>| s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
-    let linked: Vec<String> = a.identity_set.iter().flatten().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let nonempty = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let linked: Vec<String> = a
+        .identity_set
+        .iter()
+        .flatten()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     let username = nonempty(&a.username);
-    let id = nonempty(&a.sub).or_else(|| linked.first().cloned()).or_else(|| username.clone()).ok_or(Rejection::NoIdentity)?;
-    Ok((Identity { id, username, linked }, a.exp))
+    let id = nonempty(&a.sub)
+        .or_else(|| linked.first().cloned())
+        .or_else(|| username.clone())
+        .ok_or(Rejection::NoIdentity)?;
+    Ok((
+        Identity {
+            id,
+            username,
+            linked,
+        },
+        a.exp,
+    ))
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Accepted tokens by SHA-256 (the tokens themselves are not kept). An entry
@@ -374,7 +447,11 @@ struct Cached {
 
 impl Cache {
     fn new(max_entries: usize, max_age: Duration) -> Self {
-        Self { entries: HashMap::new(), max_entries, max_age }
+        Self {
+            entries: HashMap::new(),
+            max_entries,
+            max_age,
+        }
     }
 
     fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<Identity> {
@@ -388,7 +465,13 @@ impl Cache {
         }
     }
 
-    fn insert(&mut self, key: [u8; 32], identity: Identity, expires: Option<Instant>, now: Instant) {
+    fn insert(
+        &mut self,
+        key: [u8; 32],
+        identity: Identity,
+        expires: Option<Instant>,
+        now: Instant,
+    ) {
         let until = expires.map_or(now + self.max_age, |e| e.min(now + self.max_age));
         if until <= now || self.max_entries == 0 {
             return;
@@ -396,7 +479,14 @@ impl Cache {
         if self.entries.len() >= self.max_entries && !self.entries.contains_key(&key) {
             self.entries.retain(|_, c| c.until > now);
             while self.entries.len() >= self.max_entries {
-                let Some(k) = self.entries.iter().min_by_key(|(_, c)| c.until).map(|(k, _)| *k) else { break };
+                let Some(k) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, c)| c.until)
+                    .map(|(k, _)| *k)
+                else {
+                    break;
+                };
                 self.entries.remove(&k);
             }
         }
@@ -416,7 +506,11 @@ mod tests {
     const SCOPE: &str = "https://auth.globus.org/scopes/abc/scistream";
 
     fn who(id: &str) -> Identity {
-        Identity { id: id.into(), username: None, linked: vec![] }
+        Identity {
+            id: id.into(),
+            username: None,
+            linked: vec![],
+        }
     }
 
     fn key(n: u8) -> [u8; 32] {
@@ -437,7 +531,12 @@ mod tests {
     fn cache_age_is_bounded_even_for_long_lived_tokens() {
         let t0 = Instant::now();
         let mut c = Cache::new(10, Duration::from_secs(60));
-        c.insert(key(1), who("a"), Some(t0 + Duration::from_secs(48 * 3600)), t0);
+        c.insert(
+            key(1),
+            who("a"),
+            Some(t0 + Duration::from_secs(48 * 3600)),
+            t0,
+        );
         c.insert(key(2), who("b"), None, t0);
         assert!(c.get(&key(1), t0 + Duration::from_secs(59)).is_some());
         assert!(c.get(&key(1), t0 + Duration::from_secs(60)).is_none());
@@ -449,11 +548,19 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Cache::new(3, Duration::from_secs(600));
         for n in 1..=3u8 {
-            c.insert(key(n), who("x"), Some(t0 + Duration::from_secs(100 * u64::from(n))), t0);
+            c.insert(
+                key(n),
+                who("x"),
+                Some(t0 + Duration::from_secs(100 * u64::from(n))),
+                t0,
+            );
         }
         c.insert(key(4), who("y"), Some(t0 + Duration::from_secs(500)), t0);
         assert_eq!(c.len(), 3);
-        assert!(c.get(&key(1), t0).is_none(), "the soonest-expiring entry made room");
+        assert!(
+            c.get(&key(1), t0).is_none(),
+            "the soonest-expiring entry made room"
+        );
         assert!(c.get(&key(4), t0).is_some());
         for n in 5..50u8 {
             c.insert(key(n), who("z"), None, t0);
@@ -479,7 +586,10 @@ mod tests {
         assert_eq!(t(""), Err(None));
         assert_eq!(extract_token(None), Err(None));
         assert_eq!(t("Basic dXNlcjpwYXNz"), Err(Some(Rejection::Malformed)));
-        assert_eq!(extract_token(Some(&[0xff, 0xfe])), Err(Some(Rejection::Malformed)));
+        assert_eq!(
+            extract_token(Some(&[0xff, 0xfe])),
+            Err(Some(Rejection::Malformed))
+        );
     }
 
     fn answer(json: &str) -> Introspection {
@@ -500,20 +610,43 @@ mod tests {
     #[test]
     fn each_rule_rejects_what_it_should() {
         let ok = format!(r#""active":true,"scope":"{SCOPE}","sub":"u1""#);
-        assert_eq!(evaluate(&answer(r#"{"active":false}"#), SCOPE, 1000).unwrap_err(), Rejection::Inactive);
-        assert_eq!(evaluate(&answer(&format!("{{{ok},\"exp\":999}}")), SCOPE, 1000).unwrap_err(), Rejection::Expired);
-        assert_eq!(evaluate(&answer(&format!("{{{ok},\"nbf\":5000}}")), SCOPE, 1000).unwrap_err(), Rejection::NotYetValid);
-        let other = r#"{"active":true,"scope":"https://auth.globus.org/scopes/abc/scistreamX","sub":"u1"}"#;
-        assert_eq!(evaluate(&answer(other), SCOPE, 1000).unwrap_err(), Rejection::WrongScope);
+        assert_eq!(
+            evaluate(&answer(r#"{"active":false}"#), SCOPE, 1000).unwrap_err(),
+            Rejection::Inactive
+        );
+        assert_eq!(
+            evaluate(&answer(&format!("{{{ok},\"exp\":999}}")), SCOPE, 1000).unwrap_err(),
+            Rejection::Expired
+        );
+        assert_eq!(
+            evaluate(&answer(&format!("{{{ok},\"nbf\":5000}}")), SCOPE, 1000).unwrap_err(),
+            Rejection::NotYetValid
+        );
+        let other =
+            r#"{"active":true,"scope":"https://auth.globus.org/scopes/abc/scistreamX","sub":"u1"}"#;
+        assert_eq!(
+            evaluate(&answer(other), SCOPE, 1000).unwrap_err(),
+            Rejection::WrongScope
+        );
         let anon = format!(r#"{{"active":true,"scope":"{SCOPE}","sub":" "}}"#);
-        assert_eq!(evaluate(&answer(&anon), SCOPE, 1000).unwrap_err(), Rejection::NoIdentity);
+        assert_eq!(
+            evaluate(&answer(&anon), SCOPE, 1000).unwrap_err(),
+            Rejection::NoIdentity
+        );
         assert!(evaluate(&answer(&format!("{{{ok}}}")), SCOPE, 1000).is_ok());
     }
 
     #[test]
     fn rejections_name_the_scope() {
-        let e = AuthError::Rejected { reason: Rejection::WrongScope, scope: SCOPE.into() };
+        let e = AuthError::Rejected {
+            reason: Rejection::WrongScope,
+            scope: SCOPE.into(),
+        };
         assert!(e.to_string().contains(SCOPE));
-        assert!(AuthError::Missing { scope: SCOPE.into() }.to_string().contains(SCOPE));
+        assert!(AuthError::Missing {
+            scope: SCOPE.into()
+        }
+        .to_string()
+        .contains(SCOPE));
     }
 }

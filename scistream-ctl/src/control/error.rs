@@ -13,7 +13,11 @@ pub enum ControlError {
     #[error("a session with uid {0} already exists")]
     AlreadyExists(String),
     #[error("port range {range} exhausted: {wanted} ports wanted, {free} free")]
-    PortsExhausted { range: String, wanted: usize, free: usize },
+    PortsExhausted {
+        range: String,
+        wanted: usize,
+        free: usize,
+    },
     #[error("no hello for session {uid} within {secs} s; the session was released")]
     HelloTimeout { uid: String, secs: u64 },
     #[error("session {0} was released while the request waited for its hello")]
@@ -44,7 +48,9 @@ impl ControlError {
             Self::Released(_) => Code::Aborted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DataPlane(_) => Code::Internal,
-            Self::Auth(AuthError::Missing { .. } | AuthError::Rejected { .. }) => Code::Unauthenticated,
+            Self::Auth(AuthError::Missing { .. } | AuthError::Rejected { .. }) => {
+                Code::Unauthenticated
+            }
             // A token that could not be checked is refused, but as a server
             // fault the client may retry, not as a bad token.
             Self::Auth(AuthError::Unavailable { .. }) => Code::Unavailable,

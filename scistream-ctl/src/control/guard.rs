@@ -97,7 +97,9 @@ impl PortGuard {
             return Err("needs root (CAP_BPF and CAP_NET_ADMIN)".into());
         }
         if u32::from(range.end - range.start) + 1 > MAX_ALLOWED_PORTS {
-            return Err(format!("--port_range {range} has more than {MAX_ALLOWED_PORTS} ports"));
+            return Err(format!(
+                "--port_range {range} has more than {MAX_ALLOWED_PORTS} ports"
+            ));
         }
         // The guard checks destination ports only: inside the ephemeral
         // range it would drop replies to this host's own connections.
@@ -113,10 +115,14 @@ impl PortGuard {
             None => interfaces_of(args.listener_ip)?,
         };
         let mut guard = Guard::load().map_err(|e| error_chain(&e))?;
-        guard.set_port_range(range.start, range.end).map_err(|e| error_chain(&e))?;
+        guard
+            .set_port_range(range.start, range.end)
+            .map_err(|e| error_chain(&e))?;
         for iface in &ifaces {
             // Generic XDP is never tried: it copies every non-linear packet.
-            let attached = guard.attach(iface, args.ebpf_attach).map_err(|e| format!("on {iface}: {}", error_chain(&e)))?;
+            let attached = guard
+                .attach(iface, args.ebpf_attach)
+                .map_err(|e| format!("on {iface}: {}", error_chain(&e)))?;
             if let Some(refused) = attached.xdp_refused {
                 warn!(iface, hook = %attached.hook, "guard on {iface} at tc: XDP in driver mode was refused ({refused})");
             }
@@ -124,8 +130,19 @@ impl PortGuard {
         let hooks = guard.attached();
         let peers_file = args.state_dir().join(PEERS_FILE);
         let restored_peers = load_peers(&peers_file);
-        let state = State { guard, sessions: HashMap::new(), pending_peers: HashMap::new(), restored_peers };
-        Ok(Self { state: Mutex::new(state), hooks, next_tag: AtomicU32::new(1), peers_file, keep_sessions: args.keep_sessions })
+        let state = State {
+            guard,
+            sessions: HashMap::new(),
+            pending_peers: HashMap::new(),
+            restored_peers,
+        };
+        Ok(Self {
+            state: Mutex::new(state),
+            hooks,
+            next_tag: AtomicU32::new(1),
+            peers_file,
+            keep_sessions: args.keep_sessions,
+        })
     }
 
     /// Writes the live sessions' peers (replacing the file whole, so a crash
@@ -135,7 +152,12 @@ impl PortGuard {
             .sessions
             .iter()
             .filter(|(_, s)| !s.peers.is_empty())
-            .map(|(uid, s)| (uid.as_str(), s.peers.iter().map(ToString::to_string).collect()))
+            .map(|(uid, s)| {
+                (
+                    uid.as_str(),
+                    s.peers.iter().map(ToString::to_string).collect(),
+                )
+            })
             .collect();
         // Its keys are uids, which key some sessions' tunnels: 0600.
         let written = serde_json::to_vec_pretty(&live)
@@ -180,14 +202,22 @@ impl PortGuard {
             None => state.restored_peers.remove(uid).unwrap_or_default(),
         };
         let restricted = !peers.is_empty();
-        let State { guard, sessions, .. } = &mut *state;
+        let State {
+            guard, sessions, ..
+        } = &mut *state;
         // Peers before ports: a restricted port never passes a source early.
-        let mut failed = peers.iter().find_map(|net| guard.allow_peer(tag, net).err());
+        let mut failed = peers
+            .iter()
+            .find_map(|net| guard.allow_peer(tag, net).err());
         for &port in ports {
             if failed.is_some() {
                 break;
             }
-            let allowed = if peers.is_empty() { guard.allow_port(port, tag) } else { guard.allow_port_from_peers(port, tag) };
+            let allowed = if peers.is_empty() {
+                guard.allow_port(port, tag)
+            } else {
+                guard.allow_port_from_peers(port, tag)
+            };
             failed = allowed.err();
         }
         if let Some(e) = failed {
@@ -199,7 +229,14 @@ impl PortGuard {
         if !peers.is_empty() {
             info!(?ports, peers = ?peers.iter().map(ToString::to_string).collect::<Vec<_>>(), "guard: session ports accept these peers only");
         }
-        sessions.insert(uid.to_owned(), Allowed { tag, ports: ports.to_vec(), peers });
+        sessions.insert(
+            uid.to_owned(),
+            Allowed {
+                tag,
+                ports: ports.to_vec(),
+                peers,
+            },
+        );
         // A release does not rewrite the file (a --keep_sessions exit releases
         // every session and must keep them); its entry goes at the next write,
         // and the registry never restores a released session anyway.
@@ -211,11 +248,21 @@ impl PortGuard {
     /// Drops a released session's ports again; returns what passed to them.
     pub fn deny(&self, ports: &[u16]) -> Counters {
         let mut state = self.lock();
-        let State { guard, sessions, .. } = &mut *state;
-        let uid = sessions.iter().find(|(_, s)| s.ports.iter().any(|p| ports.contains(p))).map(|(uid, _)| uid.clone());
+        let State {
+            guard, sessions, ..
+        } = &mut *state;
+        let uid = sessions
+            .iter()
+            .find(|(_, s)| s.ports.iter().any(|p| ports.contains(p)))
+            .map(|(uid, _)| uid.clone());
         if let Some(session) = uid.and_then(|uid| sessions.remove(&uid).map(|s| (uid, s))) {
             let (_, s) = session;
-            let dropped: Counters = s.ports.iter().filter_map(|&p| guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum();
+            let dropped: Counters = s
+                .ports
+                .iter()
+                .filter_map(|&p| guard.port_counters(p).ok().flatten())
+                .map(|c| c.dropped)
+                .sum();
             if !s.peers.is_empty() {
                 info!(ports = ?s.ports, peer_dropped_packets = dropped.packets, peer_dropped_bytes = dropped.bytes, "guard: frames from peers the session did not allow");
             }
@@ -233,7 +280,10 @@ impl PortGuard {
     /// Traffic passed to these ports so far.
     pub fn passed(&self, ports: &[u16]) -> Counters {
         let state = self.lock();
-        ports.iter().filter_map(|&p| state.guard.port_stats(p).ok().flatten()).sum()
+        ports
+            .iter()
+            .filter_map(|&p| state.guard.port_stats(p).ok().flatten())
+            .sum()
     }
 
     /// Frames dropped at the session's ports because their source is not
@@ -242,7 +292,13 @@ impl PortGuard {
     pub fn session_dropped(&self, uid: &str) -> Option<Counters> {
         let state = self.lock();
         let s = state.sessions.get(uid)?;
-        Some(s.ports.iter().filter_map(|&p| state.guard.port_counters(p).ok().flatten()).map(|c| c.dropped).sum())
+        Some(
+            s.ports
+                .iter()
+                .filter_map(|&p| state.guard.port_counters(p).ok().flatten())
+                .map(|c| c.dropped)
+                .sum(),
+        )
     }
 
     /// Everything dropped on the data range since start: port scans,
@@ -274,7 +330,11 @@ impl PortGuard {
 
 /// `eth0: xdp, veth1: tc`, for logs.
 fn hooks_text(hooks: &[(String, Hook)]) -> String {
-    hooks.iter().map(|(iface, hook)| format!("{iface}: {hook}")).collect::<Vec<_>>().join(", ")
+    hooks
+        .iter()
+        .map(|(iface, hook)| format!("{iface}: {hook}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The peers a previous run stored; a missing file is no peers, an unreadable
@@ -298,7 +358,14 @@ fn load_peers(path: &Path) -> HashMap<String, Vec<PeerNet>> {
     stored
         .into_iter()
         .map(|(uid, nets)| {
-            let nets = nets.iter().filter_map(|n| n.parse().map_err(|e| warn!(error = %e, "stored peer skipped")).ok()).collect();
+            let nets = nets
+                .iter()
+                .filter_map(|n| {
+                    n.parse()
+                        .map_err(|e| warn!(error = %e, "stored peer skipped"))
+                        .ok()
+                })
+                .collect();
             (uid, nets)
         })
         .collect()
@@ -307,7 +374,11 @@ fn load_peers(path: &Path) -> HashMap<String, Vec<PeerNet>> {
 /// `Request.allowed_peers` checked and handed to the guard ahead of the
 /// session's `req`. Peers need the guard: without it they would be silently
 /// ignored, so the request is refused instead.
-pub fn expect_peers(guard: Option<&PortGuard>, uid: &str, peers: &[String]) -> Result<(), ControlError> {
+pub fn expect_peers(
+    guard: Option<&PortGuard>,
+    uid: &str,
+    peers: &[String],
+) -> Result<(), ControlError> {
     let Some(guard) = guard else {
         if peers.is_empty() {
             return Ok(());
@@ -355,7 +426,8 @@ pub(crate) fn interfaces_of(ip: IpAddr) -> Result<Vec<String>, String> {
                 || s.as_sockaddr_in6().map(|v6| IpAddr::from(v6.ip())) == Some(ip)
         });
         let wanted = if ip.is_unspecified() {
-            a.flags.contains(InterfaceFlags::IFF_UP) && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+            a.flags.contains(InterfaceFlags::IFF_UP)
+                && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
         } else {
             has_ip
         };
@@ -364,10 +436,15 @@ pub(crate) fn interfaces_of(ip: IpAddr) -> Result<Vec<String>, String> {
         }
     }
     if names.is_empty() {
-        return Err(format!("no interface holds --listener_ip {ip}; name one with --data_iface"));
+        return Err(format!(
+            "no interface holds --listener_ip {ip}; name one with --data_iface"
+        ));
     }
     if names.iter().any(|n| n == "lo") {
-        return Err("--listener_ip is on loopback; the guard is for data interfaces (see --data_iface)".into());
+        return Err(
+            "--listener_ip is on loopback; the guard is for data interfaces (see --data_iface)"
+                .into(),
+        );
     }
     Ok(names)
 }
@@ -377,7 +454,6 @@ fn ephemeral_ports() -> Option<(u16, u16)> {
     let mut fields = text.split_whitespace().map(str::parse::<u16>);
     Some((fields.next()?.ok()?, fields.next()?.ok()?))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -389,25 +465,53 @@ mod tests {
 
     #[test]
     fn peers_parse_as_hosts_or_networks_with_host_bits_cleared() {
-        let nets = parse_peers(&strings(&["192.0.2.7", "198.51.100.77/24", "2001:db8::1/32", " 203.0.113.1 "])).unwrap();
+        let nets = parse_peers(&strings(&[
+            "192.0.2.7",
+            "198.51.100.77/24",
+            "2001:db8::1/32",
+            " 203.0.113.1 ",
+        ]))
+        .unwrap();
         let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["192.0.2.7/32", "198.51.100.0/24", "2001:db8::/32", "203.0.113.1/32"]);
+        assert_eq!(
+            shown,
+            [
+                "192.0.2.7/32",
+                "198.51.100.0/24",
+                "2001:db8::/32",
+                "203.0.113.1/32"
+            ]
+        );
         assert!(nets[1].contains("198.51.100.200".parse().unwrap()));
         assert!(!nets[1].contains("198.51.101.1".parse().unwrap()));
-        assert!(!nets[1].contains("::ffff:198.51.100.1".parse().unwrap()), "families never mix");
+        assert!(
+            !nets[1].contains("::ffff:198.51.100.1".parse().unwrap()),
+            "families never mix"
+        );
     }
 
     #[test]
     fn duplicate_peers_take_one_entry() {
-        let nets = parse_peers(&strings(&["192.0.2.0/24", "192.0.2.9/24", "192.0.2.0/24"])).unwrap();
+        let nets =
+            parse_peers(&strings(&["192.0.2.0/24", "192.0.2.9/24", "192.0.2.0/24"])).unwrap();
         assert_eq!(nets.len(), 1);
     }
 
     #[test]
     fn bad_peers_are_invalid_arguments_naming_the_entry() {
-        for bad in ["", "example.org", "192.0.2.1/33", "2001:db8::/129", "192.0.2.1/-1", "192.0.2.1/", "10.0.0.0/8/8"] {
+        for bad in [
+            "",
+            "example.org",
+            "192.0.2.1/33",
+            "2001:db8::/129",
+            "192.0.2.1/-1",
+            "192.0.2.1/",
+            "10.0.0.0/8/8",
+        ] {
             match parse_peers(&strings(&[bad])) {
-                Err(ControlError::InvalidArgument(m)) => assert!(m.contains(&format!("{bad:?}")), "{m}"),
+                Err(ControlError::InvalidArgument(m)) => {
+                    assert!(m.contains(&format!("{bad:?}")), "{m}")
+                }
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
@@ -415,15 +519,26 @@ mod tests {
 
     #[test]
     fn too_many_peers_for_one_session_are_refused() {
-        let many: Vec<String> = (0..=MAX_PEERS_PER_SESSION).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
-        assert!(matches!(parse_peers(&many), Err(ControlError::InvalidArgument(_))));
+        let many: Vec<String> = (0..=MAX_PEERS_PER_SESSION)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        assert!(matches!(
+            parse_peers(&many),
+            Err(ControlError::InvalidArgument(_))
+        ));
         assert!(parse_peers(&many[..MAX_PEERS_PER_SESSION]).is_ok());
     }
 
     #[test]
     fn peers_without_a_running_guard_are_refused_not_ignored() {
         let uid = "6a1f4f7e-3c5e-4c53-9a61-0f1d2f3e4a5b";
-        assert!(matches!(expect_peers(None, uid, &strings(&["192.0.2.1"])), Err(ControlError::FailedPrecondition(_))));
-        assert!(expect_peers(None, uid, &[]).is_ok(), "no peers asked: nothing to enforce");
+        assert!(matches!(
+            expect_peers(None, uid, &strings(&["192.0.2.1"])),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        assert!(
+            expect_peers(None, uid, &[]).is_ok(),
+            "no peers asked: nothing to enforce"
+        );
     }
 }

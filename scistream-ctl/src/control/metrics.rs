@@ -50,31 +50,72 @@ pub fn render(reg: &Registry) -> String {
     for v in &views {
         // /metrics has no authentication: a uid that keys its tunnel is
         // shown as the session's stand-in name, as in the logs.
-        let l = SessionLabels { uid: v.log_id.clone(), role: v.role.as_str().into(), backend: v.backend.into() };
-        let d = |direction| DirLabels { uid: l.uid.clone(), role: l.role.clone(), backend: l.backend.clone(), direction };
+        let l = SessionLabels {
+            uid: v.log_id.clone(),
+            role: v.role.as_str().into(),
+            backend: v.backend.into(),
+        };
+        let d = |direction| DirLabels {
+            uid: l.uid.clone(),
+            role: l.role.clone(),
+            backend: l.backend.clone(),
+            direction,
+        };
         // The guard sees frames whatever the backend, so before the skip below.
         if let Some(d) = reg.guard_session_dropped(&v.uid) {
             guard_session.get_or_create(&l).inc_by(d.packets);
         }
-        available.get_or_create(&l).set(v.counters_observable as i64);
+        available
+            .get_or_create(&l)
+            .set(v.counters_observable as i64);
         if !v.counters_observable {
             // No series rather than zeros a dashboard would read as idle.
             continue;
         }
-        bytes.get_or_create(&d("forward")).inc_by(v.stats.bytes_forward);
-        bytes.get_or_create(&d("backward")).inc_by(v.stats.bytes_backward);
-        active.get_or_create(&l).set(v.stats.connections_active as i64);
+        bytes
+            .get_or_create(&d("forward"))
+            .inc_by(v.stats.bytes_forward);
+        bytes
+            .get_or_create(&d("backward"))
+            .inc_by(v.stats.bytes_backward);
+        active
+            .get_or_create(&l)
+            .set(v.stats.connections_active as i64);
         total.get_or_create(&l).inc_by(v.stats.connections_total);
         failed.get_or_create(&l).inc_by(v.stats.connections_failed);
         refused.get_or_create(&l).inc_by(v.stats.auth_failures);
     }
     prom.register("scistream_sessions", "Live sessions", sessions);
-    prom.register("scistream_session_bytes", "Bytes moved by a session (forward: from the accepting side)", bytes);
-    prom.register("scistream_session_connections_active", "Open connections of a session", active);
-    prom.register("scistream_session_connections", "Connections a session accepted", total);
-    prom.register("scistream_session_connections_failed", "Connections that ended with an error", failed);
-    prom.register("scistream_tunnel_auth_failures", "Tunnel peers refused (handshake or session proof)", refused);
-    prom.register("scistream_guard_session_dropped_packets", "Packets the guard dropped at a session's ports from sources it does not allow", guard_session);
+    prom.register(
+        "scistream_session_bytes",
+        "Bytes moved by a session (forward: from the accepting side)",
+        bytes,
+    );
+    prom.register(
+        "scistream_session_connections_active",
+        "Open connections of a session",
+        active,
+    );
+    prom.register(
+        "scistream_session_connections",
+        "Connections a session accepted",
+        total,
+    );
+    prom.register(
+        "scistream_session_connections_failed",
+        "Connections that ended with an error",
+        failed,
+    );
+    prom.register(
+        "scistream_tunnel_auth_failures",
+        "Tunnel peers refused (handshake or session proof)",
+        refused,
+    );
+    prom.register(
+        "scistream_guard_session_dropped_packets",
+        "Packets the guard dropped at a session's ports from sources it does not allow",
+        guard_session,
+    );
     prom.register(
         "scistream_session_counters_available",
         "1 when the session's byte and connection series are real; 0 when its backend's program moves the bytes out of s2cs's sight (StunnelSubprocess) and they are omitted",
@@ -85,11 +126,23 @@ pub fn render(reg: &Registry) -> String {
     let attached = Family::<Vec<(&str, String)>, Gauge>::default();
     let mut any_attached = false;
     for (iface, hook) in reg.guard_hooks() {
-        attached.get_or_create(&vec![("program", "guard".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        attached
+            .get_or_create(&vec![
+                ("program", "guard".into()),
+                ("iface", iface),
+                ("hook", hook.to_string()),
+            ])
+            .set(1);
         any_attached = true;
     }
     for (iface, hook) in crate::dataplane::xdp::nat_hooks().unwrap_or_default() {
-        attached.get_or_create(&vec![("program", "nat".into()), ("iface", iface), ("hook", hook.to_string())]).set(1);
+        attached
+            .get_or_create(&vec![
+                ("program", "nat".into()),
+                ("iface", iface),
+                ("hook", hook.to_string()),
+            ])
+            .set(1);
         any_attached = true;
     }
     if any_attached {
@@ -100,17 +153,40 @@ pub fn render(reg: &Registry) -> String {
         packets.inc_by(d.packets);
         let dropped_bytes = Counter::<u64, AtomicU64>::default();
         dropped_bytes.inc_by(d.bytes);
-        prom.register("scistream_guard_dropped_packets", "Packets the guard dropped on the data port range", packets);
-        prom.register("scistream_guard_dropped_bytes", "Bytes the guard dropped on the data port range", dropped_bytes);
+        prom.register(
+            "scistream_guard_dropped_packets",
+            "Packets the guard dropped on the data port range",
+            packets,
+        );
+        prom.register(
+            "scistream_guard_dropped_bytes",
+            "Bytes the guard dropped on the data port range",
+            dropped_bytes,
+        );
     }
     if let Some(drops) = crate::dataplane::xdp::nat_drops() {
-        let (packets, nat_bytes) = (Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(), Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default());
+        let (packets, nat_bytes) = (
+            Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(),
+            Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(),
+        );
         for (reason, c) in drops {
-            packets.get_or_create(&vec![("reason", reason)]).inc_by(c.packets);
-            nat_bytes.get_or_create(&vec![("reason", reason)]).inc_by(c.bytes);
+            packets
+                .get_or_create(&vec![("reason", reason)])
+                .inc_by(c.packets);
+            nat_bytes
+                .get_or_create(&vec![("reason", reason)])
+                .inc_by(c.bytes);
         }
-        prom.register("scistream_xdp_nat_dropped_packets", "Frames the xdp backend's NAT dropped, by reason", packets);
-        prom.register("scistream_xdp_nat_dropped_bytes", "Bytes the xdp backend's NAT dropped, by reason", nat_bytes);
+        prom.register(
+            "scistream_xdp_nat_dropped_packets",
+            "Frames the xdp backend's NAT dropped, by reason",
+            packets,
+        );
+        prom.register(
+            "scistream_xdp_nat_dropped_bytes",
+            "Bytes the xdp backend's NAT dropped, by reason",
+            nat_bytes,
+        );
     }
     process_metrics(&mut prom);
     let mut out = String::new();
@@ -122,7 +198,10 @@ pub fn render(reg: &Registry) -> String {
 /// The usual process_* series, read from /proc/self.
 fn process_metrics(prom: &mut Prom) {
     let page = 4096i64;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // Fields after the command name, which may contain spaces.
         if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
@@ -153,7 +232,13 @@ pub async fn serve(listener: tokio::net::TcpListener, reg: Arc<Registry>) -> std
         "/metrics",
         get(move || {
             let reg = reg.clone();
-            async move { ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&reg)).into_response() }
+            async move {
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    render(&reg),
+                )
+                    .into_response()
+            }
         }),
     );
     axum::serve(listener, app).await

@@ -24,32 +24,45 @@ impl Offload {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let (rx, rt) = (rx.clone(), rt.clone());
-            let spawned = std::thread::Builder::new().name(format!("s2cs-dataplane-{i}")).spawn(move || {
-                let _rt = rt.enter();
-                loop {
-                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        // A panicking job loses only its answer (the caller
-                        // sees an error), not this thread.
-                        Ok(job) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))),
-                        Err(_) => return,
+            let spawned = std::thread::Builder::new()
+                .name(format!("s2cs-dataplane-{i}"))
+                .spawn(move || {
+                    let _rt = rt.enter();
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            // A panicking job loses only its answer (the caller
+                            // sees an error), not this thread.
+                            Ok(job) => {
+                                drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)))
+                            }
+                            Err(_) => return,
+                        }
                     }
-                }
-            });
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a data-plane thread");
             }
         }
-        Self { jobs: Mutex::new(tx) }
+        Self {
+            jobs: Mutex::new(tx),
+        }
     }
 
     /// Runs `f` on one of the threads; `None` if it panicked (or no thread runs).
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).ok()?;
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .ok()?;
         rx.await.ok()
     }
 }
@@ -71,16 +84,22 @@ mod tests {
             }
         });
         let start = Instant::now();
-        let v = off.run(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            7
-        }).await;
+        let v = off
+            .run(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                7
+            })
+            .await;
         assert_eq!(v, Some(7));
         assert!(start.elapsed() >= Duration::from_millis(300));
         // The single runtime thread kept ticking while the job slept.
         assert!(ticks.load(std::sync::atomic::Ordering::Relaxed) >= 10);
         assert_eq!(off.run(|| -> u8 { panic!("job fails") }).await, None);
-        assert_eq!(off.run(|| 8).await, Some(8), "the thread survived the panic");
+        assert_eq!(
+            off.run(|| 8).await,
+            Some(8),
+            "the thread survived the panic"
+        );
         ticker.abort();
     }
 }

@@ -46,14 +46,23 @@ impl PortAllocator {
     /// (a NAT or container address advertised to peers) the wildcard of its
     /// family is bound instead.
     pub fn new(range: PortRange, listener_ip: IpAddr) -> Self {
-        let bind_ip = if listener_ip.is_unspecified() || TcpListener::bind((listener_ip, 0)).is_ok() {
+        let bind_ip = if listener_ip.is_unspecified() || TcpListener::bind((listener_ip, 0)).is_ok()
+        {
             listener_ip
         } else {
-            let any: IpAddr = if listener_ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            let any: IpAddr = if listener_ip.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
             tracing::warn!(%listener_ip, bind = %any, "listener_ip is not an address of this host; data listeners bind the wildcard address");
             any
         };
-        Self { range, bind_ip, used: Arc::new(Mutex::new(BTreeSet::new())) }
+        Self {
+            range,
+            bind_ip,
+            used: Arc::new(Mutex::new(BTreeSet::new())),
+        }
     }
 
     pub fn range(&self) -> PortRange {
@@ -89,7 +98,11 @@ impl PortAllocator {
             });
         }
         used.extend(ports.iter().copied());
-        Ok(Reservation { ports, listeners, pool: self.used.clone() })
+        Ok(Reservation {
+            ports,
+            listeners,
+            pool: self.used.clone(),
+        })
     }
 
     /// Reserves exactly `ports`, all or nothing: a session restored after a
@@ -111,10 +124,16 @@ impl PortAllocator {
                     Err(e) => e.to_string(),
                 }
             };
-            return Err(ControlError::FailedPrecondition(format!("port {port} cannot be reserved: {why}")));
+            return Err(ControlError::FailedPrecondition(format!(
+                "port {port} cannot be reserved: {why}"
+            )));
         }
         used.extend(ports.iter().copied());
-        Ok(Reservation { ports: ports.to_vec(), listeners, pool: self.used.clone() })
+        Ok(Reservation {
+            ports: ports.to_vec(),
+            listeners,
+            pool: self.used.clone(),
+        })
     }
 
     /// Binds a reservation's ports again after its listeners were closed
@@ -123,8 +142,11 @@ impl PortAllocator {
     pub fn rebind(&self, r: &mut Reservation) -> Result<(), ControlError> {
         let mut listeners = Vec::with_capacity(r.ports.len());
         for &port in &r.ports {
-            let l = bind(SocketAddr::new(self.bind_ip, port))
-                .map_err(|e| ControlError::FailedPrecondition(format!("port {port} could not be bound again: {e}")))?;
+            let l = bind(SocketAddr::new(self.bind_ip, port)).map_err(|e| {
+                ControlError::FailedPrecondition(format!(
+                    "port {port} could not be bound again: {e}"
+                ))
+            })?;
             listeners.push(l);
         }
         r.listeners = listeners;
@@ -158,7 +180,13 @@ mod tests {
     use super::*;
 
     fn alloc(range: (u16, u16)) -> PortAllocator {
-        PortAllocator::new(PortRange { start: range.0, end: range.1 }, "127.0.0.1".parse().unwrap())
+        PortAllocator::new(
+            PortRange {
+                start: range.0,
+                end: range.1,
+            },
+            "127.0.0.1".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -187,10 +215,16 @@ mod tests {
         assert_eq!(r.ports, vec![28533, 28531]);
         let _other = TcpListener::bind("127.0.0.1:28534").unwrap();
         for bad in [&[28532, 28534][..], &[28532, 28533], &[28532, 28600]] {
-            assert!(matches!(a.reserve(bad), Err(ControlError::FailedPrecondition(_))), "{bad:?}");
+            assert!(
+                matches!(a.reserve(bad), Err(ControlError::FailedPrecondition(_))),
+                "{bad:?}"
+            );
         }
         assert_eq!(a.in_use(), 2, "refused calls reserved nothing");
-        assert!(TcpListener::bind("127.0.0.1:28532").is_ok(), "28532 was let go");
+        assert!(
+            TcpListener::bind("127.0.0.1:28532").is_ok(),
+            "28532 was let go"
+        );
     }
 
     #[test]
@@ -198,7 +232,10 @@ mod tests {
         let a = alloc((28520, 28522));
         let _r = a.allocate(2).unwrap();
         let e = a.allocate(2).err().unwrap();
-        assert!(matches!(e, ControlError::PortsExhausted { wanted: 2, .. }), "{e}");
+        assert!(
+            matches!(e, ControlError::PortsExhausted { wanted: 2, .. }),
+            "{e}"
+        );
         assert_eq!(a.in_use(), 2, "the failed call reserved nothing");
         // and the free port is really free (its listener was closed)
         assert!(TcpListener::bind("127.0.0.1:28522").is_ok());

@@ -37,7 +37,10 @@ mod conn;
 mod preauth;
 
 /// Serves until `shutdown` resolves, then releases every session.
-pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    args: ServerArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let auth = match AuthConfig::from_args(&args).context("authentication")? {
         Some(cfg) => Some(Arc::new(Authenticator::new(cfg).context("authentication")?)),
         None => {
@@ -49,9 +52,15 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     // Before anything in the directory is touched (certificates, store, pins).
     let _state_lock = super::statelock::StateLock::acquire(&state_dir)?;
     // Private before anything is written in it (uids, keys, PSKs live there).
-    crate::state_dir::secure(&state_dir).with_context(|| format!("securing the state directory {}", state_dir.display()))?;
-    let identity = tls::server_identity(args.server_crt.as_deref(), args.server_key.as_deref(), &state_dir, args.listener_ip)
-        .context("loading the server certificate")?;
+    crate::state_dir::secure(&state_dir)
+        .with_context(|| format!("securing the state directory {}", state_dir.display()))?;
+    let identity = tls::server_identity(
+        args.server_crt.as_deref(),
+        args.server_key.as_deref(),
+        &state_dir,
+        args.listener_ip,
+    )
+    .context("loading the server certificate")?;
     if identity.generated {
         println!(
             "s2cs: generated a self-signed certificate for {}: {} (key {}); give it to clients as --server_cert",
@@ -64,15 +73,30 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     let ports = PortAllocator::new(args.port_range, args.listener_ip);
     let store = Arc::new(Store::open(&state_dir)?);
     let guard = PortGuard::start(&args).map(Arc::new);
-    let registry = Registry::with_store(ports, backend, args.listener_ip, args.hello_timeout(), guard.clone(), Some(store.clone()));
+    let registry = Registry::with_store(
+        ports,
+        backend,
+        args.listener_ip,
+        args.hello_timeout(),
+        guard.clone(),
+        Some(store.clone()),
+    );
     registry.set_target_policy(super::targets::TargetPolicy::from_args(&args));
     // Before the control port opens: no new session can take a stored one's port.
     let (restored, failed) = registry.restore()?;
     if restored + failed > 0 {
-        println!("s2cs: restored {restored} stored sessions from {}{}", store.path().display(),
-            if failed > 0 { format!(", {failed} could not come back (see the log)") } else { String::new() });
+        println!(
+            "s2cs: restored {restored} stored sessions from {}{}",
+            store.path().display(),
+            if failed > 0 {
+                format!(", {failed} could not come back (see the log)")
+            } else {
+                String::new()
+            }
+        );
     }
-    let lease = (args.session_ttl > 0).then(|| super::lease::spawn(&registry, std::time::Duration::from_secs(args.session_ttl)));
+    let lease = (args.session_ttl > 0)
+        .then(|| super::lease::spawn(&registry, std::time::Duration::from_secs(args.session_ttl)));
 
     let addr = SocketAddr::new(args.control_ip, args.port);
     // Few streams per connection: a pending `req` holds one until its hello,
@@ -101,7 +125,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     }
     let metrics = match args.metrics_addr {
         Some(a) => {
-            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding --metrics_addr {a}"))?;
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --metrics_addr {a}"))?;
             println!("s2cs: metrics at http://{a}/metrics");
             let reg = registry.clone();
             Some(tokio::spawn(async move {
@@ -112,7 +138,8 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         }
         None => None,
     };
-    let listener = bind_control(addr).with_context(|| format!("binding the control port {addr}"))?;
+    let listener =
+        bind_control(addr).with_context(|| format!("binding the control port {addr}"))?;
     println!(
         "s2cs: serving scistream.Control on {addr} ({}), certificate {}, backend {}, listener_ip {}, ports {}",
         if args.ssl { "TLS" } else { "plaintext" },
@@ -122,7 +149,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
         args.port_range,
     );
     if let Some(a) = &auth {
-        println!("s2cs: authentication on: tokens need scope {}, checked at {}", a.required_scope(), a.introspect_url());
+        println!(
+            "s2cs: authentication on: tokens need scope {}, checked at {}",
+            a.required_scope(),
+            a.introspect_url()
+        );
     }
     let limits = conn::Limits {
         max_connections: args.max_control_connections as usize,
@@ -139,14 +170,19 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send) ->
     builder
         .add_service(CountsCalls(preauth::PreAuth::new(
             OversizeIsResourceExhausted(
-                ControlServer::new(ControlService::new(registry.clone(), auth)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                ControlServer::new(ControlService::new(registry.clone(), auth))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
             ),
             preauth,
         )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("control server")?;
-    tracing::info!(keep_sessions = args.keep_sessions, "shutting down: releasing {} sessions", reg.len());
+    tracing::info!(
+        keep_sessions = args.keep_sessions,
+        "shutting down: releasing {} sessions",
+        reg.len()
+    );
     for task in [metrics, lease].into_iter().flatten() {
         task.abort();
     }
@@ -176,10 +212,12 @@ fn bind_control(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 fn control_tls(identity: &tls::Identity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = tls::load_certs(&identity.cert_path)?;
     let key = tls::load_key(&identity.key_path)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
@@ -202,12 +240,18 @@ where
     type Error = S::Error;
     type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
-        let guard = req.extensions().get::<conn::ConnInfo>().map(conn::ConnInfo::begin_call);
+        let guard = req
+            .extensions()
+            .get::<conn::ConnInfo>()
+            .map(conn::ConnInfo::begin_call);
         let fut = self.0.call(req);
         Box::pin(async move {
             let r = fut.await;
@@ -225,11 +269,14 @@ struct OversizeIsResourceExhausted<S>(S);
 
 type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
 
-impl<S: tonic::server::NamedService> tonic::server::NamedService for OversizeIsResourceExhausted<S> {
+impl<S: tonic::server::NamedService> tonic::server::NamedService
+    for OversizeIsResourceExhausted<S>
+{
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for OversizeIsResourceExhausted<S>
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>>
+    for OversizeIsResourceExhausted<S>
 where
     S: tonic::codegen::Service<tonic::codegen::http::Request<B>, Response = HttpResponse>,
 {
@@ -237,19 +284,27 @@ where
     type Error = S::Error;
     type Future = futures::future::MapOk<S::Future, fn(HttpResponse) -> HttpResponse>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
         use futures::TryFutureExt;
-        self.0.call(req).map_ok(oversize_to_resource_exhausted as fn(HttpResponse) -> HttpResponse)
+        self.0
+            .call(req)
+            .map_ok(oversize_to_resource_exhausted as fn(HttpResponse) -> HttpResponse)
     }
 }
 
 fn oversize_to_resource_exhausted(resp: HttpResponse) -> HttpResponse {
     match tonic::Status::from_header_map(resp.headers()) {
-        Some(s) if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") => {
+        Some(s)
+            if s.code() == tonic::Code::OutOfRange
+                && s.message().contains("message length too large") =>
+        {
             tonic::Status::resource_exhausted(format!(
                 "request message larger than the {MAX_MESSAGE_BYTES} bytes s2cs accepts ({})",
                 s.message()

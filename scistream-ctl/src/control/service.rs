@@ -30,16 +30,27 @@ impl ControlService {
     /// Asynchronous (an introspection round trip), hence here and not in a
     /// tonic interceptor.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Identity>, ControlError> {
-        let Some(auth) = &self.auth else { return Ok(None) };
-        let metadata = request.metadata().get("authorization").map(|v| v.as_bytes());
-        let source = request.extensions().get::<super::auth::CallerAddr>().map(|a| a.0);
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let metadata = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        let source = request
+            .extensions()
+            .get::<super::auth::CallerAddr>()
+            .map(|a| a.0);
         Ok(Some(auth.check_from(metadata, source).await?))
     }
 }
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn req(&self, request: Request<proto::Request>) -> Result<Response<proto::Response>, Status> {
+    async fn req(
+        &self,
+        request: Request<proto::Request>,
+    ) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
         // Spans name the call and role only: a uid that keys its tunnel must
@@ -47,7 +58,11 @@ impl Control for ControlService {
         let span = info_span!("req", role = %r.role);
         self.registry.expect_peers(&r.uid, &r.allowed_peers)?;
         let key = KeyRequest::from_fields(r.want_tunnel_key, &r.tunnel_key);
-        let granted = self.registry.request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref(), key).instrument(span).await;
+        let granted = self
+            .registry
+            .request(&r.uid, &r.role, r.num_conn, r.rate, who.as_ref(), key)
+            .instrument(span)
+            .await;
         if granted.is_err() {
             let _ = self.registry.expect_peers(&r.uid, &[]); // not left for a later req of this uid
         }
@@ -59,35 +74,65 @@ impl Control for ControlService {
         }))
     }
 
-    async fn update(&self, request: Request<proto::UpdateTargets>) -> Result<Response<proto::Response>, Status> {
+    async fn update(
+        &self,
+        request: Request<proto::UpdateTargets>,
+    ) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("update", role = %r.role);
-        let (listeners, targets) = self.registry.update_detached(r.uid, r.remote_listeners, who).instrument(span).await?;
-        Ok(Response::new(proto::Response { listeners: to_strings(&listeners), prod_listeners: to_strings(&targets), ..Default::default() }))
+        let (listeners, targets) = self
+            .registry
+            .update_detached(r.uid, r.remote_listeners, who)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(proto::Response {
+            listeners: to_strings(&listeners),
+            prod_listeners: to_strings(&targets),
+            ..Default::default()
+        }))
     }
 
-    async fn release(&self, request: Request<proto::Release>) -> Result<Response<proto::Response>, Status> {
+    async fn release(
+        &self,
+        request: Request<proto::Release>,
+    ) -> Result<Response<proto::Response>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("release");
-        self.registry.release(&r.uid, who.as_ref()).instrument(span).await?;
+        self.registry
+            .release(&r.uid, who.as_ref())
+            .instrument(span)
+            .await?;
         Ok(Response::new(proto::Response::default()))
     }
 
-    async fn hello(&self, request: Request<proto::Hello>) -> Result<Response<proto::AppResponse>, Status> {
+    async fn hello(
+        &self,
+        request: Request<proto::Hello>,
+    ) -> Result<Response<proto::AppResponse>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
         let span = info_span!("hello", role = %r.role);
-        let (role, listeners) = self.registry.hello(&r.uid, &r.prod_listeners, who.as_ref()).instrument(span).await?;
+        let (role, listeners) = self
+            .registry
+            .hello(&r.uid, &r.prod_listeners, who.as_ref())
+            .instrument(span)
+            .await?;
         let message = match role {
             Role::Prod => "Sending Prod listeners...",
             Role::Cons => "Sending listeners...",
         };
-        Ok(Response::new(proto::AppResponse { message: message.into(), listeners: to_strings(&listeners) }))
+        Ok(Response::new(proto::AppResponse {
+            message: message.into(),
+            listeners: to_strings(&listeners),
+        }))
     }
 
-    async fn list(&self, request: Request<proto::ListRequest>) -> Result<Response<proto::SessionList>, Status> {
+    async fn list(
+        &self,
+        request: Request<proto::ListRequest>,
+    ) -> Result<Response<proto::SessionList>, Status> {
         let who = self.caller(&request).await?;
         let sessions = self
             .registry
@@ -107,10 +152,16 @@ impl Control for ControlService {
         Ok(Response::new(proto::SessionList { sessions }))
     }
 
-    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::SessionInfo>, Status> {
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::SessionInfo>, Status> {
         let who = self.caller(&request).await?;
         let r = request.into_inner();
-        Ok(Response::new(info(&self.registry.view(&r.uid, who.as_ref())?, &self.registry)))
+        Ok(Response::new(info(
+            &self.registry.view(&r.uid, who.as_ref())?,
+            &self.registry,
+        )))
     }
 }
 
@@ -137,6 +188,11 @@ fn info(v: &SessionView, registry: &Registry) -> proto::SessionInfo {
         guard_dropped_bytes: guard_dropped.bytes,
         counters_available: Some(v.counters_observable),
         tunnel_secret: v.secret.as_str().into(),
-        guard_attach: registry.guard_hooks().iter().map(|(iface, hook)| format!("{iface}={hook}")).collect::<Vec<_>>().join(","),
+        guard_attach: registry
+            .guard_hooks()
+            .iter()
+            .map(|(iface, hook)| format!("{iface}={hook}"))
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }

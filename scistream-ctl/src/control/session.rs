@@ -48,7 +48,9 @@ impl Role {
         match s.trim().to_ascii_uppercase().as_str() {
             "PROD" => Ok(Self::Prod),
             "CONS" => Ok(Self::Cons),
-            _ => Err(ControlError::InvalidArgument(format!("role {s:?} is neither PROD nor CONS"))),
+            _ => Err(ControlError::InvalidArgument(format!(
+                "role {s:?} is neither PROD nor CONS"
+            ))),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -81,7 +83,9 @@ pub fn check_num_conn(n: i32) -> Result<usize, ControlError> {
     if (1..=MAX_NUM_CONN).contains(&n) {
         Ok(n as usize)
     } else {
-        Err(ControlError::InvalidArgument(format!("num_conn {n} out of range 1..={MAX_NUM_CONN}")))
+        Err(ControlError::InvalidArgument(format!(
+            "num_conn {n} out of range 1..={MAX_NUM_CONN}"
+        )))
     }
 }
 
@@ -187,7 +191,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub fn new(ports: PortAllocator, backend: Arc<dyn Backend>, listener_ip: IpAddr, hello_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        ports: PortAllocator,
+        backend: Arc<dyn Backend>,
+        listener_ip: IpAddr,
+        hello_timeout: Duration,
+    ) -> Arc<Self> {
         Self::with_guard(ports, backend, listener_ip, hello_timeout, None)
     }
 
@@ -235,10 +244,17 @@ impl Registry {
     }
 
     /// Runs a blocking data-plane call off the runtime's workers.
-    async fn offload<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ControlError> {
-        let off = self.offload.get_or_init(|| Offload::new(OFFLOAD_THREADS, tokio::runtime::Handle::current()));
+    async fn offload<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let off = self
+            .offload
+            .get_or_init(|| Offload::new(OFFLOAD_THREADS, tokio::runtime::Handle::current()));
         off.run(f).await.ok_or_else(|| {
-            ControlError::DataPlane(crate::dataplane::DataPlaneError::Io(std::io::Error::other("the data plane's call failed unexpectedly (see the log)")))
+            ControlError::DataPlane(crate::dataplane::DataPlaneError::Io(std::io::Error::other(
+                "the data plane's call failed unexpectedly (see the log)",
+            )))
         })
     }
 
@@ -259,7 +275,10 @@ impl Registry {
     }
 
     fn get(&self, uid: &str) -> Result<Arc<Session>, ControlError> {
-        lock(&self.sessions).get(uid).cloned().ok_or_else(|| ControlError::NotFound(uid.to_string()))
+        lock(&self.sessions)
+            .get(uid)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(uid.to_string()))
     }
 
     /// Only the creator (or an identity linked to it) may touch a session
@@ -274,14 +293,19 @@ impl Registry {
             (None, _) => Ok(()),
             (Some(owner), Some(who)) if who.is(owner) => Ok(()),
             (Some(owner), None) => {
-                if !session.unowned_use_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if !session
+                    .unowned_use_warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     warn!(uid = %session.keying.log_id, owner = %owner, "session owned by another identity is managed without authentication (s2cs runs without --client_secret); its owner is not enforced");
                 }
                 Ok(())
             }
             (Some(owner), Some(who)) => {
                 warn!(uid = %session.keying.log_id, owner = %owner, caller = %who.id, "call from another identity refused");
-                Err(ControlError::NotOwner { uid: session.uid.clone() })
+                Err(ControlError::NotOwner {
+                    uid: session.uid.clone(),
+                })
             }
         }
     }
@@ -301,7 +325,9 @@ impl Registry {
         let role = Role::parse(role)?;
         let num_conn = check_num_conn(num_conn)?;
         if rate < 0 {
-            return Err(ControlError::InvalidArgument(format!("rate {rate} is negative")));
+            return Err(ControlError::InvalidArgument(format!(
+                "rate {rate} is negative"
+            )));
         }
         let keying = SessionKeying::for_request(&uid, role, self.backend.keying(), key)?;
         let session = {
@@ -310,7 +336,11 @@ impl Registry {
                 return Err(ControlError::AlreadyExists(uid));
             }
             let reservation = self.ports.allocate(num_conn)?;
-            let listeners = reservation.ports.iter().map(|p| SocketAddr::new(self.listener_ip, *p)).collect();
+            let listeners = reservation
+                .ports
+                .iter()
+                .map(|p| SocketAddr::new(self.listener_ip, *p))
+                .collect();
             let session = Arc::new(Session {
                 uid: uid.clone(),
                 role,
@@ -321,7 +351,11 @@ impl Registry {
                 created: std::time::Instant::now(),
                 keying,
                 hello: watch::Sender::new(HelloState::Pending),
-                inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+                inner: Mutex::new(Inner {
+                    reservation: Some(reservation),
+                    forwarder: None,
+                    targets: Vec::new(),
+                }),
                 unowned_use_warned: Default::default(),
                 updating: Default::default(),
             });
@@ -345,7 +379,11 @@ impl Registry {
         self.spawn_hello_timeout(&session);
 
         let mut rx = session.hello.subscribe();
-        let state = rx.wait_for(|s| *s != HelloState::Pending).await.map(|s| s.clone()).unwrap_or(HelloState::Released);
+        let state = rx
+            .wait_for(|s| *s != HelloState::Pending)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(HelloState::Released);
         match state {
             HelloState::Received(prod) => {
                 // Stored before the answer: a client told these listeners
@@ -358,10 +396,17 @@ impl Registry {
                 Ok(Granted {
                     listeners: session.listeners.clone(),
                     prod_listeners: if role == Role::Prod { prod } else { Vec::new() },
-                    tunnel_key: if role == Role::Prod { session.keying.key } else { None },
+                    tunnel_key: if role == Role::Prod {
+                        session.keying.key
+                    } else {
+                        None
+                    },
                 })
             }
-            HelloState::TimedOut => Err(ControlError::HelloTimeout { uid, secs: self.hello_timeout.as_secs() }),
+            HelloState::TimedOut => Err(ControlError::HelloTimeout {
+                uid,
+                secs: self.hello_timeout.as_secs(),
+            }),
             HelloState::Pending | HelloState::Released => Err(ControlError::Released(uid)),
         }
     }
@@ -369,11 +414,18 @@ impl Registry {
     /// Releases the session if no hello came in time. Runs on its own so a
     /// client that hangs up does not leave the session behind.
     fn spawn_hello_timeout(self: &Arc<Self>, session: &Arc<Session>) {
-        let (reg, uid, timeout) = (Arc::downgrade(self), session.uid.clone(), self.hello_timeout);
+        let (reg, uid, timeout) = (
+            Arc::downgrade(self),
+            session.uid.clone(),
+            self.hello_timeout,
+        );
         let log_id = session.keying.log_id.clone();
         let mut rx = session.hello.subscribe();
         tokio::spawn(async move {
-            let timed_out = tokio::time::timeout(timeout, rx.wait_for(|s| *s != HelloState::Pending)).await.is_err();
+            let timed_out =
+                tokio::time::timeout(timeout, rx.wait_for(|s| *s != HelloState::Pending))
+                    .await
+                    .is_err();
             if timed_out {
                 if let Some(reg) = reg.upgrade() {
                     warn!(uid = %log_id, secs = timeout.as_secs(), "no hello in time; releasing the session");
@@ -385,7 +437,12 @@ impl Registry {
 
     /// `hello`: records the producer's addresses (PROD sessions) and completes
     /// the pending `req`. Arriving first, it waits for the `req`.
-    pub async fn hello(&self, uid: &str, prod_listeners: &[String], caller: Option<&Identity>) -> Result<(Role, Vec<SocketAddr>), ControlError> {
+    pub async fn hello(
+        &self,
+        uid: &str,
+        prod_listeners: &[String],
+        caller: Option<&Identity>,
+    ) -> Result<(Role, Vec<SocketAddr>), ControlError> {
         let uid = parse_uid(uid)?;
         let session = self.get_or_wait(&uid).await?;
         // The producer side says hello with the same user's token in
@@ -395,9 +452,12 @@ impl Registry {
         // its hello as "PROD" for a CONS session.
         let received = match session.role {
             Role::Prod => {
-                let addrs = addr::parse_socket_addrs(prod_listeners).map_err(ControlError::InvalidArgument)?;
+                let addrs = addr::parse_socket_addrs(prod_listeners)
+                    .map_err(ControlError::InvalidArgument)?;
                 if addrs.is_empty() {
-                    return Err(ControlError::InvalidArgument("hello for a PROD session needs prod_listeners".into()));
+                    return Err(ControlError::InvalidArgument(
+                        "hello for a PROD session needs prod_listeners".into(),
+                    ));
                 }
                 addrs
             }
@@ -437,7 +497,11 @@ impl Registry {
         };
         // Whether the wait ends, times out or is cancelled (its client hung
         // up), the entry goes with its last waiter.
-        let entry = EarlyHello { registry: self, uid, notified };
+        let entry = EarlyHello {
+            registry: self,
+            uid,
+            notified,
+        };
         let wait = EARLY_HELLO_WAIT.min(self.hello_timeout);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -465,9 +529,12 @@ impl Registry {
         caller: Option<&Identity>,
     ) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), ControlError> {
         let uid = parse_uid(uid)?;
-        let remote = addr::parse_socket_addrs(remote_listeners).map_err(ControlError::InvalidArgument)?;
+        let remote =
+            addr::parse_socket_addrs(remote_listeners).map_err(ControlError::InvalidArgument)?;
         if remote.is_empty() {
-            return Err(ControlError::InvalidArgument("update needs at least one remote listener".into()));
+            return Err(ControlError::InvalidArgument(
+                "update needs at least one remote listener".into(),
+            ));
         }
         if let Some(policy) = self.target_policy.get() {
             for t in &remote {
@@ -505,12 +572,20 @@ impl Registry {
         let reg = self.clone();
         tokio::spawn(async move { reg.update(&uid, &remote_listeners, caller.as_ref()).await })
             .await
-            .unwrap_or_else(|e| Err(ControlError::FailedPrecondition(format!("update failed unexpectedly: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(ControlError::FailedPrecondition(format!(
+                    "update failed unexpectedly: {e}"
+                )))
+            })
     }
 
     /// Starts the session's data plane towards `targets`, or retargets it,
     /// with no lock held across the backend's call. On error nothing changed.
-    async fn forward(&self, session: &Arc<Session>, targets: Vec<SocketAddr>) -> Result<Before, ControlError> {
+    async fn forward(
+        &self,
+        session: &Arc<Session>,
+        targets: Vec<SocketAddr>,
+    ) -> Result<Before, ControlError> {
         let keeps_listeners = !self.backend.binds_ports_itself();
         let (running, listeners) = {
             let mut inner = lock(&session.inner);
@@ -540,7 +615,10 @@ impl Registry {
         }
         let spec = SessionSpec::new(&session.uid, session.role.side()).with_rate(session.rate);
         let (backend, t) = (self.backend.clone(), targets.clone());
-        let started = self.offload(move || backend.start(spec, listeners, t)).await.and_then(|r| r.map_err(Into::into));
+        let started = self
+            .offload(move || backend.start(spec, listeners, t))
+            .await
+            .and_then(|r| r.map_err(Into::into));
         let forwarder: Arc<dyn Forwarder> = match started {
             Ok(f) => Arc::from(f),
             Err(e) => {
@@ -615,12 +693,20 @@ impl Registry {
         match &inner.forwarder {
             Some(f) => f.set_targets(targets.clone()),
             None => {
-                let listeners = inner.reservation.as_mut().map(Reservation::take_listeners).unwrap_or_default();
+                let listeners = inner
+                    .reservation
+                    .as_mut()
+                    .map(Reservation::take_listeners)
+                    .unwrap_or_default();
                 let spec = SessionSpec::new(uid, session.role.side())
                     .with_rate(session.rate)
                     .with_key(session.keying.key.as_ref().map(|k| &k[..]))
                     .with_log_id(&session.keying.log_id);
-                inner.forwarder = Some(Arc::from(self.backend.start(spec, listeners, targets.clone())?));
+                inner.forwarder = Some(Arc::from(self.backend.start(
+                    spec,
+                    listeners,
+                    targets.clone(),
+                )?));
             }
         }
         inner.targets = targets;
@@ -630,12 +716,16 @@ impl Registry {
     /// Writes the session's record (an fsynced commit, on the blocking pool
     /// with no lock of the registry held).
     async fn persist(&self, s: &Session) -> Result<(), ControlError> {
-        let Some(store) = self.store.clone() else { return Ok(()) };
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
         let prod_listeners = match &*s.hello.borrow() {
             HelloState::Received(p) => p.clone(),
             _ => Vec::new(),
         };
-        let created = std::time::SystemTime::now().checked_sub(s.created.elapsed()).unwrap_or(std::time::UNIX_EPOCH);
+        let created = std::time::SystemTime::now()
+            .checked_sub(s.created.elapsed())
+            .unwrap_or(std::time::UNIX_EPOCH);
         let record = StoredSession {
             version: RECORD_VERSION,
             uid: s.uid.clone(),
@@ -646,7 +736,10 @@ impl Registry {
             prod_listeners,
             targets: lock(&s.inner).targets.clone(),
             owner: s.owner.clone(),
-            created_unix_ms: created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms: created
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             backend: self.backend.name().into(),
             tunnel_key: s.keying.key.map(|k| tunnel_key::hex(&k)),
         };
@@ -654,7 +747,10 @@ impl Registry {
         // out of the map already (nothing is written, no record outlives it)
         // or deletes the record after this write.
         let turn = self.store_order.clone().lock_owned().await;
-        if !lock(&self.sessions).get(&s.uid).is_some_and(|cur| std::ptr::eq(&**cur, s)) {
+        if !lock(&self.sessions)
+            .get(&s.uid)
+            .is_some_and(|cur| std::ptr::eq(&**cur, s))
+        {
             return Err(ControlError::Released(s.uid.clone()));
         }
         let uid = s.keying.log_id.clone();
@@ -669,7 +765,9 @@ impl Registry {
                 error!(uid = %uid, error = %e, "could not store the session");
                 Err(e.into())
             }
-            Err(e) => Err(ControlError::FailedPrecondition(format!("storing the session failed unexpectedly: {e}"))),
+            Err(e) => Err(ControlError::FailedPrecondition(format!(
+                "storing the session failed unexpectedly: {e}"
+            ))),
         }
     }
 
@@ -678,14 +776,22 @@ impl Registry {
     /// taken, backend or --listener_ip changed) is logged, forgotten and
     /// counted; the others and the server carry on.
     pub fn restore(self: &Arc<Self>) -> Result<(usize, usize), ControlError> {
-        let Some(store) = &self.store else { return Ok((0, 0)) };
+        let Some(store) = &self.store else {
+            return Ok((0, 0));
+        };
         let (mut restored, mut failed) = (0, 0);
         for (uid, record) in store.load_raw()? {
             // Below debug level the uid shows only where it keys nothing.
             let public = record.as_ref().is_some_and(|r| {
-                r.tunnel_key.is_some() || (r.backend == self.backend.name() && self.backend.keying() == crate::dataplane::TunnelKeying::Plaintext)
+                r.tunnel_key.is_some()
+                    || (r.backend == self.backend.name()
+                        && self.backend.keying() == crate::dataplane::TunnelKeying::Plaintext)
             });
-            let shown = if public { uid.clone() } else { "(hidden; at debug level)".to_string() };
+            let shown = if public {
+                uid.clone()
+            } else {
+                "(hidden; at debug level)".to_string()
+            };
             debug!(uid = %uid, "restoring a stored session");
             let result = match record {
                 Some(r) => self.restore_one(r),
@@ -716,14 +822,25 @@ impl Registry {
             )));
         }
         if let Some(l) = r.listeners.iter().find(|l| l.ip() != self.listener_ip) {
-            return Err(ControlError::FailedPrecondition(format!("listener {l} is not on --listener_ip {}", self.listener_ip)));
+            return Err(ControlError::FailedPrecondition(format!(
+                "listener {l} is not on --listener_ip {}",
+                self.listener_ip
+            )));
         }
-        if r.listeners.len() != r.num_conn || !(r.targets.is_empty() || r.targets.len() == r.num_conn) {
-            return Err(ControlError::FailedPrecondition("record inconsistent: listeners, targets and num_conn differ".into()));
+        if r.listeners.len() != r.num_conn
+            || !(r.targets.is_empty() || r.targets.len() == r.num_conn)
+        {
+            return Err(ControlError::FailedPrecondition(
+                "record inconsistent: listeners, targets and num_conn differ".into(),
+            ));
         }
         let ports: Vec<u16> = r.listeners.iter().map(SocketAddr::port).collect();
         let key = match r.tunnel_key.as_deref().map(tunnel_key::parse_hex_key) {
-            Some(None) => return Err(ControlError::FailedPrecondition("record inconsistent: tunnel key is not 32 bytes of hex".into())),
+            Some(None) => {
+                return Err(ControlError::FailedPrecondition(
+                    "record inconsistent: tunnel key is not 32 bytes of hex".into(),
+                ))
+            }
             Some(key) => key,
             None => None,
         };
@@ -739,10 +856,16 @@ impl Registry {
             rate: r.rate,
             listeners: r.listeners,
             owner: r.owner,
-            created: std::time::Instant::now().checked_sub(age).unwrap_or_else(std::time::Instant::now),
+            created: std::time::Instant::now()
+                .checked_sub(age)
+                .unwrap_or_else(std::time::Instant::now),
             keying: SessionKeying::new(&uid, self.backend.keying(), key),
             hello: watch::Sender::new(HelloState::Received(r.prod_listeners)),
-            inner: Mutex::new(Inner { reservation: Some(reservation), forwarder: None, targets: Vec::new() }),
+            inner: Mutex::new(Inner {
+                reservation: Some(reservation),
+                forwarder: None,
+                targets: Vec::new(),
+            }),
             unowned_use_warned: Default::default(),
             updating: Default::default(),
         });
@@ -834,8 +957,11 @@ impl Registry {
     /// calls answer now: a graceful shutdown waits for calls in flight, and
     /// these would hold it up to --hello_timeout.
     pub async fn release_pending(&self) {
-        let pending: Vec<String> =
-            lock(&self.sessions).values().filter(|s| *s.hello.borrow() == HelloState::Pending).map(|s| s.uid.clone()).collect();
+        let pending: Vec<String> = lock(&self.sessions)
+            .values()
+            .filter(|s| *s.hello.borrow() == HelloState::Pending)
+            .map(|s| s.uid.clone())
+            .collect();
         for uid in pending {
             self.remove(&uid, HelloState::Released, true).await;
         }
@@ -856,14 +982,20 @@ impl Registry {
                     Some(f) => f.stats(),
                     None => StatsSnapshot::default(),
                 };
-                Some((s.uid.clone(), st.bytes_forward + st.bytes_backward + st.connections_total))
+                Some((
+                    s.uid.clone(),
+                    st.bytes_forward + st.bytes_backward + st.connections_total,
+                ))
             })
             .collect()
     }
 
     /// Releases a session whose lease ran out.
     pub async fn expire(&self, uid: &str, idle: Duration) -> bool {
-        let shown = self.get(uid).map(|s| s.keying.log_id.clone()).unwrap_or_default();
+        let shown = self
+            .get(uid)
+            .map(|s| s.keying.log_id.clone())
+            .unwrap_or_default();
         warn!(uid = %shown, idle_secs = idle.as_secs(), "session idle past --session_ttl; releasing it");
         self.remove(uid, HelloState::Released, true).await
     }
@@ -878,7 +1010,10 @@ impl Registry {
     /// Where the guard runs: each data interface with its hook (`xdp`/`tc`);
     /// empty when it does not run.
     pub fn guard_hooks(&self) -> Vec<(String, crate::ebpf::Hook)> {
-        self.guard.as_ref().map(|g| g.hooks().to_vec()).unwrap_or_default()
+        self.guard
+            .as_ref()
+            .map(|g| g.hooks().to_vec())
+            .unwrap_or_default()
     }
 
     /// Frames the XDP guard dropped at a session's ports for their source
@@ -963,7 +1098,11 @@ impl Drop for EarlyHello<'_> {
     fn drop(&mut self) {
         let mut early = lock(&self.registry.early_hellos);
         // Two references: the map's and ours. More: another hello still waits.
-        if early.get(self.uid).is_some_and(|n| Arc::ptr_eq(n, &self.notified)) && Arc::strong_count(&self.notified) <= 2 {
+        if early
+            .get(self.uid)
+            .is_some_and(|n| Arc::ptr_eq(n, &self.notified))
+            && Arc::strong_count(&self.notified) <= 2
+        {
             early.remove(self.uid);
         }
     }

@@ -15,7 +15,10 @@ pub enum StateLockError {
     #[error("state directory {dir} is in use by another s2cs{holder}; give each s2cs its own --state_dir")]
     InUse { dir: PathBuf, holder: String },
     #[error("state directory {dir}: {source}")]
-    Io { dir: PathBuf, source: std::io::Error },
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Held while s2cs runs; the lock goes with the process.
@@ -25,10 +28,24 @@ pub struct StateLock {
 
 impl StateLock {
     pub fn acquire(dir: &Path) -> Result<Self, StateLockError> {
-        let io = |source| StateLockError::Io { dir: dir.to_path_buf(), source };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        let io = |source| StateLockError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
         let path = dir.join(FILE_NAME);
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -37,12 +54,17 @@ impl StateLock {
                     "" => String::new(),
                     p => format!(" (pid {p})"),
                 };
-                return Err(StateLockError::InUse { dir: dir.to_path_buf(), holder });
+                return Err(StateLockError::InUse {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
             }
             Err((_, e)) => return Err(io(e.into())),
         };
         // Our pid, for the message a second s2cs prints.
-        file.set_len(0).and_then(|()| write!(&mut *file, "{}", std::process::id())).map_err(io)?;
+        file.set_len(0)
+            .and_then(|()| write!(&mut *file, "{}", std::process::id()))
+            .map_err(io)?;
         Ok(Self { _file: file })
     }
 }
@@ -57,7 +79,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let first = StateLock::acquire(&dir).unwrap();
         let e = StateLock::acquire(&dir).err().expect("second lock refused");
-        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
         drop(first);
         StateLock::acquire(&dir).expect("free again once the holder is gone");
         let _ = std::fs::remove_dir_all(&dir);

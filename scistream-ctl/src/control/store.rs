@@ -109,10 +109,20 @@ impl Store {
                 tracing::error!(store = %path.display(), moved_to = %aside.display(), error = %e,
                     "session store unreadable; moved aside, starting with no stored sessions");
                 eprintln!("s2cs: session store {} unreadable ({e}); moved to {}, starting with no stored sessions", path.display(), aside.display());
-                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
-                Database::create(&path).map_err(|e| StoreError::Db { path: path.clone(), source: e.into() })?
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io)?;
+                Database::create(&path).map_err(|e| StoreError::Db {
+                    path: path.clone(),
+                    source: e.into(),
+                })?
             }
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse { path: path.clone() }),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse { path: path.clone() })
+            }
             Err(e) => {
                 return Err(StoreError::Db {
                     path: path.clone(),
@@ -202,7 +212,9 @@ fn is_damage(e: &redb::DatabaseError) -> bool {
     match e {
         redb::DatabaseError::RepairAborted => true,
         redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            io.kind() == std::io::ErrorKind::InvalidData
+        }
         _ => false,
     }
 }
@@ -272,7 +284,11 @@ mod tests {
             s.put(&record("k")).unwrap();
         }
         let all = Store::open(&dir).unwrap().load().unwrap();
-        assert_eq!(all[0].tunnel_key, Some("ab".repeat(32)), "a restart keeps the session's key");
+        assert_eq!(
+            all[0].tunnel_key,
+            Some("ab".repeat(32)),
+            "a restart keeps the session's key"
+        );
         // A record written before tunnel keys existed.
         let mut old = serde_json::to_value(record("o")).unwrap();
         old.as_object_mut().unwrap().remove("tunnel_key");
@@ -293,10 +309,18 @@ mod tests {
         let aside: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{FILE_NAME}.corrupt-")))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{FILE_NAME}.corrupt-"))
+            })
             .collect();
         assert_eq!(aside.len(), 1, "one file moved aside");
-        assert_eq!(std::fs::read(aside[0].path()).unwrap(), junk, "kept as it was");
+        assert_eq!(
+            std::fs::read(aside[0].path()).unwrap(),
+            junk,
+            "kept as it was"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,14 +21,26 @@ pub struct IpNet {
 impl FromStr for IpNet {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
-        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not a network: write it as address/prefix, e.g. 10.0.0.0/8"))?;
+        let (a, p) = s
+            .trim()
+            .split_once('/')
+            .map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = a.parse().map_err(|_| {
+            format!("{s:?} is not a network: write it as address/prefix, e.g. 10.0.0.0/8")
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
         };
-        Ok(Self { addr: canonical(addr), prefix })
+        Ok(Self {
+            addr: canonical(addr),
+            prefix,
+        })
     }
 }
 
@@ -77,17 +89,29 @@ impl TargetPolicy {
     pub fn from_args(args: &ServerArgs) -> Self {
         let mut own_ports = vec![args.port];
         own_ports.extend(args.metrics_addr.map(|a| a.port()));
-        Self { own_ports, data_range: args.port_range, allowed: args.allow_target_nets.clone().unwrap_or_default() }
+        Self {
+            own_ports,
+            data_range: args.port_range,
+            allowed: args.allow_target_nets.clone().unwrap_or_default(),
+        }
     }
 
     pub fn new(own_ports: Vec<u16>, data_range: PortRange, allowed: Vec<IpNet>) -> Self {
-        Self { own_ports, data_range, allowed }
+        Self {
+            own_ports,
+            data_range,
+            allowed,
+        }
     }
 
     /// Refuses a target with the reason, as INVALID_ARGUMENT.
     pub fn check(&self, target: SocketAddr) -> Result<(), ControlError> {
         let ip = canonical(target.ip());
-        let refuse = |why: &str| Err(ControlError::InvalidArgument(format!("target {target} refused: {why}")));
+        let refuse = |why: &str| {
+            Err(ControlError::InvalidArgument(format!(
+                "target {target} refused: {why}"
+            )))
+        };
         if ip.is_unspecified() {
             // Connecting to 0.0.0.0 or :: reaches this host's loopback.
             return refuse("an unspecified address reaches this gateway itself");
@@ -133,7 +157,9 @@ fn is_link_local(ip: IpAddr) -> bool {
 fn is_local(ip: IpAddr) -> bool {
     use socket2::{Domain, Socket, Type};
     let addr = SocketAddr::new(ip, 0);
-    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, None) else { return false };
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, None) else {
+        return false;
+    };
     if ip.is_ipv6() {
         // Non-local v6 addresses would bind with IPV6_FREEBIND; not set here.
         let _ = s.set_only_v6(true);
@@ -146,7 +172,14 @@ mod tests {
     use super::*;
 
     fn policy(allowed: &[&str]) -> TargetPolicy {
-        TargetPolicy::new(vec![5000, 9100], PortRange { start: 5100, end: 5200 }, allowed.iter().map(|s| s.parse().unwrap()).collect())
+        TargetPolicy::new(
+            vec![5000, 9100],
+            PortRange {
+                start: 5100,
+                end: 5200,
+            },
+            allowed.iter().map(|s| s.parse().unwrap()).collect(),
+        )
     }
 
     fn refused(p: &TargetPolicy, t: &str) -> String {
@@ -161,10 +194,22 @@ mod tests {
         let n: IpNet = "10.1.0.0/16".parse().unwrap();
         assert!(n.contains("10.1.200.3".parse().unwrap()));
         assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()), "a mapped v4 address is the v4 address");
-        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!("fe80::/10".parse::<IpNet>().unwrap().contains("fe80::1".parse().unwrap()));
-        assert_eq!("192.0.2.7".parse::<IpNet>().unwrap().to_string(), "192.0.2.7/32");
+        assert!(
+            n.contains("::ffff:10.1.0.9".parse().unwrap()),
+            "a mapped v4 address is the v4 address"
+        );
+        assert!("0.0.0.0/0"
+            .parse::<IpNet>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!("fe80::/10"
+            .parse::<IpNet>()
+            .unwrap()
+            .contains("fe80::1".parse().unwrap()));
+        assert_eq!(
+            "192.0.2.7".parse::<IpNet>().unwrap().to_string(),
+            "192.0.2.7/32"
+        );
         for bad in ["10.0.0.0/33", "::/129", "host/8", "10.0.0.0/x"] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
@@ -185,8 +230,14 @@ mod tests {
         assert!(refused(&p, "127.0.0.1:5000").contains("control"));
         assert!(refused(&p, "127.0.0.1:9100").contains("metrics"));
         assert!(refused(&p, "224.0.0.1:80").contains("multicast"));
-        assert!(p.check("192.0.2.10:7000".parse().unwrap()).is_ok(), "a remote producer");
-        assert!(p.check("192.0.2.10:5150".parse().unwrap()).is_ok(), "another host's data port (the peer gateway)");
+        assert!(
+            p.check("192.0.2.10:7000".parse().unwrap()).is_ok(),
+            "a remote producer"
+        );
+        assert!(
+            p.check("192.0.2.10:5150".parse().unwrap()).is_ok(),
+            "another host's data port (the peer gateway)"
+        );
     }
 
     #[test]
@@ -195,6 +246,9 @@ mod tests {
         assert!(p.check("127.0.0.1:22".parse().unwrap()).is_ok());
         assert!(refused(&p, "127.0.0.1:5100").contains("data port"));
         assert!(refused(&p, "127.0.0.1:5000").contains("control"));
-        assert!(refused(&p, "[::1]:22").contains("loopback"), "only the listed network");
+        assert!(
+            refused(&p, "[::1]:22").contains("loopback"),
+            "only the listed network"
+        );
     }
 }

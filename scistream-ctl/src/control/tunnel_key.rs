@@ -73,7 +73,12 @@ impl SessionKeying {
     /// Decides a new session's key: makes one for a PROD request that asks,
     /// takes the one a CONS request carries, and none where the backend
     /// cannot use it.
-    pub fn for_request(uid: &str, role: Role, keying: TunnelKeying, asked: KeyRequest) -> Result<Self, ControlError> {
+    pub fn for_request(
+        uid: &str,
+        role: Role,
+        keying: TunnelKeying,
+        asked: KeyRequest,
+    ) -> Result<Self, ControlError> {
         let key = match (role, asked) {
             (Role::Prod, KeyRequest::Given(_)) => {
                 return Err(ControlError::InvalidArgument(
@@ -102,8 +107,16 @@ impl SessionKeying {
             (TunnelKeying::SessionKey, Some(_)) => SecretKind::Key,
             _ => SecretKind::Uid,
         };
-        let log_id = if kind == SecretKind::Uid { hidden_id() } else { uid.to_string() };
-        Self { key: if kind == SecretKind::Key { key } else { None }, kind, log_id }
+        let log_id = if kind == SecretKind::Uid {
+            hidden_id()
+        } else {
+            uid.to_string()
+        };
+        Self {
+            key: if kind == SecretKind::Key { key } else { None },
+            kind,
+            log_id,
+        }
     }
 
     /// Whether the uid may be shown to someone who has not proven to own the session.
@@ -114,9 +127,9 @@ impl SessionKeying {
 
 fn random_key() -> Result<[u8; KEY_LEN], ControlError> {
     let mut key = [0u8; KEY_LEN];
-    SystemRandom::new()
-        .fill(&mut key)
-        .map_err(|_| ControlError::FailedPrecondition("the system's random number generator failed".into()))?;
+    SystemRandom::new().fill(&mut key).map_err(|_| {
+        ControlError::FailedPrecondition("the system's random number generator failed".into())
+    })?;
     Ok(key)
 }
 
@@ -153,8 +166,20 @@ mod tests {
 
     #[test]
     fn a_prod_request_that_asks_gets_a_fresh_random_key() {
-        let a = SessionKeying::for_request(UID, Role::Prod, TunnelKeying::SessionKey, KeyRequest::Wanted).unwrap();
-        let b = SessionKeying::for_request(UID, Role::Prod, TunnelKeying::SessionKey, KeyRequest::Wanted).unwrap();
+        let a = SessionKeying::for_request(
+            UID,
+            Role::Prod,
+            TunnelKeying::SessionKey,
+            KeyRequest::Wanted,
+        )
+        .unwrap();
+        let b = SessionKeying::for_request(
+            UID,
+            Role::Prod,
+            TunnelKeying::SessionKey,
+            KeyRequest::Wanted,
+        )
+        .unwrap();
         assert_eq!(a.kind, SecretKind::Key);
         assert_ne!(a.key, b.key, "each session its own key");
         assert_ne!(a.key, Some([0u8; KEY_LEN]));
@@ -167,24 +192,61 @@ mod tests {
             (Role::Prod, TunnelKeying::SessionKey, KeyRequest::None),
             (Role::Cons, TunnelKeying::SessionKey, KeyRequest::None),
             (Role::Prod, TunnelKeying::Uid, KeyRequest::Wanted),
-            (Role::Cons, TunnelKeying::Uid, KeyRequest::Given(vec![7; KEY_LEN])),
+            (
+                Role::Cons,
+                TunnelKeying::Uid,
+                KeyRequest::Given(vec![7; KEY_LEN]),
+            ),
         ] {
             let k = SessionKeying::for_request(UID, role, keying, asked.clone()).unwrap();
-            assert_eq!((k.kind, k.key), (SecretKind::Uid, None), "{role:?} {keying:?} {asked:?}");
-            assert!(k.log_id.starts_with("hidden-") && !k.log_id.contains(&UID[..8]), "{}", k.log_id);
+            assert_eq!(
+                (k.kind, k.key),
+                (SecretKind::Uid, None),
+                "{role:?} {keying:?} {asked:?}"
+            );
+            assert!(
+                k.log_id.starts_with("hidden-") && !k.log_id.contains(&UID[..8]),
+                "{}",
+                k.log_id
+            );
             assert!(!k.uid_is_public());
         }
-        let plain = SessionKeying::for_request(UID, Role::Prod, TunnelKeying::Plaintext, KeyRequest::Wanted).unwrap();
-        assert_eq!((plain.kind, plain.key, plain.log_id.as_str()), (SecretKind::None, None, UID));
+        let plain = SessionKeying::for_request(
+            UID,
+            Role::Prod,
+            TunnelKeying::Plaintext,
+            KeyRequest::Wanted,
+        )
+        .unwrap();
+        assert_eq!(
+            (plain.kind, plain.key, plain.log_id.as_str()),
+            (SecretKind::None, None, UID)
+        );
     }
 
     #[test]
     fn a_cons_request_keeps_the_key_it_carries_and_bad_keys_are_refused() {
-        let k = SessionKeying::for_request(UID, Role::Cons, TunnelKeying::SessionKey, KeyRequest::Given(vec![9; KEY_LEN])).unwrap();
+        let k = SessionKeying::for_request(
+            UID,
+            Role::Cons,
+            TunnelKeying::SessionKey,
+            KeyRequest::Given(vec![9; KEY_LEN]),
+        )
+        .unwrap();
         assert_eq!((k.kind, k.key), (SecretKind::Key, Some([9; KEY_LEN])));
-        let short = SessionKeying::for_request(UID, Role::Cons, TunnelKeying::SessionKey, KeyRequest::Given(vec![9; 16]));
+        let short = SessionKeying::for_request(
+            UID,
+            Role::Cons,
+            TunnelKeying::SessionKey,
+            KeyRequest::Given(vec![9; 16]),
+        );
         assert!(matches!(short, Err(ControlError::InvalidArgument(_))));
-        let on_prod = SessionKeying::for_request(UID, Role::Prod, TunnelKeying::SessionKey, KeyRequest::Given(vec![9; KEY_LEN]));
+        let on_prod = SessionKeying::for_request(
+            UID,
+            Role::Prod,
+            TunnelKeying::SessionKey,
+            KeyRequest::Given(vec![9; KEY_LEN]),
+        );
         assert!(matches!(on_prod, Err(ControlError::InvalidArgument(_))));
     }
 
@@ -196,6 +258,9 @@ mod tests {
         assert_eq!(parse_hex_key(&"zz".repeat(KEY_LEN)), None);
         assert_eq!(KeyRequest::from_fields(true, &[]), KeyRequest::Wanted);
         assert_eq!(KeyRequest::from_fields(false, &[]), KeyRequest::None);
-        assert_eq!(KeyRequest::from_fields(false, &[1]), KeyRequest::Given(vec![1]));
+        assert_eq!(
+            KeyRequest::from_fields(false, &[1]),
+            KeyRequest::Given(vec![1])
+        );
     }
 }

@@ -59,9 +59,21 @@ pub fn config(uid: &str, fds: &[i32], targets: &[SocketAddr], socket: &Path) -> 
 /// the answer has no header line naming those columns.
 pub fn parse_show_stat(csv: &str) -> Option<StatsSnapshot> {
     let mut lines = csv.lines();
-    let header: Vec<&str> = lines.next()?.trim_start_matches('#').trim().split(',').collect();
+    let header: Vec<&str> = lines
+        .next()?
+        .trim_start_matches('#')
+        .trim()
+        .split(',')
+        .collect();
     let col = |name: &str| header.iter().position(|h| *h == name);
-    let (sv, scur, stot, bin, bout, econ) = (col("svname")?, col("scur")?, col("stot")?, col("bin")?, col("bout")?, col("econ")?);
+    let (sv, scur, stot, bin, bout, econ) = (
+        col("svname")?,
+        col("scur")?,
+        col("stot")?,
+        col("bin")?,
+        col("bout")?,
+        col("econ")?,
+    );
     let mut s = StatsSnapshot::default();
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
@@ -94,7 +106,10 @@ impl Compat for Haproxy {
     ) -> Vec<(&'static str, String)> {
         let socket = control_socket(config_path);
         vec![
-            ("cfg", config(&spec.log_id, &listeners.fds(), targets, &socket)),
+            (
+                "cfg",
+                config(&spec.log_id, &listeners.fds(), targets, &socket),
+            ),
             // Holds the socket's path: HAProxy renames its socket over it,
             // and release deletes it with the other files.
             ("sock", String::new()),
@@ -128,7 +143,12 @@ impl Compat for Haproxy {
 
     fn counters(&self, config: &Path) -> std::io::Result<StatsSnapshot> {
         let answer = control_command_within(&control_socket(config), "show stat", STATS_TIMEOUT)?;
-        parse_show_stat(&answer).ok_or_else(|| std::io::Error::other(format!("unexpected `show stat` answer: {:.200}", answer.trim())))
+        parse_show_stat(&answer).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "unexpected `show stat` answer: {:.200}",
+                answer.trim()
+            ))
+        })
     }
 
     fn retarget(&self, config: &Path, _pid: Pid, targets: &[SocketAddr]) -> Retarget {
@@ -155,7 +175,8 @@ mod tests {
     #[test]
     fn show_stat_sums_frontend_bytes_and_sessions_and_backend_connect_errors() {
         // Trimmed from HAProxy 2.6's answer for a two-listener session.
-        let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,\n\
+        let csv =
+            "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,\n\
                    f0,FRONTEND,,,1,1,100,3,1000,20,0,0,0,,,\n\
                    b0,s0,0,0,1,1,,3,1000,20,,0,,0,0,\n\
                    b0,BACKEND,0,0,1,1,10,3,1000,20,0,0,,2,0,\n\
@@ -163,7 +184,14 @@ mod tests {
                    b1,BACKEND,0,0,0,1,10,1,24,4000,0,0,,0,0,\n\n";
         let s = parse_show_stat(csv).expect("parsed");
         assert_eq!((s.bytes_forward, s.bytes_backward), (1024, 4020));
-        assert_eq!((s.connections_active, s.connections_total, s.connections_failed), (1, 4, 2));
+        assert_eq!(
+            (
+                s.connections_active,
+                s.connections_total,
+                s.connections_failed
+            ),
+            (1, 4, 2)
+        );
         assert_eq!(parse_show_stat("Unknown command.\n"), None);
     }
 

@@ -39,9 +39,13 @@ pub const MODE_VAR: &str = "SCISTREAM_KTLS";
 
 /// Probes the kernel on a loopback connection and applies `SCISTREAM_KTLS`.
 pub fn detect() -> Tier {
-    let mode = std::env::var(MODE_VAR).unwrap_or_default().to_ascii_lowercase();
+    let mode = std::env::var(MODE_VAR)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     if mode == "off" {
-        return Tier::Rustls { reason: format!("{MODE_VAR}=off") };
+        return Tier::Rustls {
+            reason: format!("{MODE_VAR}=off"),
+        };
     }
     match probe() {
         Err(reason) => Tier::Rustls { reason },
@@ -67,13 +71,18 @@ fn probe() -> Result<bool, String> {
     };
     let (c, _s) = pair().map_err(|e| format!("loopback probe connection: {e}"))?;
     setsockopt(&c, TcpUlp::default(), b"tls").map_err(|e| match e {
-        nix::errno::Errno::ENOENT => "the kernel has no TLS ULP (CONFIG_TLS off or the tls module not loaded)".to_string(),
+        nix::errno::Errno::ENOENT => {
+            "the kernel has no TLS ULP (CONFIG_TLS off or the tls module not loaded)".to_string()
+        }
         e => format!("setsockopt(TCP_ULP, \"tls\"): {e}"),
     })?;
     let info = aes128(&[0; 16], &[0; 12], 0);
     setsockopt(&c, TcpTlsTx, &info).map_err(|e| match e {
         // The crypto API found no "gcm(aes)": its modules are not loadable.
-        nix::errno::Errno::ENOENT => "the kernel has TLS but no AES-GCM for it (crypto modules gcm/ctr/ghash missing)".to_string(),
+        nix::errno::Errno::ENOENT => {
+            "the kernel has TLS but no AES-GCM for it (crypto modules gcm/ctr/ghash missing)"
+                .to_string()
+        }
         e => format!("setsockopt(TLS_TX) with AES-128-GCM: {e}"),
     })?;
     Ok(setsockopt(&c, TcpTlsTx, &aes128(&[1; 16], &[0; 12], 0)).is_ok())
@@ -103,7 +112,10 @@ impl Cipher {
 /// The kernel's description of one direction's key: `key` of the cipher's
 /// length, TLS 1.3's 12-byte `iv`, and the sequence number of the next record.
 pub fn crypto_info(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> TlsCryptoInfo {
-    let info = |cipher_type| libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type };
+    let info = |cipher_type| libc::tls_crypto_info {
+        version: libc::TLS_1_3_VERSION,
+        cipher_type,
+    };
     match cipher {
         Cipher::Aes128Gcm => {
             let mut i = libc::tls12_crypto_info_aes_gcm_128 {
@@ -150,10 +162,21 @@ pub fn crypto_info(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> TlsCrypto
 /// The cipher and the key/iv bytes of one direction's extracted secrets.
 pub fn split_secrets(secrets: &ConnectionTrafficSecrets) -> io::Result<(Cipher, &[u8], &[u8])> {
     Ok(match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key.as_ref(), iv.as_ref()),
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key.as_ref(), iv.as_ref()),
-        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key.as_ref(), iv.as_ref()),
-        _ => return Err(io::Error::new(io::ErrorKind::Unsupported, "cipher suite without kernel TLS support")),
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            (Cipher::Aes128Gcm, key.as_ref(), iv.as_ref())
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            (Cipher::Aes256Gcm, key.as_ref(), iv.as_ref())
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (Cipher::Chacha20Poly1305, key.as_ref(), iv.as_ref())
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cipher suite without kernel TLS support",
+            ))
+        }
     })
 }
 
@@ -199,7 +222,12 @@ pub fn read_control_record<S: AsRawFd>(sock: &S) -> io::Result<ControlRecord> {
     let mut data = vec![0u8; MAX_RECORD];
     let mut iov = [io::IoSliceMut::new(&mut data)];
     let mut cmsg = nix::cmsg_space!(u8);
-    let msg = nix::sys::socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
     let n = msg.bytes;
     let mut kind = None;
     for c in msg.cmsgs()? {
@@ -210,26 +238,38 @@ pub fn read_control_record<S: AsRawFd>(sock: &S) -> io::Result<ControlRecord> {
     parse_control_record(kind, &data[..n])
 }
 
-fn parse_control_record(kind: Option<TlsGetRecordType>, record: &[u8]) -> io::Result<ControlRecord> {
+fn parse_control_record(
+    kind: Option<TlsGetRecordType>,
+    record: &[u8],
+) -> io::Result<ControlRecord> {
     match (kind, record) {
         // Alert level, description 0 = close_notify.
         (Some(TlsGetRecordType::Alert), [_, 0, ..]) => Ok(ControlRecord::CloseNotify),
-        (Some(TlsGetRecordType::Alert), [_, d, ..]) => {
-            Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("peer sent TLS alert {d}")))
-        }
+        (Some(TlsGetRecordType::Alert), [_, d, ..]) => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("peer sent TLS alert {d}"),
+        )),
         // One KeyUpdate and nothing else: a KeyUpdate must end its record
         // (RFC 8446 5.1), and nothing else is expected after the handshake
         // (no tickets are issued).
         (Some(TlsGetRecordType::Handshake), [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)]) => {
-            Ok(ControlRecord::KeyUpdate { update_requested: *r == 1 })
+            Ok(ControlRecord::KeyUpdate {
+                update_requested: *r == 1,
+            })
         }
         (Some(TlsGetRecordType::Handshake), [t, ..]) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("peer sent a TLS handshake record (type {t}, {} bytes) that is not one KeyUpdate", record.len()),
+            format!(
+                "peer sent a TLS handshake record (type {t}, {} bytes) that is not one KeyUpdate",
+                record.len()
+            ),
         )),
         (other, _) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("unexpected TLS record on a kernel TLS socket: {other:?}, {} bytes", record.len()),
+            format!(
+                "unexpected TLS record on a kernel TLS socket: {other:?}, {} bytes",
+                record.len()
+            ),
         )),
     }
 }
@@ -243,14 +283,21 @@ pub fn send_close_notify<S: AsRawFd>(sock: &S) -> io::Result<()> {
 /// Sends a KeyUpdate under the current sending key. The caller switches the
 /// kernel to the next key right after (RFC 8446 4.6.3).
 pub fn send_key_update<S: AsRawFd>(sock: &S, update_requested: bool) -> io::Result<()> {
-    send_record(sock, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, update_requested as u8])
+    send_record(
+        sock,
+        HANDSHAKE,
+        &[KEY_UPDATE, 0, 0, 1, update_requested as u8],
+    )
 }
 
 /// One whole record, or an error (EAGAIN when the socket buffer is full).
 fn send_record<S: AsRawFd>(sock: &S, record_type: u8, data: &[u8]) -> io::Result<()> {
     let n = sendmsg_record_type(sock.as_raw_fd(), record_type, data)?;
     if n != data.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write of a TLS record of type {record_type}")));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write of a TLS record of type {record_type}"),
+        ));
     }
     Ok(())
 }
@@ -259,7 +306,11 @@ fn send_record<S: AsRawFd>(sock: &S, record_type: u8, data: &[u8]) -> io::Result
 /// receiving (after the peer's KeyUpdate), record sequence 0. Kernels before
 /// Linux 6.14 refuse a second key (EBUSY).
 pub fn install_next<S: AsFd>(sock: &S, tx: bool, info: &TlsCryptoInfo) -> io::Result<()> {
-    let r = if tx { setsockopt(sock, TcpTlsTx, info) } else { setsockopt(sock, TcpTlsRx, info) };
+    let r = if tx {
+        setsockopt(sock, TcpTlsTx, info)
+    } else {
+        setsockopt(sock, TcpTlsRx, info)
+    };
     r.map_err(|e| {
         let dir = if tx { "TLS_TX" } else { "TLS_RX" };
         match e {
@@ -278,7 +329,10 @@ pub fn install_next<S: AsFd>(sock: &S, tx: bool, info: &TlsCryptoInfo) -> io::Re
 fn sendmsg_record_type(fd: std::os::fd::RawFd, record_type: u8, data: &[u8]) -> io::Result<usize> {
     // Room for one cmsghdr carrying one byte, aligned as the kernel expects.
     let mut cbuf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
     // SAFETY: every pointer refers to a live local buffer of the stated
     // length for the duration of the call; CMSG_* compute offsets inside
     // `cbuf`, which is larger than CMSG_SPACE(1) (24 bytes on Linux).
@@ -326,7 +380,16 @@ pub const READ_AHEAD: usize = 64 * 1024;
 
 impl<S> RecordBounded<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, header: [0; 5], header_len: 0, body_left: 0, bounded: true, ahead: Vec::new(), pos: 0, end: 0 }
+        Self {
+            inner,
+            header: [0; 5],
+            header_len: 0,
+            body_left: 0,
+            bounded: true,
+            ahead: Vec::new(),
+            pos: 0,
+            end: 0,
+        }
     }
     pub fn at_boundary(&self) -> bool {
         self.bounded && self.header_len == 0 && self.body_left == 0
@@ -343,7 +406,11 @@ impl<S> RecordBounded<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for RecordBounded<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.bounded {
             if this.pos == this.end {
@@ -360,7 +427,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordBounded<S> {
             this.pos += n;
             return Poll::Ready(Ok(()));
         }
-        let want = if this.body_left > 0 { this.body_left } else { 5 - this.header_len };
+        let want = if this.body_left > 0 {
+            this.body_left
+        } else {
+            5 - this.header_len
+        };
         let room = buf.initialize_unfilled();
         let limit = want.min(room.len());
         let mut part = ReadBuf::new(&mut room[..limit]);
@@ -382,7 +453,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordBounded<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for RecordBounded<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -401,7 +476,9 @@ mod tests {
     #[tokio::test]
     async fn record_bounded_reads_stop_at_each_record_end() {
         // Two records (5-byte headers with lengths 3 and 2) and a stray byte.
-        let wire: &[u8] = &[23, 3, 3, 0, 3, b'a', b'b', b'c', 23, 3, 3, 0, 2, b'd', b'e', 9];
+        let wire: &[u8] = &[
+            23, 3, 3, 0, 3, b'a', b'b', b'c', 23, 3, 3, 0, 2, b'd', b'e', 9,
+        ];
         let mut r = RecordBounded::new(wire);
         let mut buf = [0u8; 64];
         let mut reads = Vec::new();
@@ -423,7 +500,11 @@ mod tests {
     }
 
     impl AsyncRead for CountingReader<'_> {
-        fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             self.reads += 1;
             let n = self.data.len().min(buf.remaining());
             buf.put_slice(&self.data[..n]);
@@ -435,7 +516,10 @@ mod tests {
     #[tokio::test]
     async fn unbound_reads_hand_out_every_byte_in_order_with_few_socket_reads() {
         let wire: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let mut r = RecordBounded::new(CountingReader { data: &wire, reads: 0 });
+        let mut r = RecordBounded::new(CountingReader {
+            data: &wire,
+            reads: 0,
+        });
         r.unbound();
         // rustls's request size.
         let mut got = Vec::new();
@@ -450,25 +534,49 @@ mod tests {
         assert!(got == wire, "bytes differ");
         // One read per READ_AHEAD bytes (plus the one that sees EOF), not
         // one per 4 KiB request.
-        assert!(r.get_ref().reads <= wire.len() / READ_AHEAD + 2, "{} reads", r.get_ref().reads);
+        assert!(
+            r.get_ref().reads <= wire.len() / READ_AHEAD + 2,
+            "{} reads",
+            r.get_ref().reads
+        );
     }
 
     #[test]
     fn control_records_parse_to_close_notify_key_update_or_a_clear_error() {
         use TlsGetRecordType::{Alert, ApplicationData, Handshake};
-        assert_eq!(parse_control_record(Some(Alert), &[1, 0]).unwrap(), ControlRecord::CloseNotify);
-        assert!(parse_control_record(Some(Alert), &[2, 40]).unwrap_err().to_string().contains("alert 40"));
+        assert_eq!(
+            parse_control_record(Some(Alert), &[1, 0]).unwrap(),
+            ControlRecord::CloseNotify
+        );
+        assert!(parse_control_record(Some(Alert), &[2, 40])
+            .unwrap_err()
+            .to_string()
+            .contains("alert 40"));
         assert_eq!(
             parse_control_record(Some(Handshake), &[24, 0, 0, 1, 1]).unwrap(),
-            ControlRecord::KeyUpdate { update_requested: true }
+            ControlRecord::KeyUpdate {
+                update_requested: true
+            }
         );
         assert_eq!(
             parse_control_record(Some(Handshake), &[24, 0, 0, 1, 0]).unwrap(),
-            ControlRecord::KeyUpdate { update_requested: false }
+            ControlRecord::KeyUpdate {
+                update_requested: false
+            }
         );
         // A bad request_update value, two KeyUpdates in one record, a ticket.
-        for bad in [&[24u8, 0, 0, 1, 2][..], &[24, 0, 0, 1, 0, 24, 0, 0, 1, 0], &[4, 0, 0, 0]] {
-            assert_eq!(parse_control_record(Some(Handshake), bad).unwrap_err().kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        for bad in [
+            &[24u8, 0, 0, 1, 2][..],
+            &[24, 0, 0, 1, 0, 24, 0, 0, 1, 0],
+            &[4, 0, 0, 0],
+        ] {
+            assert_eq!(
+                parse_control_record(Some(Handshake), bad)
+                    .unwrap_err()
+                    .kind(),
+                io::ErrorKind::InvalidData,
+                "{bad:?}"
+            );
         }
         assert!(parse_control_record(Some(ApplicationData), b"x").is_err());
         assert!(parse_control_record(None, b"").is_err());

@@ -9,20 +9,20 @@ use std::sync::Arc;
 
 use crate::config::{BackendKind, ServerArgs};
 
-mod relay;
 pub mod haproxy;
 pub mod ktls;
 pub mod pacing;
 pub mod records;
-pub mod sockmap;
+mod relay;
 pub mod session_auth;
+pub mod sockmap;
 pub mod splice;
 pub mod stunnel;
 pub mod subprocess;
-pub mod tls;
-pub mod xdp;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
+pub mod xdp;
 
 pub use relay::TcpRelay;
 
@@ -40,7 +40,10 @@ pub enum Side {
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
     #[error("backend {backend} cannot run here: {reason}")]
-    Unsupported { backend: &'static str, reason: String },
+    Unsupported {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("data plane set-up failed: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -187,17 +190,28 @@ impl Stats {
 }
 
 /// Builds the backend `s2cs` was asked for, checking up front that it can run.
-pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<Arc<dyn Backend>, DataPlaneError> {
+pub fn from_args(
+    args: &ServerArgs,
+    identity: &crate::tls::Identity,
+) -> Result<Arc<dyn Backend>, DataPlaneError> {
     let limits = (args.max_conn_per_listener as usize, args.tcp_keepalive());
     Ok(match args.backend {
         BackendKind::Tls => Arc::new(
-            TcpRelay::new(tls::TlsPump::new(identity, args.peer_ca.as_deref(), args.tunnel_timeout())?)
-                .enforce_rate(args.enforce_rate)
-                .connection_limits(limits.0, limits.1),
+            TcpRelay::new(tls::TlsPump::new(
+                identity,
+                args.peer_ca.as_deref(),
+                args.tunnel_timeout(),
+            )?)
+            .enforce_rate(args.enforce_rate)
+            .connection_limits(limits.0, limits.1),
         ),
         BackendKind::Splice => {
             splice::probe()?;
-            Arc::new(TcpRelay::new(splice::SplicePump).enforce_rate(args.enforce_rate).connection_limits(limits.0, limits.1))
+            Arc::new(
+                TcpRelay::new(splice::SplicePump)
+                    .enforce_rate(args.enforce_rate)
+                    .connection_limits(limits.0, limits.1),
+            )
         }
         BackendKind::Sockmap => {
             if !args.experimental {
@@ -208,7 +222,11 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
             }
             // Falling back to splice mid-stream needs splice too.
             splice::probe()?;
-            Arc::new(TcpRelay::new(sockmap::SockmapPump::new()?).enforce_rate(args.enforce_rate).connection_limits(limits.0, limits.1))
+            Arc::new(
+                TcpRelay::new(sockmap::SockmapPump::new()?)
+                    .enforce_rate(args.enforce_rate)
+                    .connection_limits(limits.0, limits.1),
+            )
         }
         BackendKind::StunnelSubprocess | BackendKind::HaproxySubprocess if args.enforce_rate => {
             return Err(DataPlaneError::Unsupported {
@@ -216,8 +234,14 @@ pub fn from_args(args: &ServerArgs, identity: &crate::tls::Identity) -> Result<A
                 reason: "--enforce_rate paces sockets inside s2cs; this backend's bytes move in another program".into(),
             });
         }
-        BackendKind::StunnelSubprocess => Arc::new(subprocess::SubprocessBackend::new(stunnel::Stunnel, &args.state_dir())?),
-        BackendKind::HaproxySubprocess => Arc::new(subprocess::SubprocessBackend::new(haproxy::Haproxy, &args.state_dir())?),
+        BackendKind::StunnelSubprocess => Arc::new(subprocess::SubprocessBackend::new(
+            stunnel::Stunnel,
+            &args.state_dir(),
+        )?),
+        BackendKind::HaproxySubprocess => Arc::new(subprocess::SubprocessBackend::new(
+            haproxy::Haproxy,
+            &args.state_dir(),
+        )?),
         BackendKind::Xdp => Arc::new(xdp::XdpBackend::new(args)?),
     })
 }

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot, TunnelKeying};
+use super::{
+    pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot, TunnelKeying,
+};
 
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,7 +58,12 @@ pub struct TcpRelay<P> {
 
 impl<P: Pump> TcpRelay<P> {
     pub fn new(pump: P) -> Self {
-        Self { pump: Arc::new(pump), enforce_rate: false, conn_per_listener: DEFAULT_CONN_PER_LISTENER, keepalive: Some(DEFAULT_KEEPALIVE) }
+        Self {
+            pump: Arc::new(pump),
+            enforce_rate: false,
+            conn_per_listener: DEFAULT_CONN_PER_LISTENER,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+        }
     }
 
     pub fn enforce_rate(mut self, on: bool) -> Self {
@@ -92,7 +99,9 @@ impl Drop for Admitted {
 impl Admission {
     fn admit(&self) -> Option<Admitted> {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.cap).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
             .ok()
             .map(|_| Admitted(self.open.clone()))
     }
@@ -109,7 +118,10 @@ impl Admission {
 
 fn set_keepalive(sock: &impl std::os::fd::AsFd, idle: Option<Duration>) {
     if let Some(idle) = idle {
-        let ka = socket2::TcpKeepalive::new().with_time(idle).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES);
         if let Err(e) = socket2::SockRef::from(sock).set_tcp_keepalive(&ka) {
             debug!(error = %e, "cannot set TCP keepalive");
         }
@@ -137,10 +149,16 @@ impl<P: Pump> Backend for TcpRelay<P> {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
-        let pacing = if self.enforce_rate { pacing::per_connection(spec.rate_kbps, listeners.len()) } else { None };
+        let pacing = if self.enforce_rate {
+            pacing::per_connection(spec.rate_kbps, listeners.len())
+        } else {
+            None
+        };
         let admission = Admission {
             open: Arc::default(),
-            cap: self.conn_per_listener.saturating_mul(listeners.len().max(1)),
+            cap: self
+                .conn_per_listener
+                .saturating_mul(listeners.len().max(1)),
             keepalive: self.keepalive,
             last_warn: Arc::default(),
         };
@@ -150,8 +168,19 @@ impl<P: Pump> Backend for TcpRelay<P> {
             let listener = TcpListener::from_std(l)?;
             let span = info_span!("listener", uid = %spec.log_id, side = ?spec.side, index);
             fwd.tasks.spawn(
-                accept_loop(self.pump.clone(), spec.clone(), listener, index, fwd.targets.clone(), fwd.stats.clone(), fwd.cancel.clone(), fwd.tasks.clone(), pacing, admission.clone())
-                    .instrument(span),
+                accept_loop(
+                    self.pump.clone(),
+                    spec.clone(),
+                    listener,
+                    index,
+                    fwd.targets.clone(),
+                    fwd.stats.clone(),
+                    fwd.cancel.clone(),
+                    fwd.tasks.clone(),
+                    pacing,
+                    admission.clone(),
+                )
+                .instrument(span),
             );
         }
         Ok(Box::new(fwd))
@@ -226,7 +255,11 @@ async fn accept_loop<P: Pump>(
         };
         let target = {
             let t = targets.read().unwrap_or_else(|p| p.into_inner());
-            if t.is_empty() { None } else { Some(t[index % t.len()]) }
+            if t.is_empty() {
+                None
+            } else {
+                Some(t[index % t.len()])
+            }
         };
         let Some(target) = target else {
             warn!(%peer, "connection before targets were set; closing it");
@@ -241,9 +274,13 @@ async fn accept_loop<P: Pump>(
         }
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
-        let (pump, stats, cancel, session) = (pump.clone(), stats.clone(), cancel.clone(), session.clone());
+        let (pump, stats, cancel, session) =
+            (pump.clone(), stats.clone(), cancel.clone(), session.clone());
         let span = info_span!("conn", %peer, %target);
-        let sockets = ConnSockets { keepalive: admission.keepalive, ..Default::default() };
+        let sockets = ConnSockets {
+            keepalive: admission.keepalive,
+            ..Default::default()
+        };
         sockets.hold(&sock);
         tasks.spawn(
             pacing::CONNECTION_PACING.scope(pacing, CONN_SOCKETS.scope(sockets.clone(), async move {
@@ -272,10 +309,17 @@ async fn accept_loop<P: Pump>(
 pub async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {target} timed out")))?
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {target} timed out"),
+            )
+        })?
         .map_err(|e| std::io::Error::new(e.kind(), format!("connecting to {target}: {e}")))?;
     let _ = s.set_nodelay(true);
-    pacing::apply_task_pacing(&s).map_err(|e| std::io::Error::new(e.kind(), format!("pacing the connection to {target}: {e}")))?;
+    pacing::apply_task_pacing(&s).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("pacing the connection to {target}: {e}"))
+    })?;
     if let Ok(held) = CONN_SOCKETS.try_with(Clone::clone) {
         held.hold(&s);
     }
@@ -335,14 +379,22 @@ mod tests {
             let (mut s, _) = target.accept().await.unwrap();
             s.write_all(&vec![7u8; 1 << 20]).await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
-            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
             drop(s);
         });
         let listener = StdListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let backend = TcpRelay::new(SplicePump);
         let uid = "5b0c2d5e-6a43-4f0e-9d55-0b1c7c1e2a10";
-        let fwd = backend.start(SessionSpec::new(uid, Side::Inbound), vec![listener], vec![target_addr]).unwrap();
+        let fwd = backend
+            .start(
+                SessionSpec::new(uid, Side::Inbound),
+                vec![listener],
+                vec![target_addr],
+            )
+            .unwrap();
 
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut got = 0usize;

@@ -88,7 +88,10 @@ impl<S> Exporter for tokio_rustls::client::TlsStream<S> {
 
 /// The error a failed proof gives; callers count and log it.
 pub fn refused() -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, "peer gateway failed the session proof (wrong session secret)")
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "peer gateway failed the session proof (wrong session secret)",
+    )
 }
 
 /// Runs the mutual proof on a fresh TLS channel. Returns only when both sides
@@ -98,8 +101,16 @@ pub async fn prove<T>(tls: &mut T, secret: &SessionSecret, role: Role) -> io::Re
 where
     T: Exporter + AsyncRead + AsyncWrite + Unpin,
 {
-    let mine = tls.export(if role == Role::Client { CLIENT_LABEL } else { SERVER_LABEL })?;
-    let theirs = tls.export(if role == Role::Client { SERVER_LABEL } else { CLIENT_LABEL })?;
+    let mine = tls.export(if role == Role::Client {
+        CLIENT_LABEL
+    } else {
+        SERVER_LABEL
+    })?;
+    let theirs = tls.export(if role == Role::Client {
+        SERVER_LABEL
+    } else {
+        CLIENT_LABEL
+    })?;
     let mut got = [0u8; LEN];
     match role {
         Role::Client => {
@@ -127,7 +138,9 @@ where
 /// True for a time-based (version 1) UUID: its bits are guessable from the
 /// clock and the host's MAC address, so it makes a weak session secret.
 pub fn is_time_based_uid(uid: &str) -> bool {
-    uuid::Uuid::try_parse(uid).map(|u| u.get_version_num() == 1).unwrap_or(false)
+    uuid::Uuid::try_parse(uid)
+        .map(|u| u.get_version_num() == 1)
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

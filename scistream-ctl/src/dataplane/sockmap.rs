@@ -60,12 +60,19 @@ impl SockmapPump {
     /// Loads the redirect program; refuses with the reason when this host
     /// cannot run it (no root, no BPF, eBPF objects not built).
     pub fn new() -> Result<Self, DataPlaneError> {
-        let unsupported = |reason: String| DataPlaneError::Unsupported { backend: "sockmap", reason };
+        let unsupported = |reason: String| DataPlaneError::Unsupported {
+            backend: "sockmap",
+            reason,
+        };
         if !nix::unistd::geteuid().is_root() {
-            return Err(unsupported("needs root (CAP_BPF and CAP_NET_ADMIN) to load its eBPF program".into()));
+            return Err(unsupported(
+                "needs root (CAP_BPF and CAP_NET_ADMIN) to load its eBPF program".into(),
+            ));
         }
         let redirect = SockRedirect::load().map_err(|e| unsupported(error_chain(&e)))?;
-        Ok(Self { redirect: Mutex::new(redirect) })
+        Ok(Self {
+            redirect: Mutex::new(redirect),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SockRedirect> {
@@ -76,7 +83,13 @@ impl SockmapPump {
 impl Pump for SockmapPump {
     const NAME: &'static str = "sockmap";
 
-    async fn relay(self: Arc<Self>, _session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
+    async fn relay(
+        self: Arc<Self>,
+        _session: Arc<SessionSpec>,
+        accepted: TcpStream,
+        target: SocketAddr,
+        stats: Arc<Stats>,
+    ) -> io::Result<()> {
         let upstream = connect(target).await?;
         relay_pair(&self, &accepted, &upstream, &stats, Watchdog::default()).await
     }
@@ -93,12 +106,21 @@ struct Watchdog {
 
 impl Default for Watchdog {
     fn default() -> Self {
-        Self { kick: true, stall_timeout: STALL_TIMEOUT }
+        Self {
+            kick: true,
+            stall_timeout: STALL_TIMEOUT,
+        }
     }
 }
 
 /// Relays `a` <-> `b` in the kernel until both directions have ended.
-async fn relay_pair(pump: &SockmapPump, a: &TcpStream, b: &TcpStream, stats: &Stats, dog: Watchdog) -> io::Result<()> {
+async fn relay_pair(
+    pump: &SockmapPump,
+    a: &TcpStream,
+    b: &TcpStream,
+    stats: &Stats,
+    dog: Watchdog,
+) -> io::Result<()> {
     let kick = dog.kick;
     let base = (written_raw(a)?, written_raw(b)?);
     let mut dirs = (Direction::default(), Direction::default());
@@ -115,7 +137,10 @@ async fn relay_pair(pump: &SockmapPump, a: &TcpStream, b: &TcpStream, stats: &St
         Ok(Watch::Done) => Ok(()),
         Ok(Watch::Stalled) => {
             drop(paired);
-            warn!(timeout_ms = dog.stall_timeout.as_millis() as u64, "sockmap stalled with bytes pending; moving the connection to splice");
+            warn!(
+                timeout_ms = dog.stall_timeout.as_millis() as u64,
+                "sockmap stalled with bytes pending; moving the connection to splice"
+            );
             fall_back(a, b, base, &mut dirs, stats).await
         }
         Err(e) => Err(e),
@@ -140,7 +165,10 @@ impl<'a> Paired<'a> {
         // rest.
         let gate = (socket2::SockRef::from(b).recv_buffer_size()? / 4).max(1);
         set_rcvlowat(b.as_fd(), gate)?;
-        let pair = pump.lock().pair(a, b).map_err(|e| io::Error::other(error_chain(&e)));
+        let pair = pump
+            .lock()
+            .pair(a, b)
+            .map_err(|e| io::Error::other(error_chain(&e)));
         // Setting the mark also re-checks the receive queue, so bytes that
         // arrived before the sockets were in the map are handed over now
         // instead of waiting for the next segment.
@@ -182,7 +210,14 @@ struct Direction {
 impl Direction {
     /// Counts what moved and passes the source's EOF on once every byte
     /// before it has been written to the sink. Returns the bytes pending.
-    fn step(&mut self, source_eof: bool, received: u64, written: u64, sink: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
+    fn step(
+        &mut self,
+        source_eof: bool,
+        received: u64,
+        written: u64,
+        sink: &TcpStream,
+        counter: &AtomicU64,
+    ) -> io::Result<u64> {
         if self.ended {
             return Ok(0);
         }
@@ -209,7 +244,14 @@ impl Direction {
     }
 }
 
-async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direction, Direction), stats: &Stats, dog: Watchdog) -> io::Result<Watch> {
+async fn watch(
+    a: &TcpStream,
+    b: &TcpStream,
+    base: (u64, u64),
+    dirs: &mut (Direction, Direction),
+    stats: &Stats,
+    dog: Watchdog,
+) -> io::Result<Watch> {
     let (ab, ba) = (&mut dirs.0, &mut dirs.1);
     let mut last_moved = u64::MAX;
     let mut still_since = Instant::now();
@@ -224,7 +266,10 @@ async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direc
                 // 6.x); after an EOF on the source that error is benign.
                 let benign = e.raw_os_error() == Some(libc::EPIPE) && probe(source.as_fd())?.eof;
                 if !benign {
-                    return Err(io::Error::new(e.kind(), format!("socket error while in the sockmap: {e}")));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("socket error while in the sockmap: {e}"),
+                    ));
                 }
             }
         }
@@ -234,10 +279,22 @@ async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direc
         let cb_first = Counts::read(b.as_fd(), base.1, sb.eof)?;
         let ca = Counts::read(a.as_fd(), base.0, sa.eof)?;
         let cb = Counts::read(b.as_fd(), base.1, sb.eof)?;
-        let pending_ab = ab.step(sa.eof, ca.received, cb_first.written, b, &stats.bytes_forward)?;
+        let pending_ab = ab.step(
+            sa.eof,
+            ca.received,
+            cb_first.written,
+            b,
+            &stats.bytes_forward,
+        )?;
         let pending_ba = ba.step(sb.eof, cb.received, ca.written, a, &stats.bytes_backward)?;
         if ab.ended && ba.ended {
-            debug!(forward = ab.counted, backward = ba.counted, peak_pending_forward = ab.peak_pending, peak_pending_backward = ba.peak_pending, "both directions ended");
+            debug!(
+                forward = ab.counted,
+                backward = ba.counted,
+                peak_pending_forward = ab.peak_pending,
+                peak_pending_backward = ba.peak_pending,
+                "both directions ended"
+            );
             return Ok(Watch::Done);
         }
 
@@ -263,21 +320,39 @@ async fn watch(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direc
 
 /// The pair is out of the map (or never got in): checks no byte was lost and
 /// hands the connection to splice, or resets both sides.
-async fn fall_back(a: &TcpStream, b: &TcpStream, base: (u64, u64), dirs: &mut (Direction, Direction), stats: &Stats) -> io::Result<()> {
+async fn fall_back(
+    a: &TcpStream,
+    b: &TcpStream,
+    base: (u64, u64),
+    dirs: &mut (Direction, Direction),
+    stats: &Stats,
+) -> io::Result<()> {
     tokio::time::sleep(SETTLE).await;
     let (sa, sb) = (probe(a.as_fd())?, probe(b.as_fd())?);
-    let (ca, cb) = (Counts::read(a.as_fd(), base.0, sa.eof)?, Counts::read(b.as_fd(), base.1, sb.eof)?);
+    let (ca, cb) = (
+        Counts::read(a.as_fd(), base.0, sa.eof)?,
+        Counts::read(b.as_fd(), base.1, sb.eof)?,
+    );
     // Count what the kernel moved since the watcher last looked; an ended
     // direction was fully counted when its EOF was passed on.
-    for (dir, written, counter) in [(&dirs.0, cb.written, &stats.bytes_forward), (&dirs.1, ca.written, &stats.bytes_backward)] {
+    for (dir, written, counter) in [
+        (&dirs.0, cb.written, &stats.bytes_forward),
+        (&dirs.1, ca.written, &stats.bytes_backward),
+    ] {
         if !dir.ended {
             counter.fetch_add(written.saturating_sub(dir.counted), Ordering::Relaxed);
         }
     }
     // Everything received and not yet written must still be in the source's
     // receive queue, where splice will find it.
-    let lost_ab = ca.received.saturating_sub(cb.written).saturating_sub(inq(a.as_fd())?);
-    let lost_ba = cb.received.saturating_sub(ca.written).saturating_sub(inq(b.as_fd())?);
+    let lost_ab = ca
+        .received
+        .saturating_sub(cb.written)
+        .saturating_sub(inq(a.as_fd())?);
+    let lost_ba = cb
+        .received
+        .saturating_sub(ca.written)
+        .saturating_sub(inq(b.as_fd())?);
     stats.fallbacks.fetch_add(1, Ordering::Relaxed);
     if lost_ab > 0 || lost_ba > 0 {
         for s in [a, b] {
@@ -311,7 +386,11 @@ fn probe(fd: BorrowedFd<'_>) -> io::Result<SockState> {
     let error = if revents & libc::POLLERR != 0 {
         // Reading SO_ERROR also clears it.
         let errno = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SocketError)?;
-        Some(io::Error::from_raw_os_error(if errno == 0 { libc::EIO } else { errno }))
+        Some(io::Error::from_raw_os_error(if errno == 0 {
+            libc::EIO
+        } else {
+            errno
+        }))
     } else {
         None
     };
@@ -357,12 +436,15 @@ fn shut_write(s: &TcpStream) -> io::Result<()> {
     }
 }
 
-
 // --- Syscall wrappers (TCP_INFO, SIOCINQ/SIOCOUTQ, SO_RCVLOWAT); nix has none of them.
 
 /// poll(2) on one socket without waiting; nix's wrapper drops POLLRDHUP.
 fn poll_now(fd: BorrowedFd<'_>, events: libc::c_short) -> io::Result<libc::c_short> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, count 1, timeout 0: the kernel only writes revents.
     let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
     if rc < 0 {
@@ -378,7 +460,13 @@ fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     unsafe {
         let mut info: libc::tcp_info = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len);
+        let rc = libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -437,7 +525,10 @@ mod tests {
         match SockmapPump::new() {
             Ok(p) => Some(p),
             Err(e) => {
-                assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true but the sockmap test cannot run: {e}");
+                assert!(
+                    std::env::var("CI").map_or(true, |v| v != "true"),
+                    "CI=true but the sockmap test cannot run: {e}"
+                );
                 eprintln!("skipping sockmap test: {e}");
                 None
             }
@@ -446,7 +537,12 @@ mod tests {
 
     /// app_a <-> relay_a ==kernel== relay_b <-> app_b; app_a sends `data` and
     /// half-closes, app_b reads to EOF, replies "ack" and closes.
-    async fn exchange(pump: &SockmapPump, data: Vec<u8>, early: &[u8], dog: Watchdog) -> (Stats, Vec<u8>, Vec<u8>) {
+    async fn exchange(
+        pump: &SockmapPump,
+        data: Vec<u8>,
+        early: &[u8],
+        dog: Watchdog,
+    ) -> (Stats, Vec<u8>, Vec<u8>) {
         let (mut app_a, relay_a) = pair().await;
         let (relay_b, app_b) = pair().await;
         // Bytes already queued on the relay socket before it is paired.
@@ -454,9 +550,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let stats = Stats::default();
         let expected: Vec<u8> = early.iter().chain(data.iter()).copied().collect();
-        let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, dog).await.unwrap() };
+        let relay = async {
+            relay_pair(pump, &relay_a, &relay_b, &stats, dog)
+                .await
+                .unwrap()
+        };
         let ends = half_close_exchange(app_a, app_b, data);
-        let (_, (reply, got)) = tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(relay, ends) }).await.expect("relay finished");
+        let (_, (reply, got)) =
+            tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(relay, ends) })
+                .await
+                .expect("relay finished");
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes differ");
         (stats, got, reply)
@@ -483,7 +586,11 @@ mod tests {
         app_a.write_all(b"stuck").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let stats = Stats::default();
-        let relay = async { relay_pair(pump, &relay_a, &relay_b, &stats, dog).await.unwrap() };
+        let relay = async {
+            relay_pair(pump, &relay_a, &relay_b, &stats, dog)
+                .await
+                .unwrap()
+        };
         let ends = async move {
             let mut first = [0u8; 5];
             app_b.read_exact(&mut first).await.unwrap();
@@ -496,7 +603,10 @@ mod tests {
             app_a.read_to_end(&mut none).await.unwrap();
             [first.to_vec(), rest].concat()
         };
-        let (_, got) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) }).await.expect("relay finished");
+        let (_, got) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
+                .await
+                .expect("relay finished");
         assert_eq!(got, b"stuck and the rest");
         (stats, got)
     }
@@ -504,11 +614,13 @@ mod tests {
     #[tokio::test]
     async fn stalled_pair_falls_back_to_splice_without_losing_bytes() {
         let Some(pump) = pump_or_skip() else { return };
-        let dog = Watchdog { kick: false, stall_timeout: Duration::from_millis(500) };
+        let dog = Watchdog {
+            kick: false,
+            stall_timeout: Duration::from_millis(500),
+        };
         let (stats, got) = stalled_exchange(&pump, dog).await;
         let s = stats.snapshot();
         assert_eq!(s.fallbacks, 1);
         assert_eq!(s.bytes_forward, got.len() as u64);
     }
-
 }

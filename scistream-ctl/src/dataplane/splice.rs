@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nix::libc;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::libc;
 use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -31,24 +31,49 @@ pub struct SplicePump;
 impl Pump for SplicePump {
     const NAME: &'static str = "splice";
 
-    async fn relay(self: Arc<Self>, _session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
+    async fn relay(
+        self: Arc<Self>,
+        _session: Arc<SessionSpec>,
+        accepted: TcpStream,
+        target: SocketAddr,
+        stats: Arc<Stats>,
+    ) -> io::Result<()> {
         let upstream = connect(target).await?;
-        splice_bidirectional(&accepted, &upstream, &stats.bytes_forward, &stats.bytes_backward).await
+        splice_bidirectional(
+            &accepted,
+            &upstream,
+            &stats.bytes_forward,
+            &stats.bytes_backward,
+        )
+        .await
     }
 }
 
 /// Fails early when the kernel lacks pipes or splice (e.g. seccomp), so
 /// `s2cs --type splice` refuses to start instead of failing per connection.
 pub fn probe() -> Result<(), DataPlaneError> {
-    Pipe::new().map(drop).map_err(|e| DataPlaneError::Unsupported { backend: "splice", reason: format!("pipe2: {e}") })
+    Pipe::new()
+        .map(drop)
+        .map_err(|e| DataPlaneError::Unsupported {
+            backend: "splice",
+            reason: format!("pipe2: {e}"),
+        })
 }
 
 /// Moves bytes both ways until each direction has seen EOF; an EOF is passed
 /// on as a half-close (shutdown of the write side), so the other direction
 /// keeps flowing. Returns when both are done or on the first error.
-pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU64, b_to_a: &AtomicU64) -> io::Result<()> {
+pub async fn splice_bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> io::Result<()> {
     let (p1, p2) = (Pipe::new()?, Pipe::new()?);
-    tokio::try_join!(splice_one_way(a, b, &p1, a_to_b, Ktls::Neither), splice_one_way(b, a, &p2, b_to_a, Ktls::Neither))?;
+    tokio::try_join!(
+        splice_one_way(a, b, &p1, a_to_b, Ktls::Neither),
+        splice_one_way(b, a, &p2, b_to_a, Ktls::Neither)
+    )?;
     Ok(())
 }
 
@@ -57,7 +82,13 @@ pub async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, a_to_b: &AtomicU
 /// close_notify ends that direction, a KeyUpdate moves to the peer's next
 /// key), `rekey` switches the sending key between splices when due, and an
 /// EOF from `plain` is passed on as close_notify before the FIN.
-pub async fn splice_ktls(plain: &TcpStream, tunnel: &TcpStream, to_tunnel: &AtomicU64, from_tunnel: &AtomicU64, rekey: &Rekey<'_>) -> io::Result<()> {
+pub async fn splice_ktls(
+    plain: &TcpStream,
+    tunnel: &TcpStream,
+    to_tunnel: &AtomicU64,
+    from_tunnel: &AtomicU64,
+    rekey: &Rekey<'_>,
+) -> io::Result<()> {
     let (p1, p2) = (Pipe::new()?, Pipe::new()?);
     tokio::try_join!(
         splice_one_way(plain, tunnel, &p1, to_tunnel, Ktls::Dst(rekey)),
@@ -81,7 +112,11 @@ impl Pipe {
             Ok(n) if n > 0 => n as usize,
             _ => 64 * 1024,
         };
-        Ok(Self { read, write, capacity })
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
     }
 }
 
@@ -97,13 +132,20 @@ enum Ktls<'a> {
     Dst(&'a Rekey<'a>),
 }
 
-async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: &AtomicU64, ktls: Ktls<'_>) -> io::Result<()> {
+async fn splice_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    counter: &AtomicU64,
+    ktls: Ktls<'_>,
+) -> io::Result<()> {
     loop {
         // Fill: the pipe is empty here, so EAGAIN can only mean "socket not readable".
         let n = loop {
             src.readable().await?;
             match src.try_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, &pipe.write, None, pipe.capacity, flags()).map_err(io::Error::from)
+                splice(src.as_fd(), None, &pipe.write, None, pipe.capacity, flags())
+                    .map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -115,7 +157,12 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
                             Ok(ControlRecord::CloseNotify) => break 0,
                             Ok(ControlRecord::KeyUpdate { .. }) => continue,
                             Err(e2) if e2.kind() == io::ErrorKind::WouldBlock => continue,
-                            Err(e2) => return Err(io::Error::new(e2.kind(), format!("kernel TLS record: {e2}"))),
+                            Err(e2) => {
+                                return Err(io::Error::new(
+                                    e2.kind(),
+                                    format!("kernel TLS record: {e2}"),
+                                ))
+                            }
                         }
                     }
                     _ => return Err(e),
@@ -175,7 +222,11 @@ mod tests {
         let (fwd, back) = (AtomicU64::new(0), AtomicU64::new(0));
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let d2 = data.clone();
-        let relay = async { splice_bidirectional(&relay_a, &relay_b, &fwd, &back).await.unwrap() };
+        let relay = async {
+            splice_bidirectional(&relay_a, &relay_b, &fwd, &back)
+                .await
+                .unwrap()
+        };
         let ends = half_close_exchange(app_a, app_b, d2);
         let (_, (reply, got)) = tokio::join!(relay, ends);
         assert_eq!(got, data);

@@ -83,7 +83,10 @@ pub trait Compat: Send + Sync + 'static {
 
     /// The session's counters, read from the running program.
     fn counters(&self, _config: &Path) -> io::Result<StatsSnapshot> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, format!("{} keeps no counters", Self::PROGRAM)))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{} keeps no counters", Self::PROGRAM),
+        ))
     }
 }
 
@@ -359,7 +362,11 @@ fn control_command(socket: &Path, line: &str) -> io::Result<String> {
 }
 
 /// [`control_command`] with its own limit on the answer's wait.
-pub(super) fn control_command_within(socket: &Path, line: &str, limit: Duration) -> io::Result<String> {
+pub(super) fn control_command_within(
+    socket: &Path,
+    line: &str,
+    limit: Duration,
+) -> io::Result<String> {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
         io::Error::new(
@@ -512,7 +519,11 @@ impl<C: Compat> SubprocessBackend<C> {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let counters = if C::COUNTERS { "counters read from it" } else { "its byte counters cannot be seen" };
+        let counters = if C::COUNTERS {
+            "counters read from it"
+        } else {
+            "its byte counters cannot be seen"
+        };
         info!(backend = C::NAME, program = %exe.display(), "compat backend: one {} process per session; {counters}", C::PROGRAM);
         Ok(Self {
             compat: Arc::new(compat),
@@ -563,7 +574,9 @@ impl<C: Compat> Backend for SubprocessBackend<C> {
         // The path is on the program's command line, which any local user
         // can read (ps): a random name, never one made from the uid, which
         // is stunnel's PSK.
-        let config = self.dir.join(format!("{}.{}", uuid::Uuid::new_v4().simple(), C::PROGRAM));
+        let config = self
+            .dir
+            .join(format!("{}.{}", uuid::Uuid::new_v4().simple(), C::PROGRAM));
         let files = write_files(&*self.compat, &spec, &listeners, &targets, &config)?;
         if let Some(args) = self.compat.check_args(&config) {
             let mut check = Supervised::spawn(&self.exe, &args, &listeners.fds(), &ctx)?;
@@ -710,12 +723,19 @@ impl<C: Compat> Forwarder for SubprocessForwarder<C> {
 
     fn stats(&self) -> StatsSnapshot {
         if C::COUNTERS && !self.reading.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            let (compat, config, last, reading) = (self.compat.clone(), self.config.clone(), self.last_counters.clone(), self.reading.clone());
+            let (compat, config, last, reading) = (
+                self.compat.clone(),
+                self.config.clone(),
+                self.last_counters.clone(),
+                self.reading.clone(),
+            );
             let uid = self.spec.log_id.clone();
             let read = move || {
                 match compat.counters(&config) {
                     Ok(now) => *last.lock().unwrap_or_else(|p| p.into_inner()) = now,
-                    Err(e) => debug!(uid = %uid, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM),
+                    Err(e) => {
+                        debug!(uid = %uid, error = %e, "{}: counters not readable; showing the last reading", C::PROGRAM)
+                    }
                 }
                 reading.store(false, std::sync::atomic::Ordering::Release);
             };

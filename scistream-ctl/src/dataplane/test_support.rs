@@ -14,7 +14,11 @@ pub async fn pair() -> (TcpStream, TcpStream) {
 
 /// `app_a` sends `data` and half-closes; `app_b` reads to EOF, then replies
 /// "ack" and closes. Returns (what app_a got back, what app_b received).
-pub async fn half_close_exchange(mut app_a: TcpStream, mut app_b: TcpStream, data: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+pub async fn half_close_exchange(
+    mut app_a: TcpStream,
+    mut app_b: TcpStream,
+    data: Vec<u8>,
+) -> (Vec<u8>, Vec<u8>) {
     let writer = async {
         app_a.write_all(&data).await.unwrap();
         app_a.shutdown().await.unwrap();

@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::ktls::rekey::{KeySchedule, KeyUpdates, Rekey, SecretLog};
-use super::records::{self, RecordKey};
 use super::ktls::{self, RecordBounded, Tier};
+use super::records::{self, RecordKey};
 use super::relay::{connect, Pump};
 use super::session_auth::{self, Role, SessionSecret};
 use super::{DataPlaneError, SessionSpec, Side, Stats};
@@ -65,7 +65,11 @@ pub const REKEY_VAR: &str = "SCISTREAM_REKEY_BYTES";
 type Tunnel = tokio_rustls::TlsStream<RecordBounded<TcpStream>>;
 
 impl TlsPump {
-    pub fn new(identity: &Identity, peer_ca: Option<&Path>, timeout: Duration) -> Result<Self, DataPlaneError> {
+    pub fn new(
+        identity: &Identity,
+        peer_ca: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Self, DataPlaneError> {
         if peer_ca.is_none() {
             tracing::warn!(
                 "tls backend without --peer_ca: outbound tunnels do not verify the inbound gateway's certificate \
@@ -81,7 +85,11 @@ impl TlsPump {
             ),
             Tier::Rustls { reason } => tracing::info!("tls backend: TLS records in user space, not kernel TLS: {reason}"),
         }
-        let user_records = match std::env::var(RECORDS_VAR).unwrap_or_default().to_ascii_lowercase().as_str() {
+        let user_records = match std::env::var(RECORDS_VAR)
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "" | "records" => true,
             "rustls" => {
                 tracing::warn!("{RECORDS_VAR}=rustls: tunnels stay in rustls' buffered stream after the handshake (slower)");
@@ -94,9 +102,14 @@ impl TlsPump {
                 })
             }
         };
-        let rekey_every = std::env::var(REKEY_VAR).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|n| *n > 0);
+        let rekey_every = std::env::var(REKEY_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n > 0);
         if let Some(n) = rekey_every {
-            tracing::warn!("{REKEY_VAR}={n}: tunnels re-key after every {n} bytes (a test setting)");
+            tracing::warn!(
+                "{REKEY_VAR}={n}: tunnels re-key after every {n} bytes (a test setting)"
+            );
         }
         Ok(Self {
             acceptor: TlsAcceptor::from(tunnel_server_config(identity)?),
@@ -113,11 +126,16 @@ impl TlsPump {
     /// user-space record layer), each connection gets its own config whose
     /// key log keeps the traffic secrets, for re-keying after the hand-over.
     fn secret_log(&self) -> Option<Arc<SecretLog>> {
-        (matches!(self.tier, Tier::Kernel { .. }) || self.user_records).then(|| Arc::new(SecretLog::default()))
+        (matches!(self.tier, Tier::Kernel { .. }) || self.user_records)
+            .then(|| Arc::new(SecretLog::default()))
     }
 
     /// TLS handshake and session proof as the inbound gateway.
-    async fn admit(&self, accepted: TcpStream, secret: &SessionSecret) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
+    async fn admit(
+        &self,
+        accepted: TcpStream,
+        secret: &SessionSecret,
+    ) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
         let log = self.secret_log();
         let acceptor = match &log {
             Some(log) => {
@@ -133,7 +151,11 @@ impl TlsPump {
     }
 
     /// TLS handshake and session proof as the outbound gateway.
-    async fn open(&self, target: SocketAddr, secret: &SessionSecret) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
+    async fn open(
+        &self,
+        target: SocketAddr,
+        secret: &SessionSecret,
+    ) -> io::Result<(Tunnel, Option<Arc<SecretLog>>)> {
         let upstream = connect(target).await?;
         let name = ServerName::IpAddress(target.ip().into());
         let log = self.secret_log();
@@ -145,13 +167,18 @@ impl TlsPump {
             }
             None => self.connector.clone(),
         };
-        let mut tls = connector.connect(name, RecordBounded::new(upstream)).await.map_err(|e| {
-            // The operator reads this in the log: say why the peer was refused in words.
-            match crate::trust::explain(&e) {
-                Some(why) => io::Error::new(e.kind(), format!("inbound gateway {target} refused: {why}")),
-                None => e,
-            }
-        })?;
+        let mut tls = connector
+            .connect(name, RecordBounded::new(upstream))
+            .await
+            .map_err(|e| {
+                // The operator reads this in the log: say why the peer was refused in words.
+                match crate::trust::explain(&e) {
+                    Some(why) => {
+                        io::Error::new(e.kind(), format!("inbound gateway {target} refused: {why}"))
+                    }
+                    None => e,
+                }
+            })?;
         session_auth::prove(&mut tls, secret, Role::Client).await?;
         Ok((tls.into(), log))
     }
@@ -160,22 +187,49 @@ impl TlsPump {
     /// when this host can and the hand-over point is clean, else in rustls.
     /// `tunnel_first`: the tunnel is the accepting side (inbound gateway), for
     /// the direction of the counters.
-    async fn carry(&self, (mut tunnel, log): (Tunnel, Option<Arc<SecretLog>>), plain: TcpStream, tunnel_first: bool, stats: &Stats) -> io::Result<()> {
-        let (to_tunnel, from_tunnel) =
-            if tunnel_first { (&stats.bytes_backward, &stats.bytes_forward) } else { (&stats.bytes_forward, &stats.bytes_backward) };
+    async fn carry(
+        &self,
+        (mut tunnel, log): (Tunnel, Option<Arc<SecretLog>>),
+        plain: TcpStream,
+        tunnel_first: bool,
+        stats: &Stats,
+    ) -> io::Result<()> {
+        let (to_tunnel, from_tunnel) = if tunnel_first {
+            (&stats.bytes_backward, &stats.bytes_forward)
+        } else {
+            (&stats.bytes_forward, &stats.bytes_backward)
+        };
         if let Some(log) = log {
             match ktls_ready(&tunnel) {
                 Ok(()) => {
                     let handed = hand_over(tunnel, &log)?;
                     let kernel = matches!(self.tier, Tier::Kernel { .. });
-                    return carry_handed(handed, kernel, plain, to_tunnel, from_tunnel, self.rekey_every, &self.rekeys).await;
+                    return carry_handed(
+                        handed,
+                        kernel,
+                        plain,
+                        to_tunnel,
+                        from_tunnel,
+                        self.rekey_every,
+                        &self.rekeys,
+                    )
+                    .await;
                 }
                 Err(why) => tracing::warn!("staying in rustls for this connection: {why}"),
             }
         }
         tunnel.get_mut().0.unbound();
-        let tunnel = Rekeying { inner: tunnel, every: self.rekey_every.unwrap_or(u64::MAX), since: 0, rekeys: &self.rekeys };
-        if tunnel_first { copy_counted(tunnel, plain, stats).await } else { copy_counted(plain, tunnel, stats).await }
+        let tunnel = Rekeying {
+            inner: tunnel,
+            every: self.rekey_every.unwrap_or(u64::MAX),
+            since: 0,
+            rekeys: &self.rekeys,
+        };
+        if tunnel_first {
+            copy_counted(tunnel, plain, stats).await
+        } else {
+            copy_counted(plain, tunnel, stats).await
+        }
     }
 }
 
@@ -190,7 +244,11 @@ fn ktls_ready(tunnel: &Tunnel) -> Result<(), String> {
         return Err("rustls has records left to send".into());
     }
     match state.negotiated_cipher_suite().map(|s| s.suite()) {
-        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256) => Ok(()),
+        Some(
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+            | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ) => Ok(()),
         other => Err(format!("cipher suite {other:?} has no kernel TLS support")),
     }
 }
@@ -221,7 +279,11 @@ fn hand_over(mut tunnel: Tunnel, log: &SecretLog) -> io::Result<HandedOver> {
             Err(e) => return Err(e),
         }
     }
-    let suite = tunnel.get_ref().1.negotiated_cipher_suite().ok_or_else(|| io::Error::other("no cipher suite after the handshake"))?;
+    let suite = tunnel
+        .get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .ok_or_else(|| io::Error::other("no cipher suite after the handshake"))?;
     let is_client = matches!(tunnel, tokio_rustls::TlsStream::Client(_));
     let (io, secrets) = match tunnel {
         tokio_rustls::TlsStream::Client(c) => {
@@ -235,7 +297,12 @@ fn hand_over(mut tunnel: Tunnel, log: &SecretLog) -> io::Result<HandedOver> {
     };
     let secrets = secrets.map_err(|e| io::Error::other(format!("extracting the TLS keys: {e}")))?;
     let keys = KeySchedule::new(log, is_client, suite, &secrets)?;
-    Ok(HandedOver { sock: io.into_inner(), secrets, keys, early })
+    Ok(HandedOver {
+        sock: io.into_inner(),
+        secrets,
+        keys,
+        early,
+    })
 }
 
 /// Carries a handed-over tunnel: in kernel TLS with splice, re-keying in
@@ -252,12 +319,21 @@ async fn carry_handed(
     rekeys: &AtomicU64,
 ) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let HandedOver { sock, secrets, keys, early } = handed;
+    let HandedOver {
+        sock,
+        secrets,
+        keys,
+        early,
+    } = handed;
     let user_keys = if kernel {
-        ktls::install(&sock, &secrets).map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
+        ktls::install(&sock, &secrets)
+            .map_err(|e| io::Error::new(e.kind(), format!("installing kernel TLS keys: {e}")))?;
         None
     } else {
-        Some((RecordKey::from_extracted(&secrets.tx)?, RecordKey::from_extracted(&secrets.rx)?))
+        Some((
+            RecordKey::from_extracted(&secrets.tx)?,
+            RecordKey::from_extracted(&secrets.rx)?,
+        ))
     };
     drop(secrets);
     if !early.is_empty() {
@@ -279,14 +355,24 @@ async fn carry_handed(
 
 /// Bounds a tunnel set-up step and, when it fails, counts the refusal and
 /// names it so the log line says why the peer was cut off.
-async fn guarded<T>(limit: Duration, stats: &Stats, step: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+async fn guarded<T>(
+    limit: Duration,
+    stats: &Stats,
+    step: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
     let r = match tokio::time::timeout(limit, step).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("handshake and session proof took over {limit:?}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("handshake and session proof took over {limit:?}"),
+        )),
     };
     r.map_err(|e| {
         let n = stats.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        io::Error::new(e.kind(), format!("tunnel peer refused ({n} so far in this session): {e}"))
+        io::Error::new(
+            e.kind(),
+            format!("tunnel peer refused ({n} so far in this session): {e}"),
+        )
     })
 }
 
@@ -294,17 +380,25 @@ impl Pump for TlsPump {
     const NAME: &'static str = "tls";
     const KEYING: super::TunnelKeying = super::TunnelKeying::SessionKey;
 
-    async fn relay(self: Arc<Self>, session: Arc<SessionSpec>, accepted: TcpStream, target: SocketAddr, stats: Arc<Stats>) -> io::Result<()> {
+    async fn relay(
+        self: Arc<Self>,
+        session: Arc<SessionSpec>,
+        accepted: TcpStream,
+        target: SocketAddr,
+        stats: Arc<Stats>,
+    ) -> io::Result<()> {
         match session.side {
             Side::Inbound => {
                 // Nothing is sent to the producer before the peer proved the secret.
-                let tunnel = guarded(self.timeout, &stats, self.admit(accepted, &session.secret)).await?;
+                let tunnel =
+                    guarded(self.timeout, &stats, self.admit(accepted, &session.secret)).await?;
                 let app = connect(target).await?;
                 self.carry(tunnel, app, true, &stats).await
             }
             Side::Outbound => {
                 // Nor is anything of the consumer's sent before the inbound gateway proved it.
-                let tunnel = guarded(self.timeout, &stats, self.open(target, &session.secret)).await?;
+                let tunnel =
+                    guarded(self.timeout, &stats, self.open(target, &session.secret)).await?;
                 self.carry(tunnel, accepted, false, &stats).await
             }
         }
@@ -319,8 +413,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut a = Counted { inner: a, counter: &stats.bytes_forward };
-    let mut b = Counted { inner: b, counter: &stats.bytes_backward };
+    let mut a = Counted {
+        inner: a,
+        counter: &stats.bytes_forward,
+    };
+    let mut b = Counted {
+        inner: b,
+        counter: &stats.bytes_backward,
+    };
     tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await?;
     Ok(())
 }
@@ -335,13 +435,21 @@ struct Rekeying<'a> {
 }
 
 impl AsyncRead for Rekeying<'_> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Rekeying<'_> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         this.since += n as u64;
@@ -372,7 +480,11 @@ struct Counted<'a, S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -384,7 +496,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -149,8 +149,12 @@ impl XdpBackend {
         nat.set_ranges((args.port_range.start, args.port_range.end), nat_range)
             .map_err(ebpf)?;
         for iface in &ifaces {
-            nat.attach_with(iface, args.ebpf_attach)
-                .map_err(|e| unsupported(format!("cannot attach the NAT to {iface}: {}", error_chain(&e))))?;
+            nat.attach_with(iface, args.ebpf_attach).map_err(|e| {
+                unsupported(format!(
+                    "cannot attach the NAT to {iface}: {}",
+                    error_chain(&e)
+                ))
+            })?;
         }
         let hooks = hooks_text(&nat);
         let gone = nat.unpin_other_links().map_err(ebpf)?;
@@ -240,7 +244,11 @@ impl Tags {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
             .unwrap_or(1);
-        Self { next: start, live: HashSet::new(), adopted: HashMap::new() }
+        Self {
+            next: start,
+            live: HashSet::new(),
+            adopted: HashMap::new(),
+        }
     }
 
     /// The tag of session `uid`: its adopted one, else a fresh one.
@@ -281,7 +289,9 @@ fn stored_sessions(state_dir: &Path) -> HashMap<u16, String> {
         .filter(|r| r.backend == NAME && !r.targets.is_empty())
         .flat_map(|r| {
             let uid = r.uid;
-            r.listeners.into_iter().map(move |l| (l.port(), uid.clone()))
+            r.listeners
+                .into_iter()
+                .map(move |l| (l.port(), uid.clone()))
         })
         .collect()
 }
@@ -304,7 +314,10 @@ fn adopt(
             }
         }
     }
-    let tags: HashMap<String, u32> = tag_of.into_iter().filter_map(|(u, t)| Some((u, t?))).collect();
+    let tags: HashMap<String, u32> = tag_of
+        .into_iter()
+        .filter_map(|(u, t)| Some((u, t?)))
+        .collect();
     let mut kept = HashSet::new();
     let mut dropped = Vec::new();
     for (port, service) in services {
@@ -328,14 +341,16 @@ fn adopt(
 
 /// Frees, every `every`, the entries of flows that ended, until the NAT goes.
 fn sweep_ended_flows(every: Duration, nat: Weak<Mutex<Nat>>) {
-    let spawned = std::thread::Builder::new().name("xdp-flow-sweep".into()).spawn(move || loop {
-        std::thread::sleep(every);
-        let Some(nat) = nat.upgrade() else { return };
-        let swept = lock(&nat).sweep_ended(uptime_s());
-        if let Err(e) = swept {
-            warn!(error = %error_chain(&e), "cannot sweep the xdp NAT's ended flows");
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("xdp-flow-sweep".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(nat) = nat.upgrade() else { return };
+            let swept = lock(&nat).sweep_ended(uptime_s());
+            if let Err(e) = swept {
+                warn!(error = %error_chain(&e), "cannot sweep the xdp NAT's ended flows");
+            }
+        });
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the sweeper of ended xdp flows: finished flows keep their entries until a SYN reuses their port");
     }
@@ -343,13 +358,19 @@ fn sweep_ended_flows(every: Duration, nat: Weak<Mutex<Nat>>) {
 
 /// `iface:hook` for every interface the NAT holds, for the logs.
 fn hooks_text(nat: &Nat) -> String {
-    nat.hooks().map(|(i, h)| format!("{i}:{h}")).collect::<Vec<_>>().join(",")
+    nat.hooks()
+        .map(|(i, h)| format!("{i}:{h}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Where the running NAT is attached, for `/metrics`; `None` when no xdp
 /// backend runs in this process.
 pub fn nat_hooks() -> Option<Vec<(String, Hook)>> {
-    let nat = METRICS_NAT.lock().unwrap_or_else(|p| p.into_inner()).upgrade()?;
+    let nat = METRICS_NAT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .upgrade()?;
     let nat = lock(&nat);
     Some(nat.hooks().map(|(i, h)| (i.to_owned(), h)).collect())
 }
@@ -513,7 +534,11 @@ impl Backend for XdpBackend {
         listeners: Vec<TcpListener>,
         targets: Vec<SocketAddr>,
     ) -> Result<Box<dyn Forwarder>, DataPlaneError> {
-        let tag = self.tags.lock().unwrap_or_else(|p| p.into_inner()).take(&spec.uid);
+        let tag = self
+            .tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&spec.uid);
         let ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
@@ -523,7 +548,10 @@ impl Backend for XdpBackend {
         let services = match services(&ports, &targets, tag, flags) {
             Ok(s) => s,
             Err(e) => {
-                self.tags.lock().unwrap_or_else(|p| p.into_inner()).release(tag);
+                self.tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(tag);
                 return Err(e);
             }
         };
@@ -659,7 +687,10 @@ impl XdpForwarder {
     }
 
     fn remove(&self) -> SessionCounters {
-        self.tags.lock().unwrap_or_else(|p| p.into_inner()).release(self.tag);
+        self.tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(self.tag);
         let mut nat = lock(&self.nat);
         if let Err(e) = nat.remove_bucket(self.tag) {
             warn!(uid = %self.uid, error = %error_chain(&e), "cannot remove an xdp rate bucket");

@@ -13,7 +13,17 @@ use aya::Ebpf;
 use super::EbpfError;
 
 /// What the operator asked for (`s2cs --ebpf_attach`, TOML `ebpf_attach`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachPolicy {
     /// XDP in driver mode on physical NICs, tc on virtual interfaces and
@@ -102,11 +112,16 @@ pub(super) fn classifier_mut<'a>(
     object: &'static str,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, EbpfError> {
-    let missing = EbpfError::Missing { object, kind: "program", name };
+    let missing = EbpfError::Missing {
+        object,
+        kind: "program",
+        name,
+    };
     let program = ebpf.program_mut(name).ok_or(missing)?;
-    program
-        .try_into()
-        .map_err(|source| EbpfError::Program { program: name, source })
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -120,7 +135,10 @@ mod tests {
         std::fs::create_dir_all(dir.join("veth0")).unwrap();
         assert!(!is_virtual_in(&dir, "eth0"));
         assert!(is_virtual_in(&dir, "veth0"));
-        assert!(is_virtual_in(&dir, "absent"), "an unknown interface is not taken for a NIC");
+        assert!(
+            is_virtual_in(&dir, "absent"),
+            "an unknown interface is not taken for a NIC"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -127,7 +127,10 @@ impl Guard {
         super::load_xdp(&mut ebpf, OBJECT, layout::PROGRAM)?;
         attach::classifier_mut(&mut ebpf, OBJECT, layout::TC_PROGRAM)?
             .load()
-            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
+            .map_err(|source| EbpfError::Program {
+                program: layout::TC_PROGRAM,
+                source,
+            })?;
         Ok(Self {
             config: take_map(&mut ebpf, layout::CONFIG_MAP)?,
             allowed: take_map(&mut ebpf, layout::ALLOWED_MAP)?,
@@ -149,14 +152,23 @@ impl Guard {
         match attach::preferred_hook(iface, policy) {
             Hook::Tc => {
                 self.attach_at(iface, Hook::Tc)?;
-                Ok(Attached { hook: Hook::Tc, xdp_refused: None })
+                Ok(Attached {
+                    hook: Hook::Tc,
+                    xdp_refused: None,
+                })
             }
             Hook::XdpDriver => match self.attach_at(iface, Hook::XdpDriver) {
-                Ok(()) => Ok(Attached { hook: Hook::XdpDriver, xdp_refused: None }),
+                Ok(()) => Ok(Attached {
+                    hook: Hook::XdpDriver,
+                    xdp_refused: None,
+                }),
                 Err(refused) => {
                     let reason = crate::error_chain(&refused);
                     self.attach_at(iface, Hook::Tc)?;
-                    Ok(Attached { hook: Hook::Tc, xdp_refused: Some(reason) })
+                    Ok(Attached {
+                        hook: Hook::Tc,
+                        xdp_refused: Some(reason),
+                    })
                 }
             },
         }
@@ -211,7 +223,10 @@ impl Guard {
             Link::Xdp(link) => super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link),
             Link::Tc(link) => attach::classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?
                 .detach(link)
-                .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source }),
+                .map_err(|source| EbpfError::Program {
+                    program: layout::TC_PROGRAM,
+                    source,
+                }),
         }
     }
 
@@ -321,7 +336,9 @@ impl Guard {
         match self.peers.remove(&net.key(session_tag)) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             // aya reports a missing key on delete as the syscall's ENOENT.
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
             Err(e) => Err(map_error(layout::PEERS_MAP)(e)),
         }
     }
@@ -395,17 +412,28 @@ impl Guard {
     /// Like [`run_on_frame`](Self::run_on_frame), on a multi-buffer frame:
     /// the first `linear` bytes in the first buffer, the rest in page-sized
     /// fragments, as a NIC with jumbo frames hands them over.
-    pub fn run_on_multibuffer_frame(&self, frame: &[u8], linear: u32) -> Result<Verdict, EbpfError> {
+    pub fn run_on_multibuffer_frame(
+        &self,
+        frame: &[u8],
+        linear: u32,
+    ) -> Result<Verdict, EbpfError> {
         use aya::programs::{TestRun, TestRunOptions};
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex. data_end below the input size
         // makes the kernel put the rest into fragments.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&linear.to_ne_bytes());
-        let options = TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), ..TestRunOptions::new() };
+        let options = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
         let result = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?
             .test_run(options)
-            .map_err(|source| EbpfError::Program { program: layout::PROGRAM, source })?;
+            .map_err(|source| EbpfError::Program {
+                program: layout::PROGRAM,
+                source,
+            })?;
         Ok(xdp_verdict(result.return_value))
     }
 
@@ -416,16 +444,30 @@ impl Guard {
     pub fn run_on_skb(&self, packet: &[u8], gso: Option<(u32, u32)>) -> Result<Verdict, EbpfError> {
         use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
         let ctx = skb_context(gso);
-        let options = TestRunOptions { data_in: Some(packet), ctx_in: Some(&ctx), ..TestRunOptions::new() };
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
         let program: &SchedClassifier = self
             .ebpf
             .program(layout::TC_PROGRAM)
-            .ok_or(EbpfError::Missing { object: OBJECT, kind: "program", name: layout::TC_PROGRAM })?
+            .ok_or(EbpfError::Missing {
+                object: OBJECT,
+                kind: "program",
+                name: layout::TC_PROGRAM,
+            })?
             .try_into()
-            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
+            .map_err(|source| EbpfError::Program {
+                program: layout::TC_PROGRAM,
+                source,
+            })?;
         let result = program
             .test_run(options)
-            .map_err(|source| EbpfError::Program { program: layout::TC_PROGRAM, source })?;
+            .map_err(|source| EbpfError::Program {
+                program: layout::TC_PROGRAM,
+                source,
+            })?;
         Ok(match result.return_value {
             TC_NEXT => Verdict::Pass,
             TC_SHOT => Verdict::Drop,

@@ -197,7 +197,13 @@ fn run(guard: &Guard, frame: &[u8]) -> Verdict {
         Shape::XdpHeadersInFragments => guard.run_on_multibuffer_frame(frame, first),
         Shape::Skb => guard.run_on_skb(frame, None),
     };
-    verdict.unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN as {:?}: {}", SHAPE.get(), error_chain(&e)))
+    verdict.unwrap_or_else(|e| {
+        panic!(
+            "BPF_PROG_TEST_RUN as {:?}: {}",
+            SHAPE.get(),
+            error_chain(&e)
+        )
+    })
 }
 
 // --- Decisions.
@@ -306,7 +312,10 @@ fn truncated_ipv4_header_is_dropped() {
     let guard = guard_on_range_or_skip!();
     let short_ip = ethernet(ETH_P_IP, &ipv4(TCP, &tcp(ALLOWED))[..12]);
     assert_eq!(run(&guard, &short_ip), Verdict::Drop);
-    assert_eq!(guard.dropped_for(DropReason::Malformed).unwrap(), counted(&[&short_ip]));
+    assert_eq!(
+        guard.dropped_for(DropReason::Malformed).unwrap(),
+        counted(&[&short_ip])
+    );
 }
 
 #[test]
@@ -853,8 +862,24 @@ impl VethPair {
     /// Sets the MTU on both ends (veth defaults to 1500).
     fn set_mtu(&self, mtu: u32) -> Result<(), String> {
         let mtu = mtu.to_string();
-        ip(&["-n", &self.gateway_ns, "link", "set", &self.gateway_if, "mtu", &mtu])?;
-        ip(&["-n", &self.client_ns, "link", "set", &self.client_if, "mtu", &mtu])?;
+        ip(&[
+            "-n",
+            &self.gateway_ns,
+            "link",
+            "set",
+            &self.gateway_if,
+            "mtu",
+            &mtu,
+        ])?;
+        ip(&[
+            "-n",
+            &self.client_ns,
+            "link",
+            "set",
+            &self.client_if,
+            "mtu",
+            &mtu,
+        ])?;
         Ok(())
     }
 
@@ -950,8 +975,14 @@ fn send_until_counted(guard: &Guard, socket: &UdpSocket, len: usize) -> (Counter
         passed = guard.port_stats(ALLOWED).unwrap().unwrap_or_default();
         dropped = guard.dropped_for(DropReason::NotAllowed).unwrap();
     }
-    assert!(passed.packets > 0, "no datagram to the allowed port was counted");
-    assert!(dropped.packets > 0, "no datagram to a port not allowed was dropped");
+    assert!(
+        passed.packets > 0,
+        "no datagram to the allowed port was counted"
+    );
+    assert!(
+        dropped.packets > 0,
+        "no datagram to a port not allowed was dropped"
+    );
     (passed, dropped)
 }
 
@@ -960,10 +991,16 @@ fn attached_in_driver_mode_guards_real_traffic_and_detaches_on_drop() {
     with_veth_guard(1500, |pair, mut guard, socket| {
         guard.attach_at(&pair.gateway_if, Hook::XdpDriver).unwrap();
         let link = pair.gateway_link();
-        assert!(link.contains("xdp") && !link.contains("xdpgeneric"), "no driver-mode XDP program on the veth:\n{link}");
+        assert!(
+            link.contains("xdp") && !link.contains("xdpgeneric"),
+            "no driver-mode XDP program on the veth:\n{link}"
+        );
         send_until_counted(&guard, socket, 16);
         drop(guard);
         let link = pair.gateway_link();
-        assert!(!link.contains("xdp"), "XDP program left attached after drop:\n{link}");
+        assert!(
+            !link.contains("xdp"),
+            "XDP program left attached after drop:\n{link}"
+        );
     });
 }

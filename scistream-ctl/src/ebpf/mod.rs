@@ -13,8 +13,8 @@ mod sockmap;
 pub use attach::{attach_tc, is_virtual, preferred_hook, AttachPolicy, Hook};
 pub use guard::{tc_ingress_programs, AttachMode, Attached, Guard, PeerNet, Verdict};
 pub use nat::{ensure_bpffs, Action, Nat};
-pub use sockmap::{socket_cookie, Pair, SockRedirect};
 pub use scistream_common::guard::{Counters, DropReason};
+pub use sockmap::{socket_cookie, Pair, SockRedirect};
 
 use aya::{
     maps::MapError,
@@ -129,8 +129,14 @@ fn load_object(bytes: &[u8], object: &'static str) -> Result<(Ebpf, usize), Ebpf
 
 /// Loads an embedded object with `loader`, then returns the heap the load
 /// freed to the system (see [`return_freed_heap`]). Every object loads here.
-fn load_with(loader: &mut EbpfLoader, bytes: &[u8], object: &'static str) -> Result<Ebpf, EbpfError> {
-    let ebpf = loader.load(bytes).map_err(|source| EbpfError::Load { object, source })?;
+fn load_with(
+    loader: &mut EbpfLoader,
+    bytes: &[u8],
+    object: &'static str,
+) -> Result<Ebpf, EbpfError> {
+    let ebpf = loader
+        .load(bytes)
+        .map_err(|source| EbpfError::Load { object, source })?;
     return_freed_heap();
     Ok(ebpf)
 }
@@ -154,9 +160,16 @@ fn xdp_program<'a>(
     object: &'static str,
     name: &'static str,
 ) -> Result<&'a Xdp, EbpfError> {
-    let missing = EbpfError::Missing { object, kind: "program", name };
+    let missing = EbpfError::Missing {
+        object,
+        kind: "program",
+        name,
+    };
     let program = ebpf.program(name).ok_or(missing)?;
-    program.try_into().map_err(|source| EbpfError::Program { program: name, source })
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
 }
 
 fn xdp_program_mut<'a>(
@@ -164,18 +177,30 @@ fn xdp_program_mut<'a>(
     object: &'static str,
     name: &'static str,
 ) -> Result<&'a mut Xdp, EbpfError> {
-    let missing = EbpfError::Missing { object, kind: "program", name };
+    let missing = EbpfError::Missing {
+        object,
+        kind: "program",
+        name,
+    };
     let program = ebpf.program_mut(name).ok_or(missing)?;
-    program.try_into().map_err(|source| EbpfError::Program { program: name, source })
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
 }
 
 fn xdp_error(name: &'static str) -> impl Fn(ProgramError) -> EbpfError {
-    move |source| EbpfError::Program { program: name, source }
+    move |source| EbpfError::Program {
+        program: name,
+        source,
+    }
 }
 
 /// Loads XDP program `name` of a parsed object into the kernel.
 fn load_xdp(ebpf: &mut Ebpf, object: &'static str, name: &'static str) -> Result<(), EbpfError> {
-    xdp_program_mut(ebpf, object, name)?.load().map_err(xdp_error(name))
+    xdp_program_mut(ebpf, object, name)?
+        .load()
+        .map_err(xdp_error(name))
 }
 
 /// Attaches XDP program `name` to `iface`; the link lives until detached or
@@ -189,11 +214,23 @@ fn attach_xdp(
 ) -> Result<XdpLinkId, EbpfError> {
     xdp_program_mut(ebpf, object, name)?
         .attach(iface, mode.into())
-        .map_err(|source| EbpfError::Attach { program: name, iface: iface.to_owned(), mode, source })
+        .map_err(|source| EbpfError::Attach {
+            program: name,
+            iface: iface.to_owned(),
+            mode,
+            source,
+        })
 }
 
-fn detach_xdp(ebpf: &mut Ebpf, object: &'static str, name: &'static str, link: XdpLinkId) -> Result<(), EbpfError> {
-    xdp_program_mut(ebpf, object, name)?.detach(link).map_err(xdp_error(name))
+fn detach_xdp(
+    ebpf: &mut Ebpf,
+    object: &'static str,
+    name: &'static str,
+    link: XdpLinkId,
+) -> Result<(), EbpfError> {
+    xdp_program_mut(ebpf, object, name)?
+        .detach(link)
+        .map_err(xdp_error(name))
 }
 
 /// Runs XDP program `name` `repeat` times on `frame` inside the kernel
@@ -208,8 +245,15 @@ fn xdp_test_run(
     repeat: u32,
 ) -> Result<aya::programs::TestRunResult, EbpfError> {
     use aya::programs::{TestRun, TestRunOptions};
-    let options = TestRunOptions { data_in: Some(frame), data_out, repeat, ..TestRunOptions::new() };
-    xdp_program(ebpf, object, name)?.test_run(options).map_err(xdp_error(name))
+    let options = TestRunOptions {
+        data_in: Some(frame),
+        data_out,
+        repeat,
+        ..TestRunOptions::new()
+    };
+    xdp_program(ebpf, object, name)?
+        .test_run(options)
+        .map_err(xdp_error(name))
 }
 
 /// Takes map `name` out of `ebpf`, typed, so a loader can hold it with no borrow.
@@ -217,7 +261,11 @@ fn take_map<M>(ebpf: &mut Ebpf, object: &'static str, name: &'static str) -> Res
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let missing = EbpfError::Missing { object, kind: "map", name };
+    let missing = EbpfError::Missing {
+        object,
+        kind: "map",
+        name,
+    };
     let map = ebpf.take_map(name).ok_or(missing)?;
     M::try_from(map).map_err(map_error(name))
 }

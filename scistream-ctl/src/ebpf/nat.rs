@@ -78,7 +78,10 @@ enum Attachment {
     Owned(XdpLinkId),
     OwnedTc(SchedClassifierLinkId),
     /// Stays attached until its pin file is removed.
-    Pinned { link: FdLink, pin: PathBuf },
+    Pinned {
+        link: FdLink,
+        pin: PathBuf,
+    },
 }
 
 /// The loaded NAT. Unpinned, dropping it detaches it from every interface
@@ -104,7 +107,11 @@ pub struct Nat {
 
 impl std::fmt::Debug for Nat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ifaces: Vec<String> = self.attached.iter().map(|(i, h, _)| format!("{i}:{h}")).collect();
+        let ifaces: Vec<String> = self
+            .attached
+            .iter()
+            .map(|(i, h, _)| format!("{i}:{h}"))
+            .collect();
         f.debug_struct("Nat")
             .field("attached", &ifaces)
             .finish_non_exhaustive()
@@ -223,13 +230,27 @@ impl Nat {
 
     /// How long flows live (see [`NatConfig::expired`]), after
     /// [`set_ranges`](Self::set_ranges) set the defaults; for tests.
-    pub fn set_lifetimes(&mut self, idle_s: u32, linger_s: u16, unanswered_s: u16) -> Result<(), EbpfError> {
-        let config = NatConfig { idle_s, linger_s, unanswered_s, ..self.nat_config()? };
-        self.config.set(0, config, 0).map_err(map_error(layout::CONFIG_MAP))
+    pub fn set_lifetimes(
+        &mut self,
+        idle_s: u32,
+        linger_s: u16,
+        unanswered_s: u16,
+    ) -> Result<(), EbpfError> {
+        let config = NatConfig {
+            idle_s,
+            linger_s,
+            unanswered_s,
+            ..self.nat_config()?
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_error(layout::CONFIG_MAP))
     }
 
     fn nat_config(&self) -> Result<NatConfig, EbpfError> {
-        self.config.get(&0, 0).map_err(map_error(layout::CONFIG_MAP))
+        self.config
+            .get(&0, 0)
+            .map_err(map_error(layout::CONFIG_MAP))
     }
 
     /// Attaches to `iface` where `policy` says: with `Auto`, tc on virtual
@@ -303,8 +324,15 @@ impl Nat {
     /// in it, atomically: frames never meet an interface without one), or
     /// attaches afresh and pins the new link there. A pinned link of the
     /// other hook is removed first.
-    fn attach_pinned(&mut self, iface: &str, hook: Hook, pin: PathBuf) -> Result<Attachment, EbpfError> {
-        let io = |pin: &Path, e: &dyn std::fmt::Display| pin_error(pin, std::io::Error::other(e.to_string()));
+    fn attach_pinned(
+        &mut self,
+        iface: &str,
+        hook: Hook,
+        pin: PathBuf,
+    ) -> Result<Attachment, EbpfError> {
+        let io = |pin: &Path, e: &dyn std::fmt::Display| {
+            pin_error(pin, std::io::Error::other(e.to_string()))
+        };
         if pin.exists() {
             match self.take_pinned(hook, &pin) {
                 Ok(link) => return Ok(Attachment::Pinned { link, pin }),
@@ -318,21 +346,40 @@ impl Nat {
         }
         let link: FdLink = match hook {
             Hook::XdpDriver => {
-                let id = super::attach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, iface, AttachMode::Driver)?;
+                let id = super::attach_xdp(
+                    &mut self.ebpf,
+                    OBJECT,
+                    layout::PROGRAM,
+                    iface,
+                    AttachMode::Driver,
+                )?;
                 let program = super::xdp_program_mut(&mut self.ebpf, OBJECT, layout::PROGRAM)?;
-                let link = program.take_link(id).map_err(super::xdp_error(layout::PROGRAM))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(super::xdp_error(layout::PROGRAM))?;
                 FdLink::try_from(link).map_err(|e| io(&pin, &e))?
             }
             Hook::Tc => {
-                let id = attach::attach_tc(&mut self.ebpf, OBJECT, layout::TC_PROGRAM, iface, TcAttachType::Ingress)?;
+                let id = attach::attach_tc(
+                    &mut self.ebpf,
+                    OBJECT,
+                    layout::TC_PROGRAM,
+                    iface,
+                    TcAttachType::Ingress,
+                )?;
                 let program = classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?;
-                let link = program.take_link(id).map_err(super::xdp_error(layout::TC_PROGRAM))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(super::xdp_error(layout::TC_PROGRAM))?;
                 // A tcx link (kernel 6.6+); a netlink filter cannot be pinned.
                 FdLink::try_from(link).map_err(|e| io(&pin, &e))?
             }
         };
         let pinned = link.pin(&pin).map_err(|e| io(&pin, &e))?;
-        Ok(Attachment::Pinned { link: pinned.into(), pin })
+        Ok(Attachment::Pinned {
+            link: pinned.into(),
+            pin,
+        })
     }
 
     /// The pinned link at `pin` with this object's program of `hook` swapped in.
@@ -343,15 +390,23 @@ impl Nat {
             Hook::XdpDriver => {
                 let link = XdpLink::try_from(fd).map_err(|e| io(&e))?;
                 let program = super::xdp_program_mut(&mut self.ebpf, OBJECT, layout::PROGRAM)?;
-                let id = program.attach_to_link(link).map_err(super::xdp_error(layout::PROGRAM))?;
-                let link = program.take_link(id).map_err(super::xdp_error(layout::PROGRAM))?;
+                let id = program
+                    .attach_to_link(link)
+                    .map_err(super::xdp_error(layout::PROGRAM))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(super::xdp_error(layout::PROGRAM))?;
                 FdLink::try_from(link).map_err(|e| io(&e))
             }
             Hook::Tc => {
                 let link = SchedClassifierLink::try_from(fd).map_err(|e| io(&e))?;
                 let program = classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?;
-                let id = program.attach_to_link(link).map_err(super::xdp_error(layout::TC_PROGRAM))?;
-                let link = program.take_link(id).map_err(super::xdp_error(layout::TC_PROGRAM))?;
+                let id = program
+                    .attach_to_link(link)
+                    .map_err(super::xdp_error(layout::TC_PROGRAM))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(super::xdp_error(layout::TC_PROGRAM))?;
                 FdLink::try_from(link).map_err(|e| io(&e))
             }
         }
@@ -367,9 +422,11 @@ impl Nat {
                 Attachment::Owned(link) => {
                     super::detach_xdp(&mut self.ebpf, OBJECT, layout::PROGRAM, link)?
                 }
-                Attachment::OwnedTc(link) => classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?
-                    .detach(link)
-                    .map_err(super::xdp_error(layout::TC_PROGRAM))?,
+                Attachment::OwnedTc(link) => {
+                    classifier_mut(&mut self.ebpf, OBJECT, layout::TC_PROGRAM)?
+                        .detach(link)
+                        .map_err(super::xdp_error(layout::TC_PROGRAM))?
+                }
                 Attachment::Pinned { link, pin } => {
                     std::fs::remove_file(&pin).map_err(|e| pin_error(&pin, e))?;
                     drop(link);
@@ -514,7 +571,9 @@ impl Nat {
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(map_error(layout::FLOWS_MAP)(e)),
             };
-            let Some(this) = self.flow(&key)? else { continue };
+            let Some(this) = self.flow(&key)? else {
+                continue;
+            };
             if this.direction != Rewrite::FORWARD {
                 // Reached from its forward entry, unless that one is gone.
                 if self.flow(&this.reverse_key())?.is_none() {
@@ -693,7 +752,11 @@ impl Nat {
     /// Runs the tc form once on `packet` (an Ethernet frame) as an skb
     /// (BPF_PROG_TEST_RUN); `gso` = (segment size, segments) makes it a GSO
     /// packet, as the stack hands a veth. Returns the action and the packet.
-    pub fn tc_run_on_packet(&self, packet: &[u8], gso: Option<(u32, u32)>) -> Result<(Action, Vec<u8>), EbpfError> {
+    pub fn tc_run_on_packet(
+        &self,
+        packet: &[u8],
+        gso: Option<(u32, u32)>,
+    ) -> Result<(Action, Vec<u8>), EbpfError> {
         use aya::programs::{TestRun, TestRunOptions};
         let mut ctx = [0u8; SK_BUFF_SIZE];
         if let Some((size, segs)) = gso {
@@ -704,11 +767,23 @@ impl Nat {
         let program = self
             .ebpf
             .program(layout::TC_PROGRAM)
-            .ok_or(EbpfError::Missing { object: OBJECT, kind: "program", name: layout::TC_PROGRAM })?;
-        let program: &aya::programs::SchedClassifier =
-            program.try_into().map_err(super::xdp_error(layout::TC_PROGRAM))?;
-        let options = TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::new() };
-        let result = program.test_run(options).map_err(super::xdp_error(layout::TC_PROGRAM))?;
+            .ok_or(EbpfError::Missing {
+                object: OBJECT,
+                kind: "program",
+                name: layout::TC_PROGRAM,
+            })?;
+        let program: &aya::programs::SchedClassifier = program
+            .try_into()
+            .map_err(super::xdp_error(layout::TC_PROGRAM))?;
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        let result = program
+            .test_run(options)
+            .map_err(super::xdp_error(layout::TC_PROGRAM))?;
         out.truncate(result.data_size_out as usize);
         let action = match result.return_value {
             TC_ACT_OK => Action::Pass,

@@ -10,7 +10,10 @@ use super::*;
 
 fn uptime_s() -> u32 {
     let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
-    text.split('.').next().and_then(|s| s.parse().ok()).expect("seconds")
+    text.split('.')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seconds")
 }
 
 /// Payload bytes whose checksum is not all zeros.
@@ -25,7 +28,12 @@ fn xdp_nat_translates_a_frame_larger_than_a_page_across_its_buffers() {
     // A 9000-byte MTU frame: the kernel's test run puts what does not fit
     // one page into fragments, as a multi-buffer driver does.
     let payload = pattern(8960);
-    let frame = tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), PSH_ACK, &payload);
+    let frame = tcp4(
+        (CONSUMER, CONSUMER_PORT),
+        (GATEWAY_IN, LISTENER),
+        PSH_ACK,
+        &payload,
+    );
     assert!(frame.len() > 4096);
     let out = translated(&nat, &frame);
     assert_eq!(out.dst, (TARGET, TARGET_PORT));
@@ -39,22 +47,40 @@ fn tc_nat_translates_gso_packets_with_checksums_a_receiver_accepts() {
     let nat = nat_or_skip!();
     let syn = tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), SYN, &[]);
     let (action, out) = nat.tc_run_on_packet(&syn, None).expect("tc test run");
-    assert!(matches!(action, Action::Pass | Action::Forward), "{action:?}");
+    assert!(
+        matches!(action, Action::Pass | Action::Forward),
+        "{action:?}"
+    );
     let opened = parse_checked(&out);
     assert_eq!(opened.dst, (TARGET, TARGET_PORT));
     // Two MSS-sized segments in one GSO packet, as the stack hands a veth
     // (the largest linear skb a test run takes is under a page).
     let payload = pattern(2 * 1448 + 1);
-    let data = tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), PSH_ACK, &payload);
-    let (action, out) = nat.tc_run_on_packet(&data, Some((1448, 3))).expect("tc test run");
-    assert!(matches!(action, Action::Pass | Action::Forward), "{action:?}");
+    let data = tcp4(
+        (CONSUMER, CONSUMER_PORT),
+        (GATEWAY_IN, LISTENER),
+        PSH_ACK,
+        &payload,
+    );
+    let (action, out) = nat
+        .tc_run_on_packet(&data, Some((1448, 3)))
+        .expect("tc test run");
+    assert!(
+        matches!(action, Action::Pass | Action::Forward),
+        "{action:?}"
+    );
     let seen = parse_checked(&out);
     assert_eq!((seen.src, seen.dst), (opened.src, (TARGET, TARGET_PORT)));
     assert_eq!(seen.payload, payload);
     let reply = tcp4((TARGET, TARGET_PORT), opened.src, PSH_ACK, b"odd!!");
-    let (_, out) = nat.tc_run_on_packet(&reply, Some((1448, 1))).expect("tc test run");
+    let (_, out) = nat
+        .tc_run_on_packet(&reply, Some((1448, 1)))
+        .expect("tc test run");
     let back = parse_checked(&out);
-    assert_eq!((back.src, back.dst), ((GATEWAY_IN, LISTENER), (CONSUMER, CONSUMER_PORT)));
+    assert_eq!(
+        (back.src, back.dst),
+        ((GATEWAY_IN, LISTENER), (CONSUMER, CONSUMER_PORT))
+    );
 }
 
 #[test]
@@ -62,7 +88,12 @@ fn both_hooks_write_the_same_bytes_for_the_same_flow() {
     let nat = nat_or_skip!();
     let port = open_flow(&nat, CONSUMER_PORT);
     for frame in [
-        tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), PSH_ACK, &pattern(1001)),
+        tcp4(
+            (CONSUMER, CONSUMER_PORT),
+            (GATEWAY_IN, LISTENER),
+            PSH_ACK,
+            &pattern(1001),
+        ),
         tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, port), ACK, &[]),
     ] {
         let (_, by_xdp) = run(&nat, &frame);
@@ -77,13 +108,28 @@ fn both_hooks_write_the_same_bytes_for_the_same_flow() {
 fn guarding_matches_the_guard_for_vlan_ipv6_extensions_and_every_port_protocol() {
     let nat = nat_or_skip!();
     let to = |port: u16, protocol: u8| {
-        let mut f = frame4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, port), UDP, 0, &[0; 16], 0);
+        let mut f = frame4(
+            (CONSUMER, CONSUMER_PORT),
+            (GATEWAY_IN, port),
+            UDP,
+            0,
+            &[0; 16],
+            0,
+        );
         f[14 + 9] = protocol; // SCTP, DCCP, UDP-Lite: ports where UDP has them
         f
     };
     for protocol in [132u8, 33, 136, UDP] {
-        assert_eq!(run(&nat, &to(OTHER_IN_RANGE, protocol)).0, Action::Drop, "protocol {protocol}");
-        assert_eq!(run(&nat, &to(OUTSIDE, protocol)).0, Action::Pass, "protocol {protocol}");
+        assert_eq!(
+            run(&nat, &to(OTHER_IN_RANGE, protocol)).0,
+            Action::Drop,
+            "protocol {protocol}"
+        );
+        assert_eq!(
+            run(&nat, &to(OUTSIDE, protocol)).0,
+            Action::Pass,
+            "protocol {protocol}"
+        );
     }
     // A VLAN tag before IPv4: guarded the same.
     let tagged = |port: u16| {
@@ -108,7 +154,10 @@ fn guarding_matches_the_guard_for_vlan_ipv6_extensions_and_every_port_protocol()
     };
     assert_eq!(run(&nat, &ipv6(OTHER_IN_RANGE)).0, Action::Drop);
     assert_eq!(run(&nat, &ipv6(OUTSIDE)).0, Action::Pass);
-    assert_eq!(nat.tc_run_on_packet(&ipv6(OTHER_IN_RANGE), None).unwrap().0, Action::Drop);
+    assert_eq!(
+        nat.tc_run_on_packet(&ipv6(OTHER_IN_RANGE), None).unwrap().0,
+        Action::Drop
+    );
 }
 
 #[test]
@@ -124,22 +173,37 @@ fn an_ended_flow_gives_its_source_port_to_the_next_syn_and_the_sweep_empties_the
     assert_eq!(nat.events(Event::PortsExhausted).unwrap().packets, 1);
 
     // FIN each way (linger 0): the next SYN may take the port.
-    translated(&nat, &tcp4((CONSUMER, 40001), (GATEWAY_IN, LISTENER), FIN_ACK, &[]));
-    translated(&nat, &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), FIN_ACK, &[]));
+    translated(
+        &nat,
+        &tcp4((CONSUMER, 40001), (GATEWAY_IN, LISTENER), FIN_ACK, &[]),
+    );
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), FIN_ACK, &[]),
+    );
     assert_eq!(open_flow(&nat, 40002), 61000);
 
     // A reset ends it too; a SYN on the same consumer port then opens a
     // fresh flow instead of reusing the ended one.
-    translated(&nat, &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), RST, &[]));
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), RST, &[]),
+    );
     assert_eq!(open_flow(&nat, 40002), 61000);
     assert_eq!(nat.session_counters(LISTENER).unwrap().unwrap().flows, 3);
     assert_eq!(nat.flow_entries(), 2);
 
     // Open and answered: the sweep keeps it; closed: it goes.
-    translated(&nat, &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), SYN_ACK, &[]));
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, 61000), SYN_ACK, &[]),
+    );
     assert_eq!(nat.sweep_ended(uptime_s()).unwrap(), 0);
     assert_eq!(nat.flow_entries(), 2);
-    translated(&nat, &tcp4((CONSUMER, 40002), (GATEWAY_IN, LISTENER), RST, &[]));
+    translated(
+        &nat,
+        &tcp4((CONSUMER, 40002), (GATEWAY_IN, LISTENER), RST, &[]),
+    );
     assert_eq!(nat.sweep_ended(uptime_s()).unwrap(), 1);
     assert_eq!(nat.flow_entries(), 0);
 }
@@ -151,10 +215,19 @@ fn a_reset_followed_by_more_traffic_does_not_end_the_flow() {
     nat.set_lifetimes(7440, 0, 30).unwrap();
     nat.add_service(LISTENER, service(1)).unwrap();
     let port = open_flow(&nat, CONSUMER_PORT);
-    translated(&nat, &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, port), SYN_ACK, &[]));
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, port), SYN_ACK, &[]),
+    );
     // A forged reset (its sender goes on): the next frame clears it.
-    translated(&nat, &tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), RST, &[]));
-    translated(&nat, &tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), ACK, &[]));
+    translated(
+        &nat,
+        &tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), RST, &[]),
+    );
+    translated(
+        &nat,
+        &tcp4((CONSUMER, CONSUMER_PORT), (GATEWAY_IN, LISTENER), ACK, &[]),
+    );
     assert_eq!(nat.sweep_ended(uptime_s()).unwrap(), 0);
     assert_eq!(nat.flow_entries(), 2);
 }
@@ -165,11 +238,18 @@ fn unanswered_syns_expire_but_answered_flows_wait_for_the_idle_timeout() {
     nat.set_ranges(DATA, NAT_PORTS).unwrap();
     nat.add_service(LISTENER, service(1)).unwrap();
     let answered = open_flow(&nat, 40001);
-    translated(&nat, &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, answered), SYN_ACK, &[]));
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, answered), SYN_ACK, &[]),
+    );
     open_flow(&nat, 40002);
     let later = uptime_s() + u32::from(scistream_common::nat::UNANSWERED_S);
     assert_eq!(nat.sweep_ended(later).unwrap(), 1, "the unanswered one");
     assert_eq!(nat.flow_entries(), 2);
-    assert_eq!(nat.sweep_ended(uptime_s() + scistream_common::nat::IDLE_S).unwrap(), 1);
+    assert_eq!(
+        nat.sweep_ended(uptime_s() + scistream_common::nat::IDLE_S)
+            .unwrap(),
+        1
+    );
     assert_eq!(nat.flow_entries(), 0);
 }

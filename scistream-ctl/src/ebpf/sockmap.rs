@@ -58,7 +58,9 @@ impl SockRedirect {
             return Err(EbpfError::NotBuilt);
         }
         let mut ebpf = super::load_with(&mut EbpfLoader::new(), OBJECT_BYTES, OBJECT)?;
-        let map = ebpf.take_map(layout::PEERS_MAP).ok_or(missing("map", layout::PEERS_MAP))?;
+        let map = ebpf
+            .take_map(layout::PEERS_MAP)
+            .ok_or(missing("map", layout::PEERS_MAP))?;
         let peers: SockHash<MapData, u64> = SockHash::try_from(map).map_err(map_error)?;
         let program: &mut SkSkb = ebpf
             .program_mut(layout::PROGRAM)
@@ -76,8 +78,13 @@ impl SockRedirect {
     /// `b` receives before `a` is in are dropped: callers gate delivery (see
     /// the sockmap backend) and account for every byte.
     pub fn pair(&mut self, a: &impl AsFd, b: &impl AsFd) -> Result<Pair, EbpfError> {
-        let pair = Pair { cookie_a: socket_cookie(a)?, cookie_b: socket_cookie(b)? };
-        self.peers.insert(pair.cookie_a, b.as_fd().as_raw_fd(), 0).map_err(map_error)?;
+        let pair = Pair {
+            cookie_a: socket_cookie(a)?,
+            cookie_b: socket_cookie(b)?,
+        };
+        self.peers
+            .insert(pair.cookie_a, b.as_fd().as_raw_fd(), 0)
+            .map_err(map_error)?;
         if let Err(e) = self.peers.insert(pair.cookie_b, a.as_fd().as_raw_fd(), 0) {
             let _ = self.peers.remove(&pair.cookie_a);
             return Err(map_error(e));
@@ -92,7 +99,8 @@ impl SockRedirect {
         for key in [pair.cookie_a, pair.cookie_b] {
             match self.peers.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
                 Err(e) => return Err(map_error(e)),
             }
         }
@@ -122,13 +130,23 @@ pub fn socket_cookie(sock: &impl AsFd) -> Result<u64, EbpfError> {
 }
 
 fn missing(kind: &'static str, name: &'static str) -> EbpfError {
-    EbpfError::Missing { object: OBJECT, kind, name }
+    EbpfError::Missing {
+        object: OBJECT,
+        kind,
+        name,
+    }
 }
 
 fn program_error(source: aya::programs::ProgramError) -> EbpfError {
-    EbpfError::Program { program: layout::PROGRAM, source }
+    EbpfError::Program {
+        program: layout::PROGRAM,
+        source,
+    }
 }
 
 fn map_error(source: MapError) -> EbpfError {
-    EbpfError::Map { map: layout::PEERS_MAP, source }
+    EbpfError::Map {
+        map: layout::PEERS_MAP,
+        source,
+    }
 }

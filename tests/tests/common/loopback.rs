@@ -42,27 +42,43 @@ impl LoopGw {
     pub fn start(tag: &str, base: u16, ports: u16, backend: &str, extra: &[&str]) -> LoopGw {
         let dir = state_dir(tag);
         let mut cmd = Command::new(bin("s2cs"));
-        cmd.args(["--listener_ip", "127.0.0.1", "--control_ip", "127.0.0.1", "--ssl", "false", "--guard", "false"])
-            .args(["--type", backend, "--port", &base.to_string()])
-            .args(["--port_range", &format!("{}-{}", base + 1, base + ports)])
-            .args(["--allow_target_nets", &format!("{SINK_IP}/32")])
-            .arg("--state_dir")
-            .arg(&dir)
-            .args(extra)
-            .env_remove("S2CS_CLIENT_SECRET");
+        cmd.args([
+            "--listener_ip",
+            "127.0.0.1",
+            "--control_ip",
+            "127.0.0.1",
+            "--ssl",
+            "false",
+            "--guard",
+            "false",
+        ])
+        .args(["--type", backend, "--port", &base.to_string()])
+        .args(["--port_range", &format!("{}-{}", base + 1, base + ports)])
+        .args(["--allow_target_nets", &format!("{SINK_IP}/32")])
+        .arg("--state_dir")
+        .arg(&dir)
+        .args(extra)
+        .env_remove("S2CS_CLIENT_SECRET");
         let mut daemon = Daemon::spawn(cmd).expect("starting s2cs");
         if let Err(e) = daemon.wait_for_log("serving scistream.Control", Duration::from_secs(20)) {
             panic!("s2cs did not come up: {e:#}");
         }
-        LoopGw { daemon, control: SocketAddr::from(([127, 0, 0, 1], base)), dir }
+        LoopGw {
+            daemon,
+            control: SocketAddr::from(([127, 0, 0, 1], base)),
+            dir,
+        }
     }
 
     pub fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.daemon.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.daemon.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.daemon.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.daemon.pid()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -73,7 +89,11 @@ impl LoopGw {
 }
 
 /// req + hello + update of a PROD session towards `target`; its listener.
-pub async fn open_session(c: &RawClient, target: SocketAddr, num_conn: i32) -> (String, Vec<SocketAddr>) {
+pub async fn open_session(
+    c: &RawClient,
+    target: SocketAddr,
+    num_conn: i32,
+) -> (String, Vec<SocketAddr>) {
     let uid = new_uid();
     let t = target.to_string();
     let pending = tokio::spawn({
@@ -83,7 +103,11 @@ pub async fn open_session(c: &RawClient, target: SocketAddr, num_conn: i32) -> (
     c.hello(&uid, &[&t], "PROD").await.expect("hello");
     let r = pending.await.expect("join").expect("req");
     c.update(&uid, &[&t], "PROD").await.expect("update");
-    let listeners = r.listeners.iter().map(|l| l.parse().expect("listener address")).collect();
+    let listeners = r
+        .listeners
+        .iter()
+        .map(|l| l.parse().expect("listener address"))
+        .collect();
     (uid, listeners)
 }
 
@@ -100,7 +124,11 @@ impl Sink {
     pub fn start() -> Sink {
         let l = TcpListener::bind((SINK_IP, 0)).expect("sink bind");
         let addr = l.local_addr().expect("sink addr");
-        let (bytes, max_gap, measuring) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Duration::ZERO)), Arc::new(AtomicBool::new(false)));
+        let (bytes, max_gap, measuring) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(Duration::ZERO)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (b, g, m) = (bytes.clone(), max_gap.clone(), measuring.clone());
         std::thread::spawn(move || {
             for s in l.incoming() {
@@ -124,7 +152,12 @@ impl Sink {
                 });
             }
         });
-        Sink { addr, bytes, max_gap, measuring }
+        Sink {
+            addr,
+            bytes,
+            max_gap,
+            measuring,
+        }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -146,7 +179,11 @@ impl Sink {
         let start = self.bytes();
         let deadline = Instant::now() + within;
         while self.bytes() < start + more {
-            assert!(Instant::now() < deadline, "stream stalled: {} of {more} bytes in {within:?}", self.bytes() - start);
+            assert!(
+                Instant::now() < deadline,
+                "stream stalled: {} of {more} bytes in {within:?}",
+                self.bytes() - start
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -173,7 +210,10 @@ impl Feeder {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        Feeder { stop, thread: Some(thread) }
+        Feeder {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 

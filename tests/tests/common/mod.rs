@@ -43,18 +43,38 @@ fn state_dir() -> PathBuf {
 impl Gateway {
     /// Starts `s2cs --listener_ip ip --port 5000 --port_range range --type backend
     /// --state_dir <fresh dir> extra...` inside `ns` and waits until it listens.
-    pub fn start(ns: &str, listener_ip: IpAddr, range: &str, backend: &str, extra: &[&str]) -> Gateway {
+    pub fn start(
+        ns: &str,
+        listener_ip: IpAddr,
+        range: &str,
+        backend: &str,
+        extra: &[&str],
+    ) -> Gateway {
         let dir = state_dir();
         let daemon = spawn_s2cs(ns, listener_ip, range, backend, &dir, extra);
         let control = SocketAddr::new(listener_ip, CONTROL_PORT);
-        Gateway { daemon, ns: ns.to_string(), control, listener_ip, cert: dir.join("server.crt"), state_dir: dir }
+        Gateway {
+            daemon,
+            ns: ns.to_string(),
+            control,
+            listener_ip,
+            cert: dir.join("server.crt"),
+            state_dir: dir,
+        }
     }
 
     /// Starts a new `s2cs` on this gateway's state directory, once the old
     /// one has exited (a restart as an operator would do it).
     pub fn respawn(&mut self, range: &str, backend: &str, extra: &[&str]) {
         assert!(!self.daemon.is_running(), "the old s2cs still runs");
-        self.daemon = spawn_s2cs(&self.ns, self.listener_ip, range, backend, &self.state_dir, extra);
+        self.daemon = spawn_s2cs(
+            &self.ns,
+            self.listener_ip,
+            range,
+            backend,
+            &self.state_dir,
+            extra,
+        );
     }
 
     pub fn cert_str(&self) -> &str {
@@ -85,29 +105,75 @@ impl Gateway {
 
     /// `inbound-request` towards a producer at `producer` with `num_conn` listeners.
     pub fn inbound(&self, client_ns: &str, producer: SocketAddr, num_conn: usize) -> Outcome {
-        let (ip, port, n) = (producer.ip().to_string(), producer.port().to_string(), num_conn.to_string());
-        self.s2uc_json(client_ns, "inbound-request", &["--remote_ip", &ip, "--receiver_ports", &port, "--num_conn", &n])
+        let (ip, port, n) = (
+            producer.ip().to_string(),
+            producer.port().to_string(),
+            num_conn.to_string(),
+        );
+        self.s2uc_json(
+            client_ns,
+            "inbound-request",
+            &[
+                "--remote_ip",
+                &ip,
+                "--receiver_ports",
+                &port,
+                "--num_conn",
+                &n,
+            ],
+        )
     }
 
     /// `outbound-request UID LISTENERS` with `num_conn` listeners.
     pub fn outbound(&self, client_ns: &str, inbound: &Outcome, num_conn: usize) -> Outcome {
         let n = num_conn.to_string();
-        let joined = inbound.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        self.s2uc_json(client_ns, "outbound-request", &["--num_conn", &n, &inbound.uid, &joined])
+        let joined = inbound
+            .listeners
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        self.s2uc_json(
+            client_ns,
+            "outbound-request",
+            &["--num_conn", &n, &inbound.uid, &joined],
+        )
     }
 }
 
-fn spawn_s2cs(ns: &str, listener_ip: IpAddr, range: &str, backend: &str, dir: &std::path::Path, extra: &[&str]) -> Daemon {
+fn spawn_s2cs(
+    ns: &str,
+    listener_ip: IpAddr,
+    range: &str,
+    backend: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Daemon {
     let ip = listener_ip.to_string();
     let port = CONTROL_PORT.to_string();
     let mut args: Vec<&str> = vec![
-        "--listener_ip", &ip, "--port", &port, "--port_range", range, "--type", backend,
-        "--state_dir", dir.to_str().expect("utf-8 temp dir"),
+        "--listener_ip",
+        &ip,
+        "--port",
+        &port,
+        "--port_range",
+        range,
+        "--type",
+        backend,
+        "--state_dir",
+        dir.to_str().expect("utf-8 temp dir"),
     ];
     args.extend_from_slice(extra);
     let daemon = spawn_in(ns, bin("s2cs"), &args).expect("starting s2cs");
-    if let Err(e) = wait_for_tcp(ns, SocketAddr::new(listener_ip, CONTROL_PORT), Duration::from_secs(20)) {
-        panic!("s2cs did not come up: {e:#}\nlog:\n{}", daemon.log_contents());
+    if let Err(e) = wait_for_tcp(
+        ns,
+        SocketAddr::new(listener_ip, CONTROL_PORT),
+        Duration::from_secs(20),
+    ) {
+        panic!(
+            "s2cs did not come up: {e:#}\nlog:\n{}",
+            daemon.log_contents()
+        );
     }
     daemon
 }
@@ -125,16 +191,24 @@ pub struct Outcome {
 impl Outcome {
     fn parse(stdout: &[u8]) -> Outcome {
         let text = String::from_utf8_lossy(stdout);
-        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("s2uc --json printed {text:?}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("s2uc --json printed {text:?}: {e}"));
         let addrs = |k: &str| -> Vec<SocketAddr> {
             v[k].as_array()
                 .unwrap_or_else(|| panic!("no {k} in {text}"))
                 .iter()
-                .map(|s| s.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad address in {text}")))
+                .map(|s| {
+                    s.as_str()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("bad address in {text}"))
+                })
                 .collect()
         };
         Outcome {
-            uid: v["uid"].as_str().unwrap_or_else(|| panic!("no uid in {text}")).to_string(),
+            uid: v["uid"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no uid in {text}"))
+                .to_string(),
             listeners: addrs("listeners"),
             prod_listeners: addrs("prod_listeners"),
             tunnel_key: v["tunnel_key"].as_str().map(str::to_string),
@@ -159,7 +233,11 @@ pub fn closed_within(stream: &testbed::Stream, within: Duration) -> Option<Durat
 /// gives), reading and discarding what it still sends; `None` if it held the
 /// connection open until `since + within`. A close already queued at the
 /// deadline still counts.
-pub fn closed_by_peer(s: &std::net::TcpStream, since: Instant, within: Duration) -> Option<Duration> {
+pub fn closed_by_peer(
+    s: &std::net::TcpStream,
+    since: Instant,
+    within: Duration,
+) -> Option<Duration> {
     use std::io::{ErrorKind, Read};
     let deadline = since + within;
     let mut buf = vec![0u8; 64 * 1024];

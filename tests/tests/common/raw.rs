@@ -71,39 +71,91 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
-        let ch = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connecting to s2cs");
-        RawClient { grpc: tonic::client::Grpc::new(ch) }
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connecting to s2cs");
+        RawClient {
+            grpc: tonic::client::Grpc::new(ch),
+        }
     }
 
-    async fn call<Q: prost::Message + Send + Sync + 'static, A: prost::Message + Default + Send + Sync + 'static>(
+    async fn call<
+        Q: prost::Message + Send + Sync + 'static,
+        A: prost::Message + Default + Send + Sync + 'static,
+    >(
         &self,
         method: &'static str,
         msg: Q,
     ) -> Result<A, Status> {
         let mut grpc = self.grpc.clone();
-        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(msg);
-        req.metadata_mut().insert("authorization", "INVALID_TOKEN".parse().expect("ascii"));
+        req.metadata_mut()
+            .insert("authorization", "INVALID_TOKEN".parse().expect("ascii"));
         let path = PathAndQuery::from_static(method);
-        Ok(grpc.unary(req, path, ProstCodec::<Q, A>::default()).await?.into_inner())
+        Ok(grpc
+            .unary(req, path, ProstCodec::<Q, A>::default())
+            .await?
+            .into_inner())
     }
 
-    pub async fn req(&self, uid: &str, role: &str, num_conn: i32, rate: i32) -> Result<Response, Status> {
-        self.call("/scistream.Control/req", Request { uid: uid.into(), role: role.into(), num_conn, rate }).await
+    pub async fn req(
+        &self,
+        uid: &str,
+        role: &str,
+        num_conn: i32,
+        rate: i32,
+    ) -> Result<Response, Status> {
+        self.call(
+            "/scistream.Control/req",
+            Request {
+                uid: uid.into(),
+                role: role.into(),
+                num_conn,
+                rate,
+            },
+        )
+        .await
     }
 
-    pub async fn hello(&self, uid: &str, prod_listeners: &[&str], role: &str) -> Result<AppResponse, Status> {
+    pub async fn hello(
+        &self,
+        uid: &str,
+        prod_listeners: &[&str],
+        role: &str,
+    ) -> Result<AppResponse, Status> {
         let prod_listeners = prod_listeners.iter().map(|s| s.to_string()).collect();
-        self.call("/scistream.Control/hello", Hello { uid: uid.into(), prod_listeners, role: role.into() }).await
+        self.call(
+            "/scistream.Control/hello",
+            Hello {
+                uid: uid.into(),
+                prod_listeners,
+                role: role.into(),
+            },
+        )
+        .await
     }
 
     pub async fn update(&self, uid: &str, remote: &[&str], role: &str) -> Result<Response, Status> {
         let remote_listeners = remote.iter().map(|s| s.to_string()).collect();
-        self.call("/scistream.Control/update", UpdateTargets { uid: uid.into(), remote_listeners, role: role.into() }).await
+        self.call(
+            "/scistream.Control/update",
+            UpdateTargets {
+                uid: uid.into(),
+                remote_listeners,
+                role: role.into(),
+            },
+        )
+        .await
     }
 
     pub async fn release(&self, uid: &str) -> Result<Response, Status> {
-        self.call("/scistream.Control/release", Release { uid: uid.into() }).await
+        self.call("/scistream.Control/release", Release { uid: uid.into() })
+            .await
     }
 }
 
@@ -122,5 +174,9 @@ pub fn new_uid() -> String {
 /// A current-thread runtime: run it inside `testbed::in_netns` so sockets are
 /// created in that namespace.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }

@@ -87,7 +87,9 @@ impl ConnInfo {
     pub fn begin_req(&self, limit: usize) -> Option<ReqGuard> {
         self.0
             .reqs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .ok()
             .map(|_| ReqGuard(self.0.clone()))
     }
@@ -96,7 +98,9 @@ impl ConnInfo {
     pub fn charge(&self, n: usize, limit: usize) -> bool {
         self.0
             .partial_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| (b + n <= limit).then_some(b + n))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b + n <= limit).then_some(b + n)
+            })
             .is_ok()
     }
 

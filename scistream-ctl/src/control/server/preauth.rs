@@ -46,7 +46,11 @@ pub struct PreAuth<S> {
 
 impl<S> PreAuth<S> {
     pub fn new(inner: S, limits: Limits) -> Self {
-        Self { inner, limits, total: Arc::default() }
+        Self {
+            inner,
+            limits,
+            total: Arc::default(),
+        }
     }
 }
 
@@ -86,9 +90,16 @@ where
         };
         let mut req = req;
         if let Some(c) = &conn {
-            req.extensions_mut().insert(crate::control::auth::CallerAddr(c.peer().ip().to_canonical()));
+            req.extensions_mut()
+                .insert(crate::control::auth::CallerAddr(
+                    c.peer().ip().to_canonical(),
+                ));
         }
-        let budgets = Budgets { conn, total: self.total.clone(), limits: self.limits };
+        let budgets = Budgets {
+            conn,
+            total: self.total.clone(),
+            limits: self.limits,
+        };
         let req = req.map(|b| Body::new(Bounded::new(b, budgets)));
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -110,7 +121,9 @@ impl Budgets {
     fn charge(&self, n: usize) -> Result<(), Status> {
         let total_ok = self
             .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| (t + n <= self.limits.total).then_some(t + n))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t + n <= self.limits.total).then_some(t + n)
+            })
             .is_ok();
         if !total_ok {
             return Err(Status::resource_exhausted(format!(
@@ -155,7 +168,15 @@ struct Bounded {
 
 impl Bounded {
     fn new(inner: Body, budgets: Budgets) -> Self {
-        Self { inner, budgets, header: Vec::with_capacity(GRPC_HEADER), seen: 0, needed: None, charged: 0, deadline: None }
+        Self {
+            inner,
+            budgets,
+            header: Vec::with_capacity(GRPC_HEADER),
+            seen: 0,
+            needed: None,
+            charged: 0,
+            deadline: None,
+        }
     }
 
     fn whole(&self) -> bool {
@@ -171,7 +192,12 @@ impl Bounded {
             let take = (GRPC_HEADER - self.header.len()).min(data.len());
             self.header.extend_from_slice(&data[..take]);
             if self.header.len() == GRPC_HEADER {
-                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as usize;
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
                 self.needed = Some(GRPC_HEADER.saturating_add(len));
             }
         }
@@ -199,10 +225,15 @@ impl HttpBody for Bounded {
     type Data = Bytes;
     type Error = Status;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
         if !this.whole() && this.deadline.is_none() {
-            this.deadline = Some(Box::pin(tokio::time::sleep(this.budgets.limits.body_timeout)));
+            this.deadline = Some(Box::pin(tokio::time::sleep(
+                this.budgets.limits.body_timeout,
+            )));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -247,7 +278,12 @@ mod tests {
         Budgets {
             conn: None,
             total: Arc::new(AtomicUsize::new(0)),
-            limits: Limits { body_timeout: Duration::from_secs(1), per_connection: total, total, pending_reqs: 1 },
+            limits: Limits {
+                body_timeout: Duration::from_secs(1),
+                per_connection: total,
+                total,
+                pending_reqs: 1,
+            },
         }
     }
 
@@ -261,30 +297,64 @@ mod tests {
     #[test]
     fn a_whole_message_is_never_charged_and_a_partial_one_is_until_it_completes() {
         let total = budgets(1 << 20).total.clone();
-        let mut b = Bounded::new(Body::empty(), Budgets { total: total.clone(), ..budgets(1 << 20) });
+        let mut b = Bounded::new(
+            Body::empty(),
+            Budgets {
+                total: total.clone(),
+                ..budgets(1 << 20)
+            },
+        );
         b.account(&message(100, 100)).unwrap();
         assert_eq!(total.load(Ordering::Acquire), 0);
 
-        let mut b = Bounded::new(Body::empty(), Budgets { total: total.clone(), ..budgets(1 << 20) });
+        let mut b = Bounded::new(
+            Body::empty(),
+            Budgets {
+                total: total.clone(),
+                ..budgets(1 << 20)
+            },
+        );
         b.account(&message(65_535, 1000)).unwrap();
         assert_eq!(total.load(Ordering::Acquire), 1005);
         b.account(&Bytes::from(vec![0u8; 64_535])).unwrap();
         assert_eq!(total.load(Ordering::Acquire), 0, "whole: refunded");
-        let mut c = Bounded::new(Body::empty(), Budgets { total: total.clone(), ..budgets(1 << 20) });
+        let mut c = Bounded::new(
+            Body::empty(),
+            Budgets {
+                total: total.clone(),
+                ..budgets(1 << 20)
+            },
+        );
         c.account(&message(65_535, 3)).unwrap();
         drop(c);
-        assert_eq!(total.load(Ordering::Acquire), 0, "a dropped partial body refunds");
+        assert_eq!(
+            total.load(Ordering::Acquire),
+            0,
+            "a dropped partial body refunds"
+        );
     }
 
     #[test]
     fn partial_messages_past_the_budget_are_refused() {
         let total = Arc::new(AtomicUsize::new(0));
-        let mk = || Bounded::new(Body::empty(), Budgets { total: total.clone(), ..budgets(10_000) });
+        let mk = || {
+            Bounded::new(
+                Body::empty(),
+                Budgets {
+                    total: total.clone(),
+                    ..budgets(10_000)
+                },
+            )
+        };
         let mut a = mk();
         a.account(&message(65_535, 6000)).unwrap();
         let mut b = mk();
         let e = b.account(&message(65_535, 6000)).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(total.load(Ordering::Acquire), 6005, "the refused charge was not kept");
+        assert_eq!(
+            total.load(Ordering::Acquire),
+            6005,
+            "the refused charge was not kept"
+        );
     }
 }

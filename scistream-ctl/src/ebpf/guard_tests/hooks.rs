@@ -81,8 +81,14 @@ fn jumbo_frames_in_several_buffers_are_guarded_and_counted_whole() {
     assert_eq!(guard.run_on_frame(&allowed).unwrap(), Verdict::Pass);
     assert_eq!(guard.run_on_frame(&allowed6).unwrap(), Verdict::Pass);
     assert_eq!(guard.run_on_frame(&denied).unwrap(), Verdict::Drop);
-    assert_eq!(guard.port_stats(ALLOWED).unwrap(), Some(counted(&[&allowed, &allowed6])));
-    assert_eq!(guard.dropped_for(DropReason::NotAllowed).unwrap(), counted(&[&denied]));
+    assert_eq!(
+        guard.port_stats(ALLOWED).unwrap(),
+        Some(counted(&[&allowed, &allowed6]))
+    );
+    assert_eq!(
+        guard.dropped_for(DropReason::NotAllowed).unwrap(),
+        counted(&[&denied])
+    );
 }
 
 /// The first buffer may end anywhere in the headers: inside the Ethernet
@@ -95,13 +101,37 @@ fn headers_split_across_buffers_are_read_whole() {
     let outside = tcp4_sized(OUTSIDE, 9014);
     let cuts = [14, 20, 30, 34, 36, 40, 50, 54, 1500];
     for linear in cuts {
-        assert_eq!(guard.run_on_multibuffer_frame(&allowed, linear).unwrap(), Verdict::Pass, "first buffer {linear} bytes");
-        assert_eq!(guard.run_on_multibuffer_frame(&denied, linear).unwrap(), Verdict::Drop, "first buffer {linear} bytes");
-        assert_eq!(guard.run_on_multibuffer_frame(&outside, linear).unwrap(), Verdict::Pass, "first buffer {linear} bytes");
+        assert_eq!(
+            guard.run_on_multibuffer_frame(&allowed, linear).unwrap(),
+            Verdict::Pass,
+            "first buffer {linear} bytes"
+        );
+        assert_eq!(
+            guard.run_on_multibuffer_frame(&denied, linear).unwrap(),
+            Verdict::Drop,
+            "first buffer {linear} bytes"
+        );
+        assert_eq!(
+            guard.run_on_multibuffer_frame(&outside, linear).unwrap(),
+            Verdict::Pass,
+            "first buffer {linear} bytes"
+        );
     }
     let n = cuts.len() as u64;
-    assert_eq!(guard.port_stats(ALLOWED).unwrap().unwrap(), Counters { packets: n, bytes: n * 9014 });
-    assert_eq!(guard.dropped().unwrap(), Counters { packets: n, bytes: n * 9014 });
+    assert_eq!(
+        guard.port_stats(ALLOWED).unwrap().unwrap(),
+        Counters {
+            packets: n,
+            bytes: n * 9014
+        }
+    );
+    assert_eq!(
+        guard.dropped().unwrap(),
+        Counters {
+            packets: n,
+            bytes: n * 9014
+        }
+    );
 }
 
 /// A peer-restricted port in a multi-buffer frame: the source address may
@@ -117,8 +147,14 @@ fn peer_check_reads_a_source_beyond_the_first_buffer() {
     let from_other = ethernet(ETH_P_IP, &ipv4_full([203, 0, 113, 9], TCP, 0, &l4));
     // The source address spans bytes 26..30: cut inside it.
     for linear in [14, 28] {
-        assert_eq!(guard.run_on_multibuffer_frame(&from_peer, linear).unwrap(), Verdict::Pass);
-        assert_eq!(guard.run_on_multibuffer_frame(&from_other, linear).unwrap(), Verdict::Drop);
+        assert_eq!(
+            guard.run_on_multibuffer_frame(&from_peer, linear).unwrap(),
+            Verdict::Pass
+        );
+        assert_eq!(
+            guard.run_on_multibuffer_frame(&from_other, linear).unwrap(),
+            Verdict::Drop
+        );
     }
     let c = port_counters(&guard, NOT_ALLOWED);
     assert_eq!((c.passed.packets, c.dropped.packets), (2, 2));
@@ -135,14 +171,26 @@ fn a_gso_packet_at_tc_is_guarded_whole_and_counted_as_its_segments() {
     let len = 14 + 20 + 20 + (mss * segs) as usize;
     let allowed = tcp4_sized(ALLOWED, len);
     let denied = tcp4_sized(NOT_ALLOWED, len);
-    assert_eq!(guard.run_on_skb(&allowed, Some((mss, segs))).unwrap(), Verdict::Pass);
-    assert_eq!(guard.run_on_skb(&denied, Some((mss, segs))).unwrap(), Verdict::Drop);
-    let whole = Counters { packets: u64::from(segs), bytes: len as u64 };
+    assert_eq!(
+        guard.run_on_skb(&allowed, Some((mss, segs))).unwrap(),
+        Verdict::Pass
+    );
+    assert_eq!(
+        guard.run_on_skb(&denied, Some((mss, segs))).unwrap(),
+        Verdict::Drop
+    );
+    let whole = Counters {
+        packets: u64::from(segs),
+        bytes: len as u64,
+    };
     assert_eq!(guard.port_stats(ALLOWED).unwrap(), Some(whole));
     assert_eq!(guard.dropped_for(DropReason::NotAllowed).unwrap(), whole);
     // Without GSO metadata the same packet is one frame.
     assert_eq!(guard.run_on_skb(&allowed, None).unwrap(), Verdict::Pass);
-    assert_eq!(guard.port_stats(ALLOWED).unwrap().unwrap().packets, u64::from(segs) + 1);
+    assert_eq!(
+        guard.port_stats(ALLOWED).unwrap().unwrap().packets,
+        u64::from(segs) + 1
+    );
 }
 
 #[test]
@@ -151,13 +199,21 @@ fn attached_at_tc_guards_real_traffic_and_detaches_on_drop() {
         guard.attach_at(&pair.gateway_if, Hook::Tc).unwrap();
         let programs = tc_ingress_programs(&pair.gateway_if).unwrap();
         assert_eq!(programs, ["tc_guard"], "tc ingress of {}", pair.gateway_if);
-        assert!(!pair.gateway_link().contains("xdp"), "tc attachment must leave XDP alone:\n{}", pair.gateway_link());
+        assert!(
+            !pair.gateway_link().contains("xdp"),
+            "tc attachment must leave XDP alone:\n{}",
+            pair.gateway_link()
+        );
         // At tc ingress the frame is counted from its Ethernet header on, as at XDP.
         let (passed, dropped) = send_until_counted(&guard, socket, 100);
         assert_eq!(passed.bytes, passed.packets * 142, "{passed:?}");
         assert_eq!(dropped.bytes, dropped.packets * 142, "{dropped:?}");
         drop(guard);
-        assert_eq!(tc_ingress_programs(&pair.gateway_if).unwrap(), Vec::<String>::new(), "tc program left attached after drop");
+        assert_eq!(
+            tc_ingress_programs(&pair.gateway_if).unwrap(),
+            Vec::<String>::new(),
+            "tc program left attached after drop"
+        );
     });
 }
 
@@ -172,7 +228,10 @@ fn auto_puts_the_guard_on_a_veth_at_tc() {
         assert_eq!(tc_ingress_programs(&pair.gateway_if).unwrap(), ["tc_guard"]);
         guard.detach(&pair.gateway_if).unwrap();
         assert!(guard.attached().is_empty());
-        assert!(tc_ingress_programs(&pair.gateway_if).unwrap().is_empty(), "detach leaves no program");
+        assert!(
+            tc_ingress_programs(&pair.gateway_if).unwrap().is_empty(),
+            "detach leaves no program"
+        );
     });
 }
 
@@ -184,10 +243,17 @@ fn fragment_capable_xdp_attaches_in_driver_mode_at_mtu_9000() {
     with_veth_guard(9000, |pair, mut guard, socket| {
         guard.attach_at(&pair.gateway_if, Hook::XdpDriver).unwrap();
         let link = pair.gateway_link();
-        assert!(link.contains("mtu 9000") && link.contains("xdp") && !link.contains("xdpgeneric"), "{link}");
+        assert!(
+            link.contains("mtu 9000") && link.contains("xdp") && !link.contains("xdpgeneric"),
+            "{link}"
+        );
         // 8000 bytes of UDP payload: one frame of 8042 bytes, over two pages.
         let (passed, dropped) = send_until_counted(&guard, socket, 8000);
-        assert_eq!(passed.bytes, passed.packets * 8042, "frames counted whole: {passed:?}");
+        assert_eq!(
+            passed.bytes,
+            passed.packets * 8042,
+            "frames counted whole: {passed:?}"
+        );
         assert_eq!(dropped.bytes, dropped.packets * 8042, "{dropped:?}");
     });
 }
@@ -198,8 +264,10 @@ fn fragment_capable_xdp_attaches_in_driver_mode_at_mtu_9000() {
 fn forced_xdp_policy_at_mtu_9000_gets_driver_mode() {
     with_veth_guard(9000, |pair, mut guard, _| {
         let attached = guard.attach(&pair.gateway_if, AttachPolicy::Xdp).unwrap();
-        assert_eq!((attached.hook, attached.xdp_refused), (Hook::XdpDriver, None));
+        assert_eq!(
+            (attached.hook, attached.xdp_refused),
+            (Hook::XdpDriver, None)
+        );
         assert!(!pair.gateway_link().contains("xdpgeneric"));
     });
 }
-

@@ -4,10 +4,7 @@
 //! that ended (see `NatConfig::expired`) gives its source port back to the
 //! next SYN that draws it; user space sweeps the rest away.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_get_prandom_u32,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use scistream_common::nat::{FlowKey, NatConfig, Rewrite, Service, PORT_TRIES};
 
 use crate::headers::IPPROTO_TCP;
@@ -97,7 +94,12 @@ fn reclaim(reply: &FlowKey, config: &NatConfig, now_s: u32) -> bool {
 
 /// Picks a free source port and records both directions of the flow.
 #[inline(always)]
-pub fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig, now_s: u32) -> Result<Rewrite, Event> {
+pub fn new_flow(
+    key: &FlowKey,
+    service: &Service,
+    config: &NatConfig,
+    now_s: u32,
+) -> Result<Rewrite, Event> {
     let span = config.nat_span();
     if span == 0 {
         return Err(Event::PortsExhausted);
@@ -127,9 +129,13 @@ pub fn new_flow(key: &FlowKey, service: &Service, config: &NatConfig, now_s: u32
         };
         // NOEXIST makes the reply key the reservation of the port: another
         // live flow to the same target holding it makes this fail.
-        if NAT_FLOWS.insert(&reply, &backward, u64::from(BPF_NOEXIST)).is_err()
+        if NAT_FLOWS
+            .insert(&reply, &backward, u64::from(BPF_NOEXIST))
+            .is_err()
             && !(reclaim(&reply, config, now_s)
-                && NAT_FLOWS.insert(&reply, &backward, u64::from(BPF_NOEXIST)).is_ok())
+                && NAT_FLOWS
+                    .insert(&reply, &backward, u64::from(BPF_NOEXIST))
+                    .is_ok())
         {
             continue;
         }
@@ -212,4 +218,3 @@ unsafe fn cas(at: *mut u64, old: u64, new: u64) -> bool {
         .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
         .is_ok()
 }
-

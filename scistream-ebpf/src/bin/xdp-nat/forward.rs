@@ -4,11 +4,12 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibLookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_PSEUDO_HDR, TC_ACT_OK,
-        xdp_action::XDP_PASS,
+        bpf_fib_lookup as FibLookup, bpf_redir_neigh, xdp_action::XDP_PASS,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
-    helpers::{bpf_fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
+    },
     programs::XdpContext,
 };
 use scistream_common::nat::Event;
@@ -71,7 +72,9 @@ fn fib_for(t: &Translation, ifindex: u32, tot_len: u16) -> FibLookup {
 pub fn xdp(ctx: &XdpContext, f: &Xdp, t: &Translation) -> Result<u32, Event> {
     let (addrs, ports) = diffs(t);
     let ip_check = addrs.apply(u16::from_be_bytes([t.ip[10], t.ip[11]]));
-    let tcp_check = addrs.and(ports).apply(u16::from_be_bytes([t.tcp[16], t.tcp[17]]));
+    let tcp_check = addrs
+        .and(ports)
+        .apply(u16::from_be_bytes([t.tcp[16], t.tcp[17]]));
     let a = new_addrs(t);
     let c = ip_check.to_be_bytes();
     // Checksum and both addresses are one run of 10 bytes.
@@ -92,7 +95,14 @@ pub fn xdp(ctx: &XdpContext, f: &Xdp, t: &Translation) -> Result<u32, Event> {
     let mut fib = fib_for(t, ctx.ingress_ifindex() as u32, tot_len);
     // SAFETY: ctx is this program's context; `fib` lives on the stack for the
     // call and its size is passed along.
-    let found = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, core::mem::size_of::<FibLookup>() as i32, 0) };
+    let found = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
     if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         count_event(Event::PassedToStack, f.len());
         return Ok(XDP_PASS);
@@ -108,11 +118,19 @@ pub fn xdp(ctx: &XdpContext, f: &Xdp, t: &Translation) -> Result<u32, Event> {
     };
     let mut diff = Diff::default();
     let proto = t.ip[IP_TTL + 1];
-    diff.replace2(u16::from_be_bytes([ttl, proto]), u16::from_be_bytes([ttl - 1, proto]));
+    diff.replace2(
+        u16::from_be_bytes([ttl, proto]),
+        u16::from_be_bytes([ttl - 1, proto]),
+    );
     let check = diff.apply(ip_check).to_be_bytes();
     let (d, s) = (fib.dmac, fib.smac);
-    let macs = [d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5]];
-    if !f.write(t.l3 + IP_TTL, &[ttl - 1]) || !f.write(t.l3 + IP_CHECK, &check) || !f.write(0, &macs) {
+    let macs = [
+        d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+    ];
+    if !f.write(t.l3 + IP_TTL, &[ttl - 1])
+        || !f.write(t.l3 + IP_CHECK, &check)
+        || !f.write(0, &macs)
+    {
         return Err(Event::Malformed);
     }
     count_event(Event::Redirected, f.len());
@@ -134,7 +152,15 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     let ok = f.write(t.l3 + IP_SADDR, &new_addrs(t))
         && f.write(t.l4, &new_ports(t))
         && unsafe { bpf_l3_csum_replace(skb, ip_check, 0, addrs.as_wsum(), 0) } == 0
-        && unsafe { bpf_l4_csum_replace(skb, tcp_check, 0, addrs.as_wsum(), u64::from(BPF_F_PSEUDO_HDR)) } == 0
+        && unsafe {
+            bpf_l4_csum_replace(
+                skb,
+                tcp_check,
+                0,
+                addrs.as_wsum(),
+                u64::from(BPF_F_PSEUDO_HDR),
+            )
+        } == 0
         && unsafe { bpf_l4_csum_replace(skb, tcp_check, 0, ports.as_wsum(), 0) } == 0;
     if !ok {
         return Err(Event::Malformed);
@@ -155,7 +181,14 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     };
     let mut fib = fib_for(t, ingress, tot_len);
     // SAFETY: as in `xdp`.
-    let found = unsafe { bpf_fib_lookup(skb.cast(), &mut fib, core::mem::size_of::<FibLookup>() as i32, 0) };
+    let found = unsafe {
+        bpf_fib_lookup(
+            skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
     let known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
     if !known && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // No route, or a packet too big for it: the stack's business.
@@ -174,7 +207,9 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     count_event(Event::Redirected, f.len());
     if known {
         let (d, s) = (fib.dmac, fib.smac);
-        let macs = [d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5]];
+        let macs = [
+            d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+        ];
         if !f.write(0, &macs) {
             return Err(Event::Malformed);
         }
@@ -182,9 +217,19 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
         return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32);
     }
     // The kernel resolves the neighbour (and queues the packet meanwhile).
-    let mut nh = bpf_redir_neigh { nh_family: u32::from(AF_INET), __bindgen_anon_1: unsafe { core::mem::zeroed() } };
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: unsafe { core::mem::zeroed() },
+    };
     // SAFETY: the lookup wrote the next hop's IPv4 address (family AF_INET).
     nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
     // SAFETY: `nh` lives on the stack for the call, its size passed along.
-    Ok(unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) } as i32)
+    Ok(unsafe {
+        bpf_redirect_neigh(
+            fib.ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    } as i32)
 }

@@ -5,7 +5,10 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, xdp_md},
-    helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::{
+        bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
+    },
     programs::{TcContext, XdpContext},
 };
 
@@ -53,7 +56,9 @@ impl Frame for Xdp<'_> {
         }
         let mut buf = [0u8; N];
         // SAFETY: the helper writes at most N bytes into `buf`.
-        let r = unsafe { bpf_xdp_load_bytes(self.md(), offset as u32, buf.as_mut_ptr().cast(), N as u32) };
+        let r = unsafe {
+            bpf_xdp_load_bytes(self.md(), offset as u32, buf.as_mut_ptr().cast(), N as u32)
+        };
         (r == 0).then_some(buf)
     }
 
@@ -65,7 +70,9 @@ impl Frame for Xdp<'_> {
             return true;
         }
         // SAFETY: the helper reads N bytes from `bytes`.
-        let r = unsafe { bpf_xdp_store_bytes(self.md(), offset as u32, bytes.as_ptr() as *mut _, N as u32) };
+        let r = unsafe {
+            bpf_xdp_store_bytes(self.md(), offset as u32, bytes.as_ptr() as *mut _, N as u32)
+        };
         r == 0
     }
 
@@ -96,7 +103,14 @@ impl Frame for Tc<'_> {
         }
         let mut buf = [0u8; N];
         // SAFETY: the helper writes at most N bytes into `buf`.
-        let r = unsafe { bpf_skb_load_bytes(self.skb() as *const _, offset as u32, buf.as_mut_ptr().cast(), N as u32) };
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                self.skb() as *const _,
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                N as u32,
+            )
+        };
         (r == 0).then_some(buf)
     }
 
@@ -105,7 +119,15 @@ impl Frame for Tc<'_> {
         // Always the helper: it unclones the head first (a direct write would
         // change a clone's shared data), and keeps no stale packet pointer.
         // SAFETY: the helper reads N bytes from `bytes`.
-        let r = unsafe { bpf_skb_store_bytes(self.skb(), offset as u32, bytes.as_ptr().cast(), N as u32, 0) };
+        let r = unsafe {
+            bpf_skb_store_bytes(
+                self.skb(),
+                offset as u32,
+                bytes.as_ptr().cast(),
+                N as u32,
+                0,
+            )
+        };
         r == 0
     }
 
@@ -132,14 +154,22 @@ impl Diff {
 
     #[inline(always)]
     pub fn replace4(&mut self, old: [u8; 4], new: [u8; 4]) {
-        self.replace2(u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
-        self.replace2(u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]));
+        self.replace2(
+            u16::from_be_bytes([old[0], old[1]]),
+            u16::from_be_bytes([new[0], new[1]]),
+        );
+        self.replace2(
+            u16::from_be_bytes([old[2], old[3]]),
+            u16::from_be_bytes([new[2], new[3]]),
+        );
     }
 
     /// Both differences at once.
     #[inline(always)]
     pub fn and(self, other: Diff) -> Diff {
-        Diff { sum: u32::from(self.folded()) + u32::from(other.folded()) }
+        Diff {
+            sum: u32::from(self.folded()) + u32::from(other.folded()),
+        }
     }
 
     /// The difference folded to 16 bits.

@@ -78,7 +78,14 @@ pub fn transport<F: Frame>(f: &F) -> Result<Option<Transport>, Event> {
         IPPROTO_SCTP | IPPROTO_DCCP => 12,
         _ => return Ok(None),
     };
-    Ok(Some(Transport { l3, l4, protocol, header_len, v6, tagged }))
+    Ok(Some(Transport {
+        l3,
+        l4,
+        protocol,
+        header_len,
+        v6,
+        tagged,
+    }))
 }
 
 #[inline(always)]

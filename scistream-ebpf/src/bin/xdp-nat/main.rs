@@ -172,7 +172,11 @@ fn decide<F: Frame>(f: &F, config: &NatConfig) -> Result<Verdict, Event> {
         return Ok(Verdict::Pass);
     }
     let Some(tcp) = f.read::<TCP_HLEN>(t.l4) else {
-        return if guarded { Err(Event::Malformed) } else { Ok(Verdict::Pass) };
+        return if guarded {
+            Err(Event::Malformed)
+        } else {
+            Ok(Verdict::Pass)
+        };
     };
     let ip = f.read::<IPV4_HLEN>(t.l3).ok_or(Event::Malformed)?;
     let more_fragments = u16::from_be_bytes([ip[6], ip[7]]) & IP_MF != 0;
@@ -191,7 +195,14 @@ fn decide<F: Frame>(f: &F, config: &NatConfig) -> Result<Verdict, Event> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let now_s = (now / 1_000_000_000) as u32;
-    let translation = |rewrite| Translation { l3: t.l3, l4: t.l4, ip, tcp, rewrite, tagged: t.tagged };
+    let translation = |rewrite| Translation {
+        l3: t.l3,
+        l4: t.l4,
+        ip,
+        tcp,
+        rewrite,
+        tagged: t.tagged,
+    };
 
     if let Some(flow) = NAT_FLOWS.get_ptr_mut(&key) {
         // SAFETY: a pointer from a map lookup stays valid for this run (LRU
@@ -201,7 +212,9 @@ fn decide<F: Frame>(f: &F, config: &NatConfig) -> Result<Verdict, Event> {
         match live(&rewrite) {
             // A new connection reusing a finished one's ports gets a fresh
             // flow (and source port), not the old one's end of life.
-            Some(_) if opening && rewrite.direction == Rewrite::FORWARD && flows::closed(&rewrite) => {
+            Some(_)
+                if opening && rewrite.direction == Rewrite::FORWARD && flows::closed(&rewrite) =>
+            {
                 flows::forget(&key, &rewrite);
             }
             Some(service) => {
