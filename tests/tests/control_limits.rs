@@ -610,8 +610,20 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
 
     let (code, page) = auth_server::http_get("http://127.0.0.1:29209/metrics");
     assert_eq!(code, 200);
+    // A stunnel session is keyed by its uid, so /metrics names it by a stand-in.
+    assert!(
+        !page.contains(&uid),
+        "the uid of a uid-keyed session is in /metrics:\n{page}"
+    );
+    let shown = page
+        .split("uid=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a session series")
+        .to_string();
+    assert!(shown.starts_with("hidden-"), "{page}");
     assert_eq!(
-        series(&page, "scistream_session_counters_available", &uid, ""),
+        series(&page, "scistream_session_counters_available", &shown, ""),
         Some(0.0),
         "{page}"
     );
@@ -621,7 +633,7 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
         "scistream_session_connections_active",
     ] {
         assert_eq!(
-            series(&page, name, &uid, ""),
+            series(&page, name, &shown, ""),
             None,
             "{name} is reported for a session whose counters cannot be seen:\n{page}"
         );
@@ -639,7 +651,8 @@ fn stunnel_subprocess_counters_are_marked_unavailable_not_reported_as_zero() {
     let list = gw.s2uc("list", &[]);
     let line = text(&list.stdout)
         .lines()
-        .find(|l| l.contains(&uid))
+        // Unauthenticated, `list` too names a uid-keyed session by its stand-in.
+        .find(|l| l.contains(&shown))
         .map(str::to_string)
         .expect("the session is listed");
     assert_eq!(
