@@ -21,8 +21,25 @@ pub fn secure(dir: &Path) -> io::Result<()> {
     tighten(dir, 0)
 }
 
+/// chmod, except on what another user owns (an operator running s2cs
+/// unprivileged in a directory root made): that is not ours to change, and
+/// the start must go on to say what really stops it.
+fn chmod_own(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::set_permissions(path, fs::Permissions::from_mode(mode)) {
+        Err(e)
+            if e.kind() == io::ErrorKind::PermissionDenied
+                && fs::metadata(path).is_ok_and(|m| m.uid() != nix::unistd::geteuid().as_raw()) =>
+        {
+            tracing::warn!(path = %path.display(), "not owned by this user: its mode is left as it is");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 fn tighten(dir: &Path, depth: usize) -> io::Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    chmod_own(dir, 0o700)?;
     if depth >= MAX_DEPTH {
         return Ok(());
     }
@@ -34,7 +51,7 @@ fn tighten(dir: &Path, depth: usize) -> io::Result<()> {
         } else if kind.is_file() {
             let mode = entry.metadata()?.permissions().mode() & 0o7777;
             if mode != 0o600 {
-                fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+                chmod_own(&entry.path(), 0o600)?;
             }
         }
     }

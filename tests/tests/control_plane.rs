@@ -283,7 +283,15 @@ fn a_thousand_pending_reqs_do_not_stop_a_hello() {
             "reqs waiting for their hello on one connection"
         );
         for p in done {
-            expect_code(p.await.unwrap(), Code::ResourceExhausted);
+            // Refused either by s2cs (past the req share) or by HTTP/2 itself
+            // (past the connection's stream limit): never held.
+            match p.await.unwrap() {
+                Err(s) if s.code() == Code::ResourceExhausted => {}
+                Err(s)
+                    if s.code() == Code::Unavailable
+                        && format!("{s:?}").contains("REFUSED_STREAM") => {}
+                other => panic!("expected a refusal, got {other:?}"),
+            }
         }
         assert_eq!(
             daemon.log_contents().matches("session requested").count(),

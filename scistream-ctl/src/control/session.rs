@@ -613,7 +613,10 @@ impl Registry {
             lock(&session.inner).targets = targets;
             return Ok(Before::Targets(old));
         }
-        let spec = SessionSpec::new(&session.uid, session.role.side()).with_rate(session.rate);
+        let spec = SessionSpec::new(&session.uid, session.role.side())
+            .with_rate(session.rate)
+            .with_key(session.keying.key.as_ref().map(|k| &k[..]))
+            .with_log_id(&session.keying.log_id);
         let (backend, t) = (self.backend.clone(), targets.clone());
         let started = self
             .offload(move || backend.start(spec, listeners, t))
