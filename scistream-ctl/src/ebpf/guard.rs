@@ -333,29 +333,19 @@ impl Guard {
 
     /// Takes `net` back from `session_tag`; absent networks are not an error.
     pub fn deny_peer(&mut self, session_tag: u32, net: &PeerNet) -> Result<(), EbpfError> {
-        match self.peers.remove(&net.key(session_tag)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            // aya reports a missing key on delete as the syscall's ENOENT.
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-                Ok(())
-            }
-            Err(e) => Err(map_error(layout::PEERS_MAP)(e)),
-        }
+        super::deleted(self.peers.remove(&net.key(session_tag)))
+            .map_err(map_error(layout::PEERS_MAP))
     }
 
     /// Drops traffic to `port` again and forgets its counters, returning their
     /// final values (zero if the port was not allowed).
     pub fn deny_port(&mut self, port: u16) -> Result<Counters, EbpfError> {
         if self.allowed.get(&port, 0).is_ok() {
-            self.allowed
-                .remove(&port)
-                .map_err(map_error(layout::ALLOWED_MAP))?;
+            super::deleted(self.allowed.remove(&port)).map_err(map_error(layout::ALLOWED_MAP))?;
         }
         let last = self.port_stats(port)?;
         if last.is_some() {
-            self.stats
-                .remove(&port)
-                .map_err(map_error(layout::PORT_STATS_MAP))?;
+            super::deleted(self.stats.remove(&port)).map_err(map_error(layout::PORT_STATS_MAP))?;
         }
         Ok(last.unwrap_or_default())
     }

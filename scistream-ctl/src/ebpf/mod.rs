@@ -274,6 +274,19 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { map, source }
 }
 
+/// A map delete whose key is already gone (a program or another sweep took
+/// it) succeeded as far as the caller cares. aya reports a missing key on
+/// lookup as `KeyNotFound` but on delete as the syscall's ENOENT.
+pub(crate) fn deleted(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod guard_tests;
 #[cfg(test)]

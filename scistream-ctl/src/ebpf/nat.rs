@@ -517,10 +517,7 @@ impl Nat {
     }
 
     pub fn remove_bucket(&mut self, tag: u32) -> Result<(), EbpfError> {
-        match self.buckets.remove(&tag) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_error(layout::BUCKETS_MAP)(e)),
-        }
+        super::deleted(self.buckets.remove(&tag)).map_err(map_error(layout::BUCKETS_MAP))
     }
 
     /// Open connections per listener port: flows with neither a reset nor
@@ -560,11 +557,18 @@ impl Nat {
     }
 
     /// Frees the entries of every flow that ended at `now_s` (CLOCK_BOOTTIME
-    /// seconds, the program's clock; see [`NatConfig::expired`]), and of
-    /// half flows whose other entry is gone. Returns the flows freed.
+    /// seconds, the program's clock; see [`NatConfig::expired`]), and half
+    /// flows: entries whose other half is gone or belongs to a newer flow.
+    /// Returns the flows (or halves) freed.
+    ///
+    /// The program reclaims an ended flow's source port on its own when a
+    /// SYN draws it, so the reply key read here may hold a new flow by the
+    /// time of the delete: each entry is read again just before it goes and
+    /// kept if it changed. Deleting a key that is already gone is fine.
     pub fn sweep_ended(&mut self, now_s: u32) -> Result<usize, EbpfError> {
         let config = self.nat_config()?;
-        let mut ended = Vec::new();
+        let mut ended: Vec<(FlowKey, Rewrite)> = Vec::new();
+        let mut freed = 0;
         for key in self.flows.keys() {
             let key = match key {
                 Ok(k) => k,
@@ -574,29 +578,46 @@ impl Nat {
             let Some(this) = self.flow(&key)? else {
                 continue;
             };
-            if this.direction != Rewrite::FORWARD {
-                // Reached from its forward entry, unless that one is gone.
-                if self.flow(&this.reverse_key())?.is_none() {
-                    ended.push((key, None));
-                }
-                continue;
-            }
             let other_key = this.reverse_key();
-            match self.flow(&other_key)? {
-                Some(other) if !config.expired(&this, &other, now_s) => {}
-                _ => ended.push((key, Some(other_key))),
+            let other = self.flow(&other_key)?.filter(|o| o.reverse_key() == key);
+            match other {
+                None => {
+                    ended.push((key, this));
+                    freed += 1;
+                }
+                // A whole flow is judged from its forward entry, once.
+                Some(other)
+                    if this.direction == Rewrite::FORWARD
+                        && config.expired(&this, &other, now_s) =>
+                {
+                    ended.push((key, this));
+                    ended.push((other_key, other));
+                    freed += 1;
+                }
+                Some(_) => {}
             }
         }
-        let freed = ended.len();
-        for (key, other) in ended {
-            for k in std::iter::once(key).chain(other) {
-                match self.flows.remove(&k) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_error(layout::FLOWS_MAP)(e)),
-                }
+        for (key, seen) in ended {
+            if self.flow(&key)? == Some(seen) {
+                super::deleted(self.flows.remove(&key)).map_err(map_error(layout::FLOWS_MAP))?;
             }
         }
         Ok(freed)
+    }
+
+    /// Deletes one half of a flow, as a SYN that takes over an ended flow's
+    /// port may leave the other half behind.
+    #[cfg(test)]
+    pub(super) fn forget_flow_entry(&mut self, key: &FlowKey) {
+        self.flows.remove(key).expect("flow entry to forget");
+    }
+
+    /// Overwrites one flow entry, as the program does when it hands a port on.
+    #[cfg(test)]
+    pub(super) fn set_flow_entry(&mut self, key: &FlowKey, rewrite: Rewrite) {
+        self.flows
+            .insert(key, rewrite, 0)
+            .expect("flow entry to set");
     }
 
     /// Entries in the flow map (two per flow).
@@ -640,23 +661,15 @@ impl Nat {
     /// Stops translating `port`: new frames to it are dropped, its flows are
     /// removed. Returns its final counters (zero if it was not a service).
     pub fn remove_service(&mut self, port: u16) -> Result<SessionCounters, EbpfError> {
-        match self.services.remove(&port) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_error(layout::SERVICES_MAP)(e)),
-        }
+        super::deleted(self.services.remove(&port)).map_err(map_error(layout::SERVICES_MAP))?;
         // The program already ignores these flows (no service); removing
         // them frees their source ports and map slots now.
         for key in self.flow_keys_of(port)? {
-            match self.flows.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_error(layout::FLOWS_MAP)(e)),
-            }
+            super::deleted(self.flows.remove(&key)).map_err(map_error(layout::FLOWS_MAP))?;
         }
         let last = self.session_counters(port)?;
         if last.is_some() {
-            self.stats
-                .remove(&port)
-                .map_err(map_error(layout::STATS_MAP))?;
+            super::deleted(self.stats.remove(&port)).map_err(map_error(layout::STATS_MAP))?;
         }
         Ok(last.unwrap_or_default())
     }

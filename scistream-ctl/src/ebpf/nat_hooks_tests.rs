@@ -8,14 +8,6 @@
 
 use super::*;
 
-fn uptime_s() -> u32 {
-    let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
-    text.split('.')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .expect("seconds")
-}
-
 /// Payload bytes whose checksum is not all zeros.
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()

@@ -523,15 +523,7 @@ fn policed_session_drops_payload_over_its_rate_but_never_a_bare_ack() {
 #[test]
 fn open_connections_end_with_a_fin_each_way_or_one_reset() {
     let nat = nat_or_skip!();
-    let now = || {
-        std::fs::read_to_string("/proc/uptime")
-            .unwrap()
-            .split('.')
-            .next()
-            .unwrap()
-            .parse::<u32>()
-            .unwrap()
-    };
+    let now = uptime_s;
     let (a, b) = (open_flow(&nat, 40001), open_flow(&nat, 40002));
     let open = |n: &Nat| {
         n.open_connections(now(), 120)
@@ -565,6 +557,101 @@ fn open_connections_end_with_a_fin_each_way_or_one_reset() {
         nat.open_connections(now() + 60, 30).unwrap().get(&LISTENER),
         None
     );
+}
+
+#[test]
+fn the_sweep_frees_ended_flows_and_orphaned_halves_and_tolerates_gone_keys() {
+    let mut nat = nat_or_skip!();
+    let now = uptime_s();
+    let ended = open_flow(&nat, 40011);
+    let orphan = open_flow(&nat, 40012);
+    let live = open_flow(&nat, 40013);
+    translated(
+        &nat,
+        &tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, ended), RST, &[]),
+    );
+    // The orphan keeps its consumer-side half only.
+    let reply_key = |port: u16| FlowKey {
+        saddr: TARGET,
+        daddr: GATEWAY_OUT,
+        sport: TARGET_PORT,
+        dport: port,
+        protocol: TCP,
+        _pad: [0; 3],
+    };
+    assert!(
+        nat.flow(&reply_key(orphan)).unwrap().is_some(),
+        "key layout"
+    );
+    nat.forget_flow_entry(&reply_key(orphan));
+    assert_eq!(nat.flow_entries(), 5);
+
+    // Past the linger of the reset, well inside the idle time of the live flow.
+    let freed = nat
+        .sweep_ended(now + 10)
+        .expect("a sweep over a missing half");
+    assert_eq!(freed, 2, "the reset flow and the orphan");
+    assert_eq!(
+        nat.flow_entries(),
+        2,
+        "only the live flow's two halves remain"
+    );
+    assert!(nat.flow(&reply_key(live)).unwrap().is_some());
+    assert_eq!(
+        nat.sweep_ended(now + 10).unwrap(),
+        0,
+        "a second sweep finds nothing"
+    );
+
+    // Deletes of keys that are already gone are not errors.
+    nat.remove_bucket(0xdead).expect("unknown bucket");
+    let last = nat.remove_service(OTHER_IN_RANGE).expect("never a service");
+    assert_eq!(last.flows, 0);
+}
+
+/// Seconds since boot, the clock the program stamps flows with.
+#[test]
+fn the_sweep_never_takes_the_half_of_a_flow_that_reused_a_port() {
+    let mut nat = nat_or_skip!();
+    let (old, new) = (open_flow(&nat, 40021), open_flow(&nat, 40022));
+    // The old flow's forward entry now names the new flow's source port, as
+    // when the program handed its port on: its reply key is the new flow's.
+    let old_key = FlowKey {
+        saddr: CONSUMER,
+        daddr: GATEWAY_IN,
+        sport: 40021,
+        dport: LISTENER,
+        protocol: TCP,
+        _pad: [0; 3],
+    };
+    let mut stale = nat.flow(&old_key).unwrap().expect("old forward entry");
+    assert_eq!(stale.sport, old);
+    stale.sport = new;
+    stale.flags |= scistream_common::nat::Rewrite::RST_SEEN;
+    nat.set_flow_entry(&old_key, stale);
+
+    // Past the reset's linger: judged with the new reply, the old flow
+    // would look ended and take that reply with it.
+    assert_eq!(
+        nat.sweep_ended(uptime_s() + 10).unwrap(),
+        2,
+        "the two old halves"
+    );
+    assert_eq!(nat.flow(&old_key).unwrap(), None);
+    let reply = tcp4((TARGET, TARGET_PORT), (GATEWAY_OUT, new), PSH_ACK, b"new");
+    assert_eq!(
+        translated(&nat, &reply).dst,
+        (CONSUMER, 40022),
+        "the new flow still translates its replies"
+    );
+}
+
+fn uptime_s() -> u32 {
+    let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
+    text.split('.')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seconds")
 }
 
 /// A bpffs directory for one test, removed with its pins on drop.

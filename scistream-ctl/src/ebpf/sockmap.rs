@@ -97,12 +97,7 @@ impl SockRedirect {
     /// already gone (e.g. the kernel removed a closed socket) are fine.
     pub fn unpair(&mut self, pair: &Pair) -> Result<(), EbpfError> {
         for key in [pair.cookie_a, pair.cookie_b] {
-            match self.peers.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
-                Err(e) => return Err(map_error(e)),
-            }
+            super::deleted(self.peers.remove(&key)).map_err(map_error)?;
         }
         Ok(())
     }
