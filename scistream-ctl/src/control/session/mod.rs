@@ -1112,5 +1112,5 @@ impl Drop for EarlyHello<'_> {
 }
 
 #[cfg(test)]
-#[path = "session_tests.rs"]
+#[path = "tests/real_sockets.rs"]
 mod tests;
