@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::*;
 use crate::config::PortRange;
 use crate::dataplane::splice::SplicePump;
-use crate::dataplane::{DataPlaneError, TcpRelay};
+use crate::dataplane::{DataPlaneError, SessionSpec, TcpRelay};
 
 /// The relay backend refusing IPv6 targets the way `xdp` does: after it was
 /// handed the listeners, which it drops on the way out.

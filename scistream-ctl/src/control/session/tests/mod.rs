@@ -1,0 +1,5 @@
+//! The registry on real sockets, without root.
+
+use super::*;
+
+mod real_sockets;
