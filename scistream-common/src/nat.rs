@@ -401,16 +401,22 @@ const _: () = assert!(core::mem::size_of::<RateBucket>() == 32);
 // Sound: repr(C), integers and byte arrays only, padding made explicit above,
 // so every bit pattern is a valid value.
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for NatConfig {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for Service {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for FlowKey {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for Rewrite {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for SessionCounters {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for RateBucket {}
 
 #[cfg(test)]

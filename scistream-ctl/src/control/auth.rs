@@ -178,7 +178,7 @@ struct SourceSlot<'a> {
 
 impl Drop for SourceSlot<'_> {
     fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = crate::lock(self.map);
         if let Some(n) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -268,7 +268,7 @@ impl Authenticator {
     }
 
     fn recently_rejected(&self, key: &[u8; 32]) -> Option<Rejection> {
-        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = crate::lock(&self.rejected);
         match r.get(key) {
             Some((why, until)) if *until > Instant::now() => Some(why.clone()),
             Some(_) => {
@@ -281,7 +281,7 @@ impl Authenticator {
 
     fn remember_rejection(&self, key: [u8; 32], why: Rejection) {
         let now = Instant::now();
-        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = crate::lock(&self.rejected);
         if r.len() >= CACHE_MAX_ENTRIES {
             r.retain(|_, (_, until)| *until > now);
             if r.len() >= CACHE_MAX_ENTRIES {
@@ -293,7 +293,7 @@ impl Authenticator {
     }
 
     fn source_slot(&self, ip: std::net::IpAddr) -> Result<SourceSlot<'_>, AuthError> {
-        let mut m = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = crate::lock(&self.per_source);
         let n = m.entry(ip).or_default();
         if *n >= MAX_IN_FLIGHT_PER_SOURCE {
             return Err(AuthError::Unavailable {
@@ -311,7 +311,7 @@ impl Authenticator {
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.cache)
     }
 
     async fn introspect(&self, token: &str) -> Result<Introspection, AuthError> {

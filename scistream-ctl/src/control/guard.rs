@@ -7,8 +7,8 @@
 //! to its ports from anyone else are dropped and counted on that session.
 
 use crate::error_chain;
+use crate::host::{ephemeral_ports, interfaces_of};
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -169,7 +169,7 @@ impl PortGuard {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Records the peers the session `uid` will accept, before its `req`
@@ -412,47 +412,6 @@ pub fn parse_peers(peers: &[String]) -> Result<Vec<PeerNet>, ControlError> {
         }
     }
     Ok(nets)
-}
-
-/// The interfaces holding `ip`; for an unspecified address, every interface
-/// but loopback that is up (data may come in on any of them).
-pub(crate) fn interfaces_of(ip: IpAddr) -> Result<Vec<String>, String> {
-    use nix::net::if_::InterfaceFlags;
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
-    let mut names: Vec<String> = Vec::new();
-    for a in addrs {
-        let has_ip = a.address.as_ref().is_some_and(|s| {
-            s.as_sockaddr_in().map(|v4| IpAddr::from(v4.ip())) == Some(ip)
-                || s.as_sockaddr_in6().map(|v6| IpAddr::from(v6.ip())) == Some(ip)
-        });
-        let wanted = if ip.is_unspecified() {
-            a.flags.contains(InterfaceFlags::IFF_UP)
-                && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
-        } else {
-            has_ip
-        };
-        if wanted && !names.contains(&a.interface_name) {
-            names.push(a.interface_name);
-        }
-    }
-    if names.is_empty() {
-        return Err(format!(
-            "no interface holds --listener_ip {ip}; name one with --data_iface"
-        ));
-    }
-    if names.iter().any(|n| n == "lo") {
-        return Err(
-            "--listener_ip is on loopback; the guard is for data interfaces (see --data_iface)"
-                .into(),
-        );
-    }
-    Ok(names)
-}
-
-fn ephemeral_ports() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut fields = text.split_whitespace().map(str::parse::<u16>);
-    Some((fields.next()?.ok()?, fields.next()?.ok()?))
 }
 
 #[cfg(test)]

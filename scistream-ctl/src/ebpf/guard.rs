@@ -242,7 +242,7 @@ impl Guard {
             _ if lo == 0 || lo > hi => return Err(EbpfError::InvalidPortRange { lo, hi }),
             _ => GuardConfig::new(lo, hi),
         };
-        if let Some((eph_lo, eph_hi)) = ephemeral_port_range() {
+        if let Some((eph_lo, eph_hi)) = crate::host::ephemeral_ports() {
             if config.is_enabled() && lo <= eph_hi && eph_lo <= hi {
                 tracing::warn!(lo, hi, eph_lo, eph_hi, "data port range overlaps the ephemeral port range; the XDP guard may drop replies to outgoing connections");
             }
@@ -587,10 +587,4 @@ where
     M: TryFrom<Map, Error = MapError>,
 {
     super::take_map(ebpf, OBJECT, name)
-}
-
-fn ephemeral_port_range() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut fields = text.split_whitespace().map(str::parse::<u16>);
-    Some((fields.next()?.ok()?, fields.next()?.ok()?))
 }

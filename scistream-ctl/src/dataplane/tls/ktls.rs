@@ -19,9 +19,6 @@ use nix::sys::socket::{setsockopt, ControlMessageOwned, MsgFlags, TlsGetRecordTy
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-#[path = "ktls_rekey.rs"]
-pub mod rekey;
-
 /// Where the `tls` backend's bytes are encrypted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Tier {

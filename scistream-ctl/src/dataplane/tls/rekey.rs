@@ -4,7 +4,7 @@
 //! happens here: [`Rekey`] sends a KeyUpdate and installs the next sending key
 //! when a budget runs out, and follows each KeyUpdate of the peer. The
 //! bookkeeping behind it, [`KeyUpdates`], also drives the user-space record
-//! layer ([`crate::dataplane::records`]), which installs keys its own way.
+//! layer ([`super::records`]), which installs keys its own way.
 //!
 //! rustls computes next keys only for a `rustls::kernel::KernelConnection`,
 //! which only its unbuffered connections become; tokio-rustls drives buffered
@@ -33,7 +33,7 @@ use rustls::{ExtractedSecrets, SupportedCipherSuite, Tls13CipherSuite};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{crypto_info, split_secrets, Cipher, ControlRecord};
+use super::ktls::{self, crypto_info, split_secrets, Cipher, ControlRecord};
 
 const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
 const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
@@ -73,7 +73,7 @@ impl rustls::KeyLog for SecretLog {
             SERVER_SECRET => &self.server,
             _ => return,
         };
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Secret(secret.to_vec()));
+        *crate::lock(slot) = Some(Secret(secret.to_vec()));
     }
     fn will_log(&self, label: &str) -> bool {
         label == CLIENT_SECRET || label == SERVER_SECRET
@@ -83,7 +83,7 @@ impl rustls::KeyLog for SecretLog {
 impl SecretLog {
     fn take(&self, client: bool) -> Option<Secret> {
         let slot = if client { &self.client } else { &self.server };
-        slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+        crate::lock(slot).take()
     }
 }
 
@@ -180,7 +180,7 @@ impl KeySchedule {
     }
 
     /// Steps the sending secret and returns the cipher, key and iv, for the
-    /// user-space record layer ([`crate::dataplane::records`]).
+    /// user-space record layer ([`super::records`]).
     pub fn next_tx_key(&mut self) -> (Cipher, Vec<u8>, [u8; 12]) {
         self.tx = next_secret(self.suite, &self.tx);
         let (key, iv) = self.key_iv(&self.tx);
@@ -262,7 +262,7 @@ impl<'a> KeyUpdates<'a> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// The KeyUpdate to send, under the current key, before our next data:
@@ -354,7 +354,7 @@ impl<'a> Rekey<'a> {
         };
         loop {
             sock.writable().await?;
-            match sock.try_io(Interest::WRITABLE, || super::send_key_update(sock, request)) {
+            match sock.try_io(Interest::WRITABLE, || ktls::send_key_update(sock, request)) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
@@ -366,7 +366,7 @@ impl<'a> Rekey<'a> {
             }
         }
         self.updates
-            .sent_key_update(|keys| super::install_next(sock, true, &keys.next_tx()))?;
+            .sent_key_update(|keys| ktls::install_next(sock, true, &keys.next_tx()))?;
         tracing::debug!(request, "kernel TLS: sending key updated");
         Ok(())
     }
@@ -388,10 +388,10 @@ impl<'a> Rekey<'a> {
     /// kernel holds every later record back until it has it. Returns the
     /// record so the caller sees a close_notify.
     pub fn on_control_record(&self, sock: &TcpStream) -> io::Result<ControlRecord> {
-        let record = super::read_control_record(sock)?;
+        let record = ktls::read_control_record(sock)?;
         if let ControlRecord::KeyUpdate { update_requested } = record {
             self.updates.peer_key_update(update_requested, |keys| {
-                super::install_next(sock, false, &keys.next_rx())
+                ktls::install_next(sock, false, &keys.next_rx())
             })?;
             tracing::debug!(update_requested, "kernel TLS: receiving key updated");
         }

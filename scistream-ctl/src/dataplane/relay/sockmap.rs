@@ -25,9 +25,9 @@ use nix::sys::socket::{shutdown, Shutdown};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::relay::{connect, Pump};
 use super::splice::splice_bidirectional;
-use super::{DataPlaneError, SessionSpec, Stats};
+use super::{connect, Pump};
+use crate::dataplane::{DataPlaneError, SessionSpec, Stats};
 use crate::ebpf::{Pair, SockRedirect};
 
 /// A direction with bytes pending, a writable destination and no byte moved
@@ -76,7 +76,7 @@ impl SockmapPump {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SockRedirect> {
-        self.redirect.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.redirect)
     }
 }
 
