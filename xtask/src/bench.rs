@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use testbed::netns::{Link, Node, Topology};
 use testbed::process::{netns_command, run_command, spawn_in, Daemon};
 
+use crate::bench_chart;
 use crate::bench_control;
 use crate::bench_peers::{self, PeerPair};
 use crate::bench_report::{self, Cell, Report, Sample};
@@ -260,7 +261,7 @@ pub fn main(args: &Args) -> Result<ExitCode> {
     let mut written = vec![json.display().to_string()];
     for (report, cells) in &pairs {
         let svg = out_dir.join(format!("bench-{}.svg", report.way.name()));
-        bench_report::write_svg(report, cells, &svg)?;
+        bench_chart::write_svg(report, cells, &svg)?;
         written.push(svg.display().to_string());
     }
     println!("\nwrote {}", written.join(", "));
