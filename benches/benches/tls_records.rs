@@ -120,11 +120,11 @@ fn records(c: &mut Criterion) {
         });
     }
 
-    // The `tls` backend's own record layer (dataplane/records.rs), as it
+    // The `tls` backend's own record layer (dataplane/tls/records.rs), as it
     // runs after the hand-over: sealed in place in a record slot, opened in
     // place in the receive buffer; no copy.
-    use scistream_ctl::dataplane::ktls::Cipher;
-    use scistream_ctl::dataplane::records::{open_record, RecordKey, APPLICATION_DATA, SLOT};
+    use scistream_ctl::dataplane::tls::ktls::Cipher;
+    use scistream_ctl::dataplane::tls::records::{open_record, RecordKey, APPLICATION_DATA, SLOT};
     for (name, cipher, key_len) in [
         ("aes128gcm", Cipher::Aes128Gcm, 16),
         ("aes256gcm", Cipher::Aes256Gcm, 32),

@@ -9,8 +9,8 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use scistream_ctl::dataplane::ktls::Cipher;
-use scistream_ctl::dataplane::records::{
+use scistream_ctl::dataplane::tls::ktls::Cipher;
+use scistream_ctl::dataplane::tls::records::{
     open_record, Record, RecordKey, ALERT, APPLICATION_DATA, HANDSHAKE, KEY_UPDATE,
 };
 

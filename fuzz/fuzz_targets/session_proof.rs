@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use scistream_ctl::dataplane::session_auth::{prove, Exporter, Role, SessionSecret, LEN};
+use scistream_ctl::dataplane::tls::session_auth::{prove, Exporter, Role, SessionSecret, LEN};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Arbitrary, Debug)]

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use scistream_ctl::control::error::ControlError;
 use scistream_ctl::control::session::parse_uid;
-use scistream_ctl::dataplane::session_auth::is_time_based_uid;
+use scistream_ctl::dataplane::tls::session_auth::is_time_based_uid;
 
 fuzz_target!(|text: &str| {
     match parse_uid(text) {

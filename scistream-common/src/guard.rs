@@ -230,14 +230,19 @@ const _: () = assert!(core::mem::size_of::<PortCounters>() == 32);
 // sizes above are the sums of their fields), so any bit pattern the kernel
 // hands back is valid.
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for GuardConfig {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for Counters {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for AllowedPort {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for PeerKey {}
 #[cfg(feature = "user")]
+// SAFETY: as said above for all of them.
 unsafe impl aya::Pod for PortCounters {}
 
 #[cfg(test)]

@@ -16,6 +16,13 @@ const PRODUCER_PORT: u16 = 7000;
 /// Sets up one session through both gateways and streams `bytes` each way on
 /// each of `num_conn` parallel connections.
 fn stream_through(test: &str, backend: &str, num_conn: usize, bytes: u64, v6: bool) {
+    stream_sizes(test, backend, num_conn, (bytes, bytes), v6);
+}
+
+/// As [`stream_through`], the producer sending `sizes.0` bytes and the
+/// consumer `sizes.1` on each connection.
+fn stream_sizes(test: &str, backend: &str, num_conn: usize, sizes: (u64, u64), v6: bool) {
+    let (bytes, consumer_bytes) = sizes;
     if !require_root(test) {
         return;
     }
@@ -66,14 +73,19 @@ fn stream_through(test: &str, backend: &str, num_conn: usize, bytes: u64, v6: bo
         "outbound targets are the inbound listeners"
     );
 
-    let transfers = consume_parallel(topo.ns(Node::Consumer), &outbound.listeners, bytes, 1)
-        .unwrap_or_else(|e| {
-            panic!(
-                "transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}",
-                gin.daemon.log_contents(),
-                gout.daemon.log_contents()
-            )
-        });
+    let transfers = consume_parallel(
+        topo.ns(Node::Consumer),
+        &outbound.listeners,
+        consumer_bytes,
+        1,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "transfer failed: {e:#}\ninbound s2cs:\n{}\noutbound s2cs:\n{}",
+            gin.daemon.log_contents(),
+            gout.daemon.log_contents()
+        )
+    });
     let seen = producer
         .wait_for(num_conn, Duration::from_secs(30))
         .expect("producer records");
@@ -147,6 +159,10 @@ fn scistream_type_names_select_their_backends() {
     // `HaproxySubprocess` runs the real HAProxy, `Haproxy` is splice; the
     // tutorial's `StunnelSubprocess` (real stunnel) is proven in compat.rs.
     let test = "scistream_type_names_select_their_backends";
-    stream_through(test, "HaproxySubprocess", 2, 4 * MIB, false);
+    // Real HAProxy (2.6 in Debian 12) can cut a stream short when both
+    // directions end at the same moment (README, compat backends): the
+    // consumer says its little first, as a subscriber would, so the test
+    // shows the backend chosen, not that upstream race.
+    stream_sizes(test, "HaproxySubprocess", 2, (4 * MIB, 64 * 1024), false);
     stream_through(test, "Haproxy", 1, 4 * MIB, false);
 }

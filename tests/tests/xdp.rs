@@ -353,15 +353,16 @@ fn released_xdp_session_stops_translating_its_flows_while_another_goes_on() {
 }
 
 #[test]
-fn xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding() {
-    const TEST: &str = "xdp_flows_without_a_known_neighbour_go_through_the_kernels_forwarding";
+fn xdp_flows_without_a_known_neighbour_get_through_on_their_first_syn() {
+    const TEST: &str = "xdp_flows_without_a_known_neighbour_get_through_on_their_first_syn";
     if !require_root(TEST) {
         return;
     }
     let (topo, _echo, s) = echo_session();
-    // No neighbour on either gateway: bpf_fib_lookup cannot give a MAC, so the
-    // program hands the translated frames to the kernel, which resolves the
-    // neighbour and forwards them (a local source address: accept_local).
+    // No neighbour on either gateway: bpf_fib_lookup cannot give a MAC. At tc
+    // (these veths) bpf_redirect_neigh has the kernel resolve it and queue the
+    // packet meanwhile; at XDP the program hands the translated frame to the
+    // kernel's forwarding (a local source address: accept_local).
     for gw in [Node::OutboundGw, Node::InboundGw] {
         let out = Command::new("ip")
             .args(["-n", topo.ns(gw), "neigh", "flush", "all"])

@@ -2,6 +2,7 @@
 //! building, testing and demonstrating scistream-rs (see `cargo xtask --help`).
 
 mod bench;
+mod bench_chart;
 mod bench_control;
 mod bench_peers;
 mod bench_report;

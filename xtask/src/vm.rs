@@ -1,7 +1,7 @@
 //! `cargo xtask vm-test`: proves the kernel-TLS data path on real Debian
 //! kernels, since the development host has no kernel TLS. For each kernel it
 //! fetches the Debian package (cached), packs an initramfs holding busybox,
-//! the kernel's tls.ko and a static test binary (`scistream-ctl/examples/
+//! the kernel's tls.ko and a static test binary (`scistream-ctl/tests/
 //! vm_ktls.rs`, built for musl), boots it under QEMU (TCG) and reads the
 //! test's PASS/FAIL marker from the serial console.
 //!
@@ -147,7 +147,7 @@ fn build_test_binary() -> Result<PathBuf> {
         MUSL,
         "-p",
         "scistream-ctl",
-        "--example",
+        "--test",
         "vm_ktls",
     ])
     .arg("--message-format=json-render-diagnostics")

@@ -135,7 +135,8 @@ pub fn render(reg: &Registry) -> String {
             .set(1);
         any_attached = true;
     }
-    for (iface, hook) in crate::dataplane::xdp::nat_hooks().unwrap_or_default() {
+    let host = reg.backend().host_metrics();
+    for (iface, hook) in host.iter().flat_map(|h| h.hooks.iter().cloned()) {
         attached
             .get_or_create(&vec![
                 ("program", "nat".into()),
@@ -164,7 +165,7 @@ pub fn render(reg: &Registry) -> String {
             dropped_bytes,
         );
     }
-    if let Some(drops) = crate::dataplane::xdp::nat_drops() {
+    if let Some(drops) = host.map(|h| h.drops) {
         let (packets, nat_bytes) = (
             Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(),
             Family::<Vec<(&str, &str)>, Counter<u64, AtomicU64>>::default(),

@@ -29,7 +29,7 @@ impl Offload {
                 .spawn(move || {
                     let _rt = rt.enter();
                     loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let job = crate::lock(&rx).recv();
                         match job {
                             // A panicking job loses only its answer (the caller
                             // sees an error), not this thread.
@@ -58,11 +58,7 @@ impl Offload {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .ok()?;
+        crate::lock(&self.jobs).send(job).ok()?;
         rx.await.ok()
     }
 }

@@ -20,7 +20,7 @@ pub struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut used = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::lock(&self.pool);
         for p in &self.ports {
             used.remove(p);
         }
@@ -71,7 +71,7 @@ impl PortAllocator {
 
     /// Reserves `n` ports, all or nothing.
     pub fn allocate(&self, n: usize) -> Result<Reservation, ControlError> {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::lock(&self.used);
         let mut ports = Vec::with_capacity(n);
         let mut listeners = Vec::with_capacity(n);
         for port in self.range.start..=self.range.end {
@@ -108,7 +108,7 @@ impl PortAllocator {
     /// Reserves exactly `ports`, all or nothing: a session restored after a
     /// restart must keep the listeners its peers were told about.
     pub fn reserve(&self, ports: &[u16]) -> Result<Reservation, ControlError> {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = crate::lock(&self.used);
         let mut listeners = Vec::with_capacity(ports.len());
         for &port in ports {
             let why = if !(self.range.start..=self.range.end).contains(&port) {
@@ -154,7 +154,7 @@ impl PortAllocator {
     }
 
     pub fn in_use(&self) -> usize {
-        self.used.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::lock(&self.used).len()
     }
 }
 

@@ -69,9 +69,13 @@ pub async fn run(
             identity.key_path.display()
         );
     }
-    let backend = dataplane::from_args(&args, &identity).context("starting the data plane")?;
-    let ports = PortAllocator::new(args.port_range, args.listener_ip);
+    // The store first: a backend with kernel state left by an earlier run
+    // (xdp) keeps what belongs to the sessions coming back.
     let store = Arc::new(Store::open(&state_dir)?);
+    let stored = stored_forwarding(&store);
+    let backend =
+        dataplane::from_args(&args, &identity, &stored).context("starting the data plane")?;
+    let ports = PortAllocator::new(args.port_range, args.listener_ip);
     let guard = PortGuard::start(&args).map(Arc::new);
     let registry = Registry::with_store(
         ports,
@@ -312,5 +316,26 @@ fn oversize_to_resource_exhausted(resp: HttpResponse) -> HttpResponse {
             .into_http()
         }
         _ => resp,
+    }
+}
+
+/// The stored sessions as the data plane sees them; none when the store
+/// cannot be read (the registry's restore then says why).
+fn stored_forwarding(store: &Store) -> Vec<dataplane::StoredForwarding> {
+    match store.load_raw() {
+        Ok(records) => records
+            .into_iter()
+            .filter_map(|(_, r)| r)
+            .map(|r| dataplane::StoredForwarding {
+                forwarding: !r.targets.is_empty(),
+                listener_ports: r.listeners.iter().map(|l| l.port()).collect(),
+                uid: r.uid,
+                backend: r.backend,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the stored sessions; the data plane starts afresh");
+            Vec::new()
+        }
     }
 }

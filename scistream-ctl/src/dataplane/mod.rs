@@ -1,7 +1,19 @@
-//! The data plane: one [`Backend`] trait, one file per backend. The control
-//! plane hands a backend the session's reserved listeners and its targets and
-//! gets back a [`Forwarder`] it can retarget, query and release, never knowing
-//! how bytes move.
+//! The data plane: one [`Backend`] trait and one folder per way of moving
+//! bytes. The control plane hands a backend the session's reserved listeners
+//! and its targets and gets back a [`Forwarder`] it can retarget, query and
+//! release, never knowing how bytes move. Nothing here imports the control
+//! plane: what a backend needs from it (stored sessions at start) comes in
+//! through [`from_args`], what it reports (host metrics) goes out through
+//! the trait.
+//!
+//! - [`relay`]: accept loops and connection tasks shared by every backend
+//!   that terminates TCP, with the plaintext pumps (`splice`, `sockmap`)
+//!   and socket pacing.
+//! - [`tls`]: the encrypted tunnel: handshake and session proof, kernel TLS
+//!   and its re-keying, the user-space record layer.
+//! - [`compat`]: SciStream 1.2's stunnel and HAProxy, run as supervised
+//!   programs.
+//! - [`xdp`]: the eBPF NAT; the kernel forwards, no TCP is terminated.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,22 +21,15 @@ use std::sync::Arc;
 
 use crate::config::{BackendKind, ServerArgs};
 
-pub mod haproxy;
-pub mod ktls;
-pub mod pacing;
-pub mod records;
-mod relay;
-pub mod session_auth;
-pub mod sockmap;
-pub mod splice;
-pub mod stunnel;
-pub mod subprocess;
+pub mod compat;
+pub mod relay;
 #[cfg(test)]
 mod test_support;
 pub mod tls;
 pub mod xdp;
 
-pub use relay::TcpRelay;
+pub use relay::{sockmap, splice, TcpRelay};
+use tls::session_auth;
 
 /// Which end of the tunnel a session's listeners are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +111,28 @@ impl SessionSpec {
     }
 }
 
+/// A session the state directory holds from an earlier run, as far as a
+/// backend needs it at start (the `xdp` backend adopts the kernel state of
+/// its own sessions and removes the rest).
+#[derive(Clone, Debug)]
+pub struct StoredForwarding {
+    pub uid: String,
+    /// The backend the session forwarded with.
+    pub backend: String,
+    pub listener_ports: Vec<u16>,
+    /// False until the session's `update` gave it targets.
+    pub forwarding: bool,
+}
+
+/// What a backend reports about the host beyond its sessions, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct HostMetrics {
+    /// Interfaces its kernel program runs on, with the hook.
+    pub hooks: Vec<(String, crate::ebpf::Hook)>,
+    /// Host-wide counters of frames its kernel program dropped, by reason.
+    pub drops: Vec<(&'static str, scistream_common::guard::Counters)>,
+}
+
 /// A data-plane implementation (`s2cs --type`).
 pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -129,6 +156,11 @@ pub trait Backend: Send + Sync + 'static {
     /// duplicates, and the session keeps its own until a start succeeds.
     fn binds_ports_itself(&self) -> bool {
         false
+    }
+
+    /// Host-wide facts of a backend with a kernel program; `None` otherwise.
+    fn host_metrics(&self) -> Option<HostMetrics> {
+        None
     }
 }
 
@@ -189,10 +221,12 @@ impl Stats {
     }
 }
 
-/// Builds the backend `s2cs` was asked for, checking up front that it can run.
+/// Builds the backend `s2cs` was asked for, checking up front that it can
+/// run; `stored`: the sessions the state directory holds, loaded first.
 pub fn from_args(
     args: &ServerArgs,
     identity: &crate::tls::Identity,
+    stored: &[StoredForwarding],
 ) -> Result<Arc<dyn Backend>, DataPlaneError> {
     let limits = (args.max_conn_per_listener as usize, args.tcp_keepalive());
     Ok(match args.backend {
@@ -234,14 +268,14 @@ pub fn from_args(
                 reason: "--enforce_rate paces sockets inside s2cs; this backend's bytes move in another program".into(),
             });
         }
-        BackendKind::StunnelSubprocess => Arc::new(subprocess::SubprocessBackend::new(
-            stunnel::Stunnel,
+        BackendKind::StunnelSubprocess => Arc::new(compat::SubprocessBackend::new(
+            compat::stunnel::Stunnel,
             &args.state_dir(),
         )?),
-        BackendKind::HaproxySubprocess => Arc::new(subprocess::SubprocessBackend::new(
-            haproxy::Haproxy,
+        BackendKind::HaproxySubprocess => Arc::new(compat::SubprocessBackend::new(
+            compat::haproxy::Haproxy,
             &args.state_dir(),
         )?),
-        BackendKind::Xdp => Arc::new(xdp::XdpBackend::new(args)?),
+        BackendKind::Xdp => Arc::new(xdp::XdpBackend::new(args, stored)?),
     })
 }

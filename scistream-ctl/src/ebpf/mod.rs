@@ -11,7 +11,7 @@ mod nat;
 mod sockmap;
 
 pub use attach::{attach_tc, is_virtual, preferred_hook, AttachPolicy, Hook};
-pub use guard::{tc_ingress_programs, AttachMode, Attached, Guard, PeerNet, Verdict};
+pub use guard::{tc_ingress_programs, Attached, Guard, PeerNet, Verdict};
 pub use nat::{ensure_bpffs, Action, Nat};
 pub use scistream_common::guard::{Counters, DropReason};
 pub use sockmap::{socket_cookie, Pair, SockRedirect};
@@ -44,11 +44,10 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching eBPF program {program} to {iface} in {mode:?} mode")]
+    #[error("attaching eBPF program {program} to {iface} in XDP driver mode")]
     Attach {
         program: &'static str,
         iface: String,
-        mode: AttachMode,
         #[source]
         source: ProgramError,
     },
@@ -203,21 +202,20 @@ fn load_xdp(ebpf: &mut Ebpf, object: &'static str, name: &'static str) -> Result
         .map_err(xdp_error(name))
 }
 
-/// Attaches XDP program `name` to `iface`; the link lives until detached or
-/// until the object is dropped.
+/// Attaches XDP program `name` to `iface` in driver mode (never generic
+/// XDP: it linearises every packet); the link lives until detached or until
+/// the object is dropped.
 fn attach_xdp(
     ebpf: &mut Ebpf,
     object: &'static str,
     name: &'static str,
     iface: &str,
-    mode: AttachMode,
 ) -> Result<XdpLinkId, EbpfError> {
     xdp_program_mut(ebpf, object, name)?
-        .attach(iface, mode.into())
+        .attach(iface, aya::programs::XdpMode::Driver)
         .map_err(|source| EbpfError::Attach {
             program: name,
             iface: iface.to_owned(),
-            mode,
             source,
         })
 }

@@ -94,7 +94,7 @@ pub fn tc_guard(ctx: TcContext) -> i32 {
     if guard(&SkbFrame(&ctx)) {
         TC_ACT_UNSPEC
     } else {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     }
 }
 

@@ -115,7 +115,7 @@ impl ConnInfo {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *crate::lock(&self.0.idle_since) = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -214,7 +214,7 @@ impl ControlIo {
             let next = if state.in_flight.load(Ordering::Acquire) > 0 {
                 now + self.limits.idle
             } else {
-                let since = *state.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+                let since = *crate::lock(&state.idle_since);
                 if now.duration_since(since) >= self.limits.idle {
                     debug!(peer = %self.peer, secs = self.limits.idle.as_secs(), "control connection idle; closing it");
                     return Poll::Ready(Ok(()));
@@ -244,12 +244,7 @@ impl AsyncRead for ControlIo {
                 if let Some(w) = &mut this.preface {
                     if w.feed(fresh) {
                         this.preface = None;
-                        let since = *this
-                            .info
-                            .0
-                            .idle_since
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
+                        let since = *crate::lock(&this.info.0.idle_since);
                         this.timer
                             .as_mut()
                             .reset(since.max(Instant::now()) + this.limits.idle);

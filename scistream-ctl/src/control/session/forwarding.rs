@@ -133,7 +133,7 @@ impl Registry {
                 if !keeps_listeners {
                     self.rebind(session);
                 }
-                warn!(uid = %session.uid, error = %e, "update failed; the session is as it was");
+                warn!(uid = %session.keying.log_id, error = %e, "update failed; the session is as it was");
                 return Err(e);
             }
         };
@@ -188,7 +188,7 @@ impl Registry {
         let mut inner = lock(&session.inner);
         if let Some(r) = inner.reservation.as_mut() {
             if let Err(e) = self.ports.rebind(r) {
-                error!(uid = %session.uid, error = %e, "session's listeners could not be bound again");
+                error!(uid = %session.keying.log_id, error = %e, "session's listeners could not be bound again");
             }
         }
     }

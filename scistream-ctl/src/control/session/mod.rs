@@ -202,9 +202,7 @@ pub struct Registry {
     offload: OnceLock<Offload>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Registry {
     pub fn new(
@@ -276,6 +274,10 @@ impl Registry {
 
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
     }
 
     pub fn len(&self) -> usize {

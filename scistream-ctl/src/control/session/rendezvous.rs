@@ -78,7 +78,7 @@ impl Registry {
             debug!(uid = %uid, session = %log_id, "the tunnel is keyed by this uid alone: it goes by a stand-in name below debug level");
         }
         info!(uid = %log_id, role = role.as_str(), num_conn, rate, listeners = ?session.listeners, owner = ?session.owner, tunnel_secret = session.keying.kind.as_str(), "session requested");
-        if crate::dataplane::session_auth::is_time_based_uid(&uid) {
+        if crate::dataplane::tls::session_auth::is_time_based_uid(&uid) {
             warn!(uid = %log_id, "time-based (v1) uid: the tunnel's session secret derives from it and is guessable; use random (v4) uids");
         }
         if let Some(n) = lock(&self.early_hellos).remove(&uid) {

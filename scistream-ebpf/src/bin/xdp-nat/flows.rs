@@ -56,8 +56,8 @@ pub unsafe fn note_frame(flow: *mut Rewrite, tcp_flags: u8, now_s: u32) {
 /// a SYN meeting it opens a new connection on the same ports.
 #[inline(always)]
 pub fn closed(rewrite: &Rewrite) -> bool {
-    // SAFETY: see `live`; a copy of the other direction's entry.
-    let other = match NAT_FLOWS.get_ptr(&rewrite.reverse_key()) {
+    let other = match NAT_FLOWS.get_ptr(rewrite.reverse_key()) {
+        // SAFETY: see `live`; a copy of the other direction's entry.
         Some(o) => unsafe { *o },
         None => return true,
     };
@@ -67,7 +67,7 @@ pub fn closed(rewrite: &Rewrite) -> bool {
 /// Removes both entries of the flow `key` belongs to.
 #[inline(always)]
 pub fn forget(key: &FlowKey, rewrite: &Rewrite) {
-    let _ = NAT_FLOWS.remove(&rewrite.reverse_key());
+    let _ = NAT_FLOWS.remove(rewrite.reverse_key());
     let _ = NAT_FLOWS.remove(key);
 }
 
@@ -80,13 +80,14 @@ fn reclaim(reply: &FlowKey, config: &NatConfig, now_s: u32) -> bool {
         return true;
     };
     let other_key = held.reverse_key();
-    let ended = match NAT_FLOWS.get_ptr(&other_key) {
+    let ended = match NAT_FLOWS.get_ptr(other_key) {
+        // SAFETY: see `live`; read in place for this call only.
         Some(o) => config.expired(&held, unsafe { &*o }, now_s),
         // Half a flow (the other entry evicted) translates nothing useful.
         None => true,
     };
     if ended {
-        let _ = NAT_FLOWS.remove(&other_key);
+        let _ = NAT_FLOWS.remove(other_key);
         let _ = NAT_FLOWS.remove(reply);
     }
     ended
@@ -130,11 +131,11 @@ pub fn new_flow(
         // NOEXIST makes the reply key the reservation of the port: another
         // live flow to the same target holding it makes this fail.
         if NAT_FLOWS
-            .insert(&reply, &backward, u64::from(BPF_NOEXIST))
+            .insert(reply, backward, u64::from(BPF_NOEXIST))
             .is_err()
             && !(reclaim(&reply, config, now_s)
                 && NAT_FLOWS
-                    .insert(&reply, &backward, u64::from(BPF_NOEXIST))
+                    .insert(reply, backward, u64::from(BPF_NOEXIST))
                     .is_ok())
         {
             continue;
@@ -150,8 +151,8 @@ pub fn new_flow(
             tag: service.tag,
             seen_s: now_s,
         };
-        if NAT_FLOWS.insert(key, &forward, 0).is_err() {
-            let _ = NAT_FLOWS.remove(&reply);
+        if NAT_FLOWS.insert(key, forward, 0).is_err() {
+            let _ = NAT_FLOWS.remove(reply);
             return Err(Event::PortsExhausted);
         }
         if let Some(c) = NAT_STATS.get_ptr_mut(key.dport) {
@@ -172,7 +173,7 @@ pub fn police(service: &Service, direction: u8, payload: u64, now: u64) -> bool 
     if service.flags & Service::POLICED == 0 || payload == 0 {
         return true;
     }
-    let Some(bucket) = NAT_BUCKETS.get_ptr_mut(&service.tag) else {
+    let Some(bucket) = NAT_BUCKETS.get_ptr_mut(service.tag) else {
         return true;
     };
     // SAFETY: a live map value for this run; the two rate fields are only

@@ -151,7 +151,9 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     // difference to fold in.
     let ok = f.write(t.l3 + IP_SADDR, &new_addrs(t))
         && f.write(t.l4, &new_ports(t))
+        // SAFETY: as said above.
         && unsafe { bpf_l3_csum_replace(skb, ip_check, 0, addrs.as_wsum(), 0) } == 0
+        // SAFETY: as said above.
         && unsafe {
             bpf_l4_csum_replace(
                 skb,
@@ -161,6 +163,7 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
                 u64::from(BPF_F_PSEUDO_HDR),
             )
         } == 0
+        // SAFETY: as said above.
         && unsafe { bpf_l4_csum_replace(skb, tcp_check, 0, ports.as_wsum(), 0) } == 0;
     if !ok {
         return Err(Event::Malformed);
@@ -168,7 +171,7 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     let ttl = t.ip[IP_TTL];
     if t.tagged || ttl <= 1 {
         count_event(Event::PassedToStack, f.len());
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // SAFETY: fields of the program's own context.
     let (ingress, gso_size) = unsafe { ((*skb).ingress_ifindex, (*skb).gso_size) };
@@ -193,7 +196,7 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     if !known && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // No route, or a packet too big for it: the stack's business.
         count_event(Event::PassedToStack, f.len());
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let proto = t.ip[IP_TTL + 1];
     let old = u16::from_ne_bytes([ttl, proto]);
@@ -219,6 +222,7 @@ pub fn tc(f: &Tc, t: &Translation) -> Result<i32, Event> {
     // The kernel resolves the neighbour (and queues the packet meanwhile).
     let mut nh = bpf_redir_neigh {
         nh_family: u32::from(AF_INET),
+        // SAFETY: a union of integers; all zeros is a valid value of each.
         __bindgen_anon_1: unsafe { core::mem::zeroed() },
     };
     // SAFETY: the lookup wrote the next hop's IPv4 address (family AF_INET).

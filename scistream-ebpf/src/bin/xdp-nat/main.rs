@@ -122,17 +122,17 @@ pub fn xdp_nat(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_nat(ctx: TcContext) -> i32 {
     let Some(config) = config() else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let f = frame::Tc(&ctx);
     let result = match decide(&f, &config) {
-        Ok(Verdict::Pass) => return TC_ACT_OK as i32,
+        Ok(Verdict::Pass) => return TC_ACT_OK,
         Ok(Verdict::Translate(t)) => forward::tc(&f, &t),
         Err(event) => Err(event),
     };
     result.unwrap_or_else(|event| {
         count_event(event, f.len());
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     })
 }
 
@@ -204,7 +204,7 @@ fn decide<F: Frame>(f: &F, config: &NatConfig) -> Result<Verdict, Event> {
         tagged: t.tagged,
     };
 
-    if let Some(flow) = NAT_FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = NAT_FLOWS.get_ptr_mut(key) {
         // SAFETY: a pointer from a map lookup stays valid for this run (LRU
         // elements are preallocated); a concurrent update can at worst give a
         // mix of old and new fields of the same flow.
@@ -231,7 +231,7 @@ fn decide<F: Frame>(f: &F, config: &NatConfig) -> Result<Verdict, Event> {
                 return Ok(Verdict::Translate(translation(rewrite)));
             }
             None => {
-                let _ = NAT_FLOWS.remove(&key);
+                let _ = NAT_FLOWS.remove(key);
                 count_event(Event::StaleFlow, f.len());
             }
         }

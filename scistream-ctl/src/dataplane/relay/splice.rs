@@ -15,10 +15,10 @@ use nix::sys::socket::{shutdown, Shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::ktls::rekey::Rekey;
-use super::ktls::ControlRecord;
-use super::relay::{connect, Pump};
-use super::{DataPlaneError, SessionSpec, Stats};
+use super::{connect, Pump};
+use crate::dataplane::tls::ktls::ControlRecord;
+use crate::dataplane::tls::rekey::Rekey;
+use crate::dataplane::{DataPlaneError, SessionSpec, Stats};
 
 /// Bytes one pipe may hold (per direction, per connection). 1 MiB is the
 /// default unprivileged maximum (`/proc/sys/fs/pipe-max-size`) and enough to
@@ -175,7 +175,7 @@ async fn splice_one_way(
         if n == 0 {
             if matches!(ktls, Ktls::Dst(_)) {
                 // Best effort: the FIN below ends the direction either way.
-                let _ = super::ktls::send_close_notify(dst);
+                let _ = crate::dataplane::tls::ktls::send_close_notify(dst);
             }
             // Peer finished sending: pass the half-close on. ENOTCONN means
             // the other side is already fully closed, which is fine here.

@@ -2,8 +2,8 @@
 //! gateway, in user space with rustls. The inbound gateway presents its server
 //! certificate; the outbound one verifies it when given `--peer_ca`. Before a
 //! byte is forwarded, both prove the session secret over the channel
-//! ([`super::session_auth`]). The apps on either side speak plain TCP.
-//! Where the kernel has TLS offload ([`super::ktls`]), the keys then move to
+//! ([`session_auth`]). The apps on either side speak plain TCP.
+//! Where the kernel has TLS offload ([`ktls`]), the keys then move to
 //! the kernel and the bytes go by splice(2); otherwise rustls carries them.
 
 use std::future::Future;
@@ -21,12 +21,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::ktls::rekey::{KeySchedule, KeyUpdates, Rekey, SecretLog};
-use super::ktls::{self, RecordBounded, Tier};
-use super::records::{self, RecordKey};
-use super::relay::{connect, Pump};
-use super::session_auth::{self, Role, SessionSecret};
-use super::{DataPlaneError, SessionSpec, Side, Stats};
+use crate::dataplane::relay::{connect, splice, Pump};
+use crate::dataplane::{DataPlaneError, SessionSpec, Side, Stats, TunnelKeying};
+use ktls::{RecordBounded, Tier};
+use records::RecordKey;
+use rekey::{KeySchedule, KeyUpdates, Rekey, SecretLog};
+use session_auth::{Role, SessionSecret};
+
+pub mod ktls;
+pub mod records;
+pub mod rekey;
+pub mod session_auth;
 use crate::tls::{tunnel_client_config, tunnel_server_config, Identity};
 
 /// Copy buffer per direction; with rustls' own 64 KiB plaintext limit this
@@ -344,7 +349,7 @@ async fn carry_handed(
         None => {
             tracing::debug!("tunnel offloaded to kernel TLS");
             let rekey = Rekey::new(keys, rekey_every, rekeys);
-            super::splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
+            splice::splice_ktls(&plain, &sock, to_tunnel, from_tunnel, &rekey).await
         }
         Some((tx, rx)) => {
             let updates = KeyUpdates::new(keys, rekey_every, rekeys);
@@ -378,7 +383,7 @@ async fn guarded<T>(
 
 impl Pump for TlsPump {
     const NAME: &'static str = "tls";
-    const KEYING: super::TunnelKeying = super::TunnelKeying::SessionKey;
+    const KEYING: TunnelKeying = TunnelKeying::SessionKey;
 
     async fn relay(
         self: Arc<Self>,
@@ -512,5 +517,4 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
 mod tests;

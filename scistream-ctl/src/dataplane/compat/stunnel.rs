@@ -16,8 +16,8 @@ use std::path::Path;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::subprocess::{Compat, Listeners, Retarget};
-use super::{SessionSpec, Side};
+use super::{Compat, Listeners, Retarget};
+use crate::dataplane::{SessionSpec, Side, TunnelKeying};
 
 /// The PSK identity SciStream 1.2 writes in its key file.
 pub const PSK_IDENTITY: &str = "client1";
@@ -85,7 +85,7 @@ impl Compat for Stunnel {
     const NAME: &'static str = "StunnelSubprocess";
     const PROGRAM: &'static str = "stunnel";
     const PACKAGE: &'static str = "stunnel4";
-    const KEYING: super::TunnelKeying = super::TunnelKeying::Uid;
+    const KEYING: TunnelKeying = TunnelKeying::Uid;
 
     fn files(
         &self,

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
 
-use super::subprocess::{control_command_within, Compat, Listeners, Retarget};
-use super::{SessionSpec, StatsSnapshot};
+use super::{control_command_within, Compat, Listeners, Retarget};
+use crate::dataplane::{SessionSpec, StatsSnapshot};
 
 /// How long a `/metrics` scrape or `status` call waits for HAProxy's counters.
 const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);

@@ -32,22 +32,30 @@
 //! `--enforce_rate`: each session's TCP payload is policed per direction at
 //! its `rate` by a token bucket in the program (see `RateBucket`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt;
-use scistream_common::guard::Counters;
-use scistream_common::nat::{Event, RateBucket, Service, SessionCounters, LAYOUT_VERSION};
+use scistream_common::nat::{Event, RateBucket, Service, SessionCounters};
 use tracing::{info, warn};
 
-use super::{Backend, DataPlaneError, Forwarder, SessionSpec, StatsSnapshot};
+mod adopt;
+mod sysctl;
+mod upkeep;
+
+use adopt::{adopt, pin_dir, stored_sessions, sweep_unclaimed_after, Tags};
+use sysctl::allow_local_sources;
+use upkeep::{sweep_ended_flows, OpenFlows};
+
+use super::{
+    Backend, DataPlaneError, Forwarder, HostMetrics, SessionSpec, StatsSnapshot, StoredForwarding,
+};
 use crate::config::{PortRange, ServerArgs};
-use crate::ebpf::{ensure_bpffs, EbpfError, Hook, Nat};
-use crate::error_chain;
+use crate::ebpf::{ensure_bpffs, EbpfError, Nat};
+use crate::{error_chain, host, lock};
 
 const NAME: &str = "xdp";
 
@@ -78,9 +86,6 @@ const ADOPTION_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the sweeper frees the entries of ended flows.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// The NAT of the running backend, for the host-wide metrics.
-static METRICS_NAT: Mutex<Weak<Mutex<Nat>>> = Mutex::new(Weak::new());
 
 pub struct XdpBackend {
     nat: Arc<Mutex<Nat>>,
@@ -113,13 +118,13 @@ impl XdpBackend {
     /// else every interface that is up but loopback: replies come in on other
     /// interfaces than the listeners'). Refuses with the reason when this host
     /// cannot run it.
-    pub fn new(args: &ServerArgs) -> Result<Self, DataPlaneError> {
+    pub fn new(args: &ServerArgs, stored: &[StoredForwarding]) -> Result<Self, DataPlaneError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(unsupported(
                 "needs root (CAP_BPF and CAP_NET_ADMIN) to attach its XDP program",
             ));
         }
-        let nat_range = nat_port_range(args.port_range, ephemeral_ports()).ok_or_else(|| {
+        let nat_range = nat_port_range(args.port_range, host::ephemeral_ports()).ok_or_else(|| {
             unsupported(format!(
                 "no {MIN_NAT_PORTS} source ports left outside --port_range {} and the ephemeral ports",
                 args.port_range
@@ -127,12 +132,10 @@ impl XdpBackend {
         })?;
         let ifaces = match &args.data_iface {
             Some(list) => list.clone(),
-            None => crate::control::guard::interfaces_of(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-                .map_err(unsupported)?,
+            None => host::interfaces_of(IpAddr::V4(Ipv4Addr::UNSPECIFIED)).map_err(unsupported)?,
         };
         let state_dir = args.state_dir();
-        // Before the pin directory's name: it opens (creates) the state dir.
-        let stored = stored_sessions(&state_dir);
+        let stored = stored_sessions(stored);
         let dir = pin_dir(&state_dir);
         let ebpf = |e: EbpfError| unsupported(error_chain(&e));
         ensure_bpffs(&bpffs()).map_err(ebpf)?;
@@ -163,12 +166,11 @@ impl XdpBackend {
         }
         let saved = state_dir.join(ACCEPT_LOCAL_FILE);
         let accept_local = allow_local_sources(&ifaces, &saved);
-        if !ip_forwarding() {
+        if !host::ip_forwarding() {
             warn!("net.ipv4.ip_forward is 0: frames the XDP program cannot redirect itself (no neighbour entry yet) are dropped by the kernel");
         }
         info!(ifaces = ?ifaces, %hooks, policy = ?args.ebpf_attach, data_range = %args.port_range, nat_ports = ?nat_range, pins = %dir.display(), "xdp NAT attached; it also guards the data range");
         let nat = Arc::new(Mutex::new(nat));
-        *METRICS_NAT.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&nat);
         let unclaimed = Arc::new(Mutex::new(unclaimed));
         sweep_unclaimed_after(ADOPTION_GRACE, Arc::downgrade(&nat), unclaimed.clone());
         sweep_ended_flows(SWEEP_EVERY, Arc::downgrade(&nat));
@@ -209,202 +211,12 @@ impl Drop for XdpBackend {
     }
 }
 
-/// The pin directory of the state directory `state_dir`: two s2cs on one
-/// host never adopt each other's NAT, and a program of another map layout
-/// is never adopted.
-fn pin_dir(state_dir: &Path) -> PathBuf {
-    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
-    let hash = fnv1a(canonical.as_os_str().as_bytes());
-    bpffs()
-        .join("scistream")
-        .join(format!("nat-v{LAYOUT_VERSION}-{hash:016x}"))
-}
-
-/// FNV-1a, 64 bits: stable across builds and runs, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Session tags. A tag tells a session's flows from those of an earlier
-/// holder of the same port, and keys its rate bucket, so two live sessions
-/// never share one: new ones come from a counter (random start, so a restart
-/// does not replay the last run's) skipping the tags in use.
-struct Tags {
-    next: u32,
-    live: HashSet<u32>,
-    /// Tags of adopted services, by the uid of the stored session.
-    adopted: HashMap<String, u32>,
-}
-
-impl Tags {
-    fn new() -> Self {
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
-            .unwrap_or(1);
-        Self {
-            next: start,
-            live: HashSet::new(),
-            adopted: HashMap::new(),
-        }
-    }
-
-    /// The tag of session `uid`: its adopted one, else a fresh one.
-    fn take(&mut self, uid: &str) -> u32 {
-        if let Some(tag) = self.adopted.remove(uid) {
-            self.live.insert(tag);
-            return tag;
-        }
-        let in_use = |t: &u32| self.live.contains(t) || self.adopted.values().any(|a| a == t);
-        loop {
-            self.next = self.next.wrapping_add(1);
-            if self.next != 0 && !in_use(&self.next) {
-                self.live.insert(self.next);
-                return self.next;
-            }
-        }
-    }
-
-    fn release(&mut self, tag: u32) {
-        self.live.remove(&tag);
-    }
-}
-
-/// The xdp sessions with targets stored in `state_dir`: their uids by
-/// listener port. The store is closed again before the server opens it.
-fn stored_sessions(state_dir: &Path) -> HashMap<u16, String> {
-    let records = crate::control::store::Store::open(state_dir).and_then(|s| s.load_raw());
-    let records = match records {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "cannot read the stored sessions; the xdp NAT starts afresh");
-            return HashMap::new();
-        }
-    };
-    records
-        .into_iter()
-        .filter_map(|(_, r)| r)
-        .filter(|r| r.backend == NAME && !r.targets.is_empty())
-        .flat_map(|r| {
-            let uid = r.uid;
-            r.listeners
-                .into_iter()
-                .map(move |l| (l.port(), uid.clone()))
-        })
-        .collect()
-}
-
-/// Keeps the adopted services of stored sessions (`stored`: port -> uid;
-/// every port of one session must carry one tag) and removes the others with
-/// their flows; returns the kept ports, which the restored sessions are
-/// expected to claim, and the tag of each uid.
-fn adopt(
-    nat: &mut Nat,
-    stored: &HashMap<u16, String>,
-) -> Result<(HashSet<u16>, HashMap<String, u32>), EbpfError> {
-    let services = nat.services()?;
-    let mut tag_of: HashMap<String, Option<u32>> = HashMap::new();
-    for (port, service) in &services {
-        if let Some(uid) = stored.get(port) {
-            let seen = tag_of.entry(uid.clone()).or_insert(Some(service.tag));
-            if *seen != Some(service.tag) {
-                *seen = None;
-            }
-        }
-    }
-    let tags: HashMap<String, u32> = tag_of
-        .into_iter()
-        .filter_map(|(u, t)| Some((u, t?)))
-        .collect();
-    let mut kept = HashSet::new();
-    let mut dropped = Vec::new();
-    for (port, service) in services {
-        let same = stored.get(&port).and_then(|uid| tags.get(uid)) == Some(&service.tag);
-        if same {
-            kept.insert(port);
-        } else {
-            nat.remove_service(port)?;
-            dropped.push(port);
-        }
-    }
-    let live: HashSet<u32> = tags.values().copied().collect();
-    for tag in nat.bucket_tags()? {
-        if !live.contains(&tag) {
-            nat.remove_bucket(tag)?;
-        }
-    }
-    info!(kept_ports = ?kept, dropped_ports = ?dropped, "adopted the pinned xdp NAT of an earlier run: its flows keep being translated");
-    Ok((kept, tags))
-}
-
-/// Frees, every `every`, the entries of flows that ended, until the NAT goes.
-fn sweep_ended_flows(every: Duration, nat: Weak<Mutex<Nat>>) {
-    let spawned = std::thread::Builder::new()
-        .name("xdp-flow-sweep".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            let Some(nat) = nat.upgrade() else { return };
-            let swept = lock(&nat).sweep_ended(uptime_s());
-            if let Err(e) = swept {
-                warn!(error = %error_chain(&e), "cannot sweep the xdp NAT's ended flows");
-            }
-        });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start the sweeper of ended xdp flows: finished flows keep their entries until a SYN reuses their port");
-    }
-}
-
 /// `iface:hook` for every interface the NAT holds, for the logs.
 fn hooks_text(nat: &Nat) -> String {
     nat.hooks()
         .map(|(i, h)| format!("{i}:{h}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Where the running NAT is attached, for `/metrics`; `None` when no xdp
-/// backend runs in this process.
-pub fn nat_hooks() -> Option<Vec<(String, Hook)>> {
-    let nat = METRICS_NAT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .upgrade()?;
-    let nat = lock(&nat);
-    Some(nat.hooks().map(|(i, h)| (i.to_owned(), h)).collect())
-}
-
-/// Removes, after `grace`, the adopted services no restored session claimed
-/// (a stored session that failed to come back): nothing may keep
-/// forwarding for a session that no longer exists.
-fn sweep_unclaimed_after(
-    grace: Duration,
-    nat: Weak<Mutex<Nat>>,
-    unclaimed: Arc<Mutex<HashSet<u16>>>,
-) {
-    if unclaimed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_empty()
-    {
-        return;
-    }
-    let spawned = std::thread::Builder::new().name("xdp-adoption".into()).spawn(move || {
-        std::thread::sleep(grace);
-        let Some(nat) = nat.upgrade() else { return };
-        let ports: Vec<u16> = unclaimed.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-        let mut nat = lock(&nat);
-        for port in ports {
-            match nat.remove_service(port) {
-                Ok(_) => warn!(port, "adopted xdp service not claimed by a restored session; removed with its flows"),
-                Err(e) => warn!(port, error = %error_chain(&e), "cannot remove an unclaimed xdp service"),
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start the sweep of unclaimed xdp services");
-    }
 }
 
 /// Bucket depth for `rate_kbps`: 250 ms at the rate, at least 64 KiB. TCP
@@ -418,114 +230,21 @@ pub fn bucket_depth(rate_kbps: u64) -> u64 {
     (rate_kbps.saturating_mul(125) / 4).max(64 * 1024)
 }
 
-/// Open connections per listener port, read from the flow map at most once
-/// a second (one pass over the map serves every session's stats).
-#[derive(Default)]
-struct OpenFlows {
-    cache: Mutex<Option<(Instant, HashMap<u16, u64>)>>,
-}
-
-impl OpenFlows {
-    fn of(&self, nat: &Mutex<Nat>, ports: &[u16]) -> u64 {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = cache
-            .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
-        if !fresh {
-            let now_s = uptime_s();
-            let counted = lock(nat).open_connections(now_s, OPEN_IDLE_S);
-            *cache = Some((Instant::now(), counted.unwrap_or_default()));
-        }
-        let by_port = cache.as_ref().map(|(_, m)| m);
-        ports
-            .iter()
-            .filter_map(|p| by_port.and_then(|m| m.get(p)))
-            .sum()
-    }
-}
-
-/// Seconds since boot, the clock of the program's `seen_s` (CLOCK_BOOTTIME).
-fn uptime_s() -> u32 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// The host-wide drop counters of the running xdp NAT, by event, for the
-/// metrics endpoint; `None` when no xdp backend runs in this process.
-pub fn nat_drops() -> Option<Vec<(&'static str, Counters)>> {
-    let nat = METRICS_NAT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .upgrade()?;
-    let nat = lock(&nat);
-    Some(
-        Event::ALL
-            .into_iter()
-            .filter(|e| e.is_drop())
-            .map(|e| (e.name(), nat.events(e).unwrap_or_default()))
-            .collect(),
-    )
-}
-
-/// A translated frame the program hands to the kernel carries this host's
-/// own address as its source, which the kernel drops as a martian unless the
-/// interface has accept_local (strict rp_filter drops it too). Sets
-/// accept_local=1 where it is off and returns what to restore at exit, also
-/// saved in `saved`: values a killed run set are restored to what they were
-/// before it, not to its 1.
-fn allow_local_sources(ifaces: &[String], saved: &Path) -> Vec<(String, String)> {
-    let earlier: HashMap<String, String> = std::fs::read_to_string(saved)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(' ').map(|(p, v)| (p.to_owned(), v.to_owned())))
-        .collect();
-    let mut changed = Vec::new();
-    for iface in ifaces {
-        let conf = format!("/proc/sys/net/ipv4/conf/{iface}");
-        let read = |knob: &str| {
-            std::fs::read_to_string(format!("{conf}/{knob}")).map(|v| v.trim().to_owned())
-        };
-        let all_rp = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
-            .map(|v| v.trim().to_owned());
-        // The kernel applies the larger of `all` and the interface's value.
-        if read("rp_filter").is_ok_and(|v| v == "1") || all_rp.is_ok_and(|v| v == "1") {
-            warn!(iface, "rp_filter is strict (1): frames the XDP program hands to the kernel are dropped there; loose (2) works");
-        }
-        let path = format!("{conf}/accept_local");
-        if let Some(old) = earlier.get(&path) {
-            changed.push((path, old.clone()));
-            continue;
-        }
-        match read("accept_local") {
-            Ok(old) if old == "0" => match std::fs::write(&path, "1") {
-                Ok(()) => changed.push((path, old)),
-                Err(e) => {
-                    warn!(iface, error = %e, "cannot set accept_local=1: frames without a neighbour entry yet will be dropped")
-                }
-            },
-            Ok(_) => {}
-            Err(e) => warn!(iface, error = %e, "cannot read accept_local"),
-        }
-    }
-    let record: String = changed.iter().map(|(p, v)| format!("{p} {v}\n")).collect();
-    if let Err(e) = std::fs::write(saved, record) {
-        warn!(file = %saved.display(), error = %e, "cannot save the accept_local values to restore");
-    }
-    if !changed.is_empty() {
-        info!(set = ?changed.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), "accept_local=1 for frames the XDP program hands to the kernel (restored at exit)");
-    }
-    changed
-}
-
-fn lock(nat: &Mutex<Nat>) -> std::sync::MutexGuard<'_, Nat> {
-    nat.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Backend for XdpBackend {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn host_metrics(&self) -> Option<HostMetrics> {
+        let nat = lock(&self.nat);
+        Some(HostMetrics {
+            hooks: nat.hooks().map(|(i, h)| (i.to_owned(), h)).collect(),
+            drops: Event::ALL
+                .into_iter()
+                .filter(|e| e.is_drop())
+                .map(|e| (e.name(), nat.events(e).unwrap_or_default()))
+                .collect(),
+        })
     }
 
     fn start(
@@ -534,11 +253,7 @@ impl Backend for XdpBackend {
         listeners: Vec<TcpListener>,
         targets: Vec<SocketAddr>,
     ) -> Result<Box<dyn Forwarder>, DataPlaneError> {
-        let tag = self
-            .tags
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(&spec.uid);
+        let tag = crate::lock(&self.tags).take(&spec.uid);
         let ports = listeners
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
@@ -548,10 +263,7 @@ impl Backend for XdpBackend {
         let services = match services(&ports, &targets, tag, flags) {
             Ok(s) => s,
             Err(e) => {
-                self.tags
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .release(tag);
+                crate::lock(&self.tags).release(tag);
                 return Err(e);
             }
         };
@@ -572,7 +284,7 @@ impl Backend for XdpBackend {
                 let bucket = RateBucket::new(spec.rate_kbps, bucket_depth(spec.rate_kbps));
                 nat.set_bucket(tag, bucket).map_err(ebpf_io)?;
             }
-            let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut unclaimed = crate::lock(&self.unclaimed);
             for (port, service) in fwd.ports.iter().zip(services) {
                 // On error `fwd` drops and removes what was added.
                 nat.add_service(*port, service).map_err(ebpf_io)?;
@@ -658,7 +370,7 @@ struct XdpForwarder {
 
 impl XdpForwarder {
     fn counters(&self) -> SessionCounters {
-        if let Some(last) = *self.released.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(last) = *crate::lock(&self.released) {
             return last;
         }
         let nat = lock(&self.nat);
@@ -687,10 +399,7 @@ impl XdpForwarder {
     }
 
     fn remove(&self) -> SessionCounters {
-        self.tags
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release(self.tag);
+        crate::lock(&self.tags).release(self.tag);
         let mut nat = lock(&self.nat);
         if let Err(e) = nat.remove_bucket(self.tag) {
             warn!(uid = %self.uid, error = %error_chain(&e), "cannot remove an xdp rate bucket");
@@ -727,11 +436,7 @@ impl Forwarder for XdpForwarder {
 
     fn stats(&self) -> StatsSnapshot {
         let c = self.counters();
-        let released = self
-            .released
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let released = crate::lock(&self.released).is_some();
         StatsSnapshot {
             bytes_forward: c.forward_bytes,
             bytes_backward: c.backward_bytes,
@@ -747,13 +452,13 @@ impl Forwarder for XdpForwarder {
 
     fn release(&self) -> futures::future::BoxFuture<'_, ()> {
         async move {
-            let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+            let mut released = crate::lock(&self.released);
             if released.is_none() {
                 let last = self.remove();
                 self.log_host_events();
                 info!(uid = %self.uid, forward_bytes = last.forward_bytes, backward_bytes = last.backward_bytes, flows = last.flows, over_rate_packets = last.over_rate_packets, "xdp session released; its flows are no longer translated");
                 *released = Some(last);
-                self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                crate::lock(&self.listeners).clear();
             }
         }
         .boxed()
@@ -793,88 +498,5 @@ fn nat_port_range(data: PortRange, ephemeral: Option<(u16, u16)>) -> Option<(u16
         .map(|(lo, hi)| (lo as u16, hi as u16))
 }
 
-fn ephemeral_ports() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut fields = text.split_whitespace().map(str::parse::<u16>);
-    Some((fields.next()?.ok()?, fields.next()?.ok()?))
-}
-
-fn ip_forwarding() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn range(start: u16, end: u16) -> PortRange {
-        PortRange { start, end }
-    }
-
-    #[test]
-    fn nat_ports_come_from_the_highest_free_run_outside_ephemeral_and_data_ports() {
-        // Linux's default ephemeral range leaves 61000-65535.
-        assert_eq!(
-            nat_port_range(range(5100, 5200), Some((32768, 60999))),
-            Some((61000, 65535))
-        );
-        // Data range at the top: the gap below the ephemeral ports is larger.
-        assert_eq!(
-            nat_port_range(range(61000, 65535), Some((32768, 60999))),
-            Some((1024, 32767))
-        );
-        assert_eq!(nat_port_range(range(5100, 5200), None), Some((5201, 65535)));
-    }
-
-    #[test]
-    fn no_nat_ports_when_everything_is_taken() {
-        assert_eq!(
-            nat_port_range(range(1024, 30000), Some((30001, 65535))),
-            None
-        );
-    }
-
-    #[test]
-    fn bucket_holds_250_ms_at_the_rate_and_never_less_than_64_kib() {
-        assert_eq!(bucket_depth(80_000), 2_500_000);
-        assert_eq!(bucket_depth(1_000), 64 * 1024);
-        assert_eq!(bucket_depth(10_000_000), 312_500_000);
-    }
-
-    #[test]
-    fn session_tags_are_allocated_unique_among_live_sessions_and_adopted_ones_come_back() {
-        let mut tags = Tags::new();
-        tags.next = u32::MAX - 1;
-        tags.adopted.insert("restored".into(), 7);
-        let a = tags.take("a");
-        let b = tags.take("b");
-        assert_eq!(a, u32::MAX);
-        assert_eq!(b, 1, "0 is never a tag");
-        assert_eq!(tags.take("restored"), 7, "an adopted session keeps its tag");
-        // Wrapped round to a tag still live: skipped.
-        tags.next = 0;
-        assert_eq!(tags.take("c"), 2);
-        tags.release(1);
-        tags.next = 0;
-        assert_eq!(tags.take("d"), 1, "a released tag may be handed out again");
-        tags.next = 6;
-        assert_eq!(tags.take("e"), 8, "a live adopted tag is skipped");
-    }
-
-    #[test]
-    fn pin_directories_differ_per_state_directory_and_name_the_layout() {
-        let a = pin_dir(Path::new("/nonexistent/a"));
-        let b = pin_dir(Path::new("/nonexistent/b"));
-        assert_ne!(a, b);
-        assert!(a.starts_with(bpffs().join("scistream")), "{}", a.display());
-        assert!(a
-            .to_string_lossy()
-            .contains(&format!("nat-v{LAYOUT_VERSION}-")));
-    }
-
-    #[test]
-    fn ipv6_targets_are_refused_with_a_reason() {
-        let err = service_for("[::1]:7000".parse().unwrap(), 1).unwrap_err();
-        assert!(err.to_string().contains("IPv4 only"), "{err}");
-    }
-}
+mod tests;

@@ -13,9 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{
-    pacing, Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot, TunnelKeying,
+use crate::dataplane::{
+    Backend, DataPlaneError, Forwarder, SessionSpec, Stats, StatsSnapshot, TunnelKeying,
 };
+
+pub mod pacing;
+pub mod sockmap;
+pub mod splice;
 
 /// How long connecting to a target may take before the accepted client is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,7 +112,7 @@ impl Admission {
 
     fn warn_refused(&self, peer: SocketAddr) {
         let now = std::time::Instant::now();
-        let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::lock(&self.last_warn);
         if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_WARN_EVERY) {
             *last = Some(now);
             warn!(%peer, cap = self.cap, "session at its connection cap (--max_conn_per_listener x num_conn); closing new connections");
@@ -349,14 +353,14 @@ impl ConnSockets {
         use std::os::fd::AsFd;
         set_keepalive(s, self.keepalive);
         if let Ok(fd) = s.as_fd().try_clone_to_owned() {
-            self.fds.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+            crate::lock(&self.fds).push(fd);
         }
     }
 
     /// Linger 0 on every end: their last close, when this task drops the
     /// duplicates, sends RST.
     fn abort(&self) {
-        for fd in self.fds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for fd in crate::lock(&self.fds).iter() {
             let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
         }
     }
@@ -364,8 +368,8 @@ impl ConnSockets {
 
 #[cfg(test)]
 mod tests {
+    use super::splice::SplicePump;
     use super::*;
-    use crate::dataplane::splice::SplicePump;
     use crate::dataplane::{SessionSpec, Side};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

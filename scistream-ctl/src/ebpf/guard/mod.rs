@@ -23,17 +23,16 @@
 
 use aya::{
     maps::{
-        lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
     },
-    programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId, TcAttachType, XdpMode},
+    programs::{tc::SchedClassifierLinkId, xdp::XdpLinkId, TcAttachType},
     Ebpf,
 };
 use scistream_common::guard::{
     self as layout, AllowedPort, Counters, DropReason, GuardConfig, PeerKey, PortCounters,
     PEERS_RESTRICTED,
 };
-use std::net::IpAddr;
 
 use super::attach::{self, AttachPolicy, Hook};
 use super::{map_error, EbpfError};
@@ -48,25 +47,6 @@ const XDP_PASS: u32 = 2;
 /// Return values of the tc program: TC_ACT_UNSPEC (tcx "next"), TC_ACT_SHOT.
 const TC_NEXT: u32 = -1i32 as u32;
 const TC_SHOT: u32 = 2;
-
-/// Where the program runs on an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// In the driver, before any socket buffer exists: the fast path, needs
-    /// driver support (veth, most 10G+ NICs).
-    Driver,
-    /// Generic XDP in the network stack: works on any interface, slower.
-    Skb,
-}
-
-impl From<AttachMode> for XdpMode {
-    fn from(mode: AttachMode) -> Self {
-        match mode {
-            AttachMode::Driver => XdpMode::Driver,
-            AttachMode::Skb => XdpMode::Skb,
-        }
-    }
-}
 
 /// What the program decided for one frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +162,6 @@ impl Guard {
                 OBJECT,
                 layout::PROGRAM,
                 iface,
-                AttachMode::Driver,
             )?),
             Hook::Tc => Link::Tc(attach::attach_tc(
                 &mut self.ebpf,
@@ -242,7 +221,7 @@ impl Guard {
             _ if lo == 0 || lo > hi => return Err(EbpfError::InvalidPortRange { lo, hi }),
             _ => GuardConfig::new(lo, hi),
         };
-        if let Some((eph_lo, eph_hi)) = ephemeral_port_range() {
+        if let Some((eph_lo, eph_hi)) = crate::host::ephemeral_ports() {
             if config.is_enabled() && lo <= eph_hi && eph_lo <= hi {
                 tracing::warn!(lo, hi, eph_lo, eph_hi, "data port range overlaps the ephemeral port range; the XDP guard may drop replies to outgoing connections");
             }
@@ -380,90 +359,6 @@ impl Guard {
             .map_err(map_error(layout::DROPS_MAP))?;
         Ok(per_cpu.iter().copied().sum())
     }
-
-    /// Runs the program `repeat` times on `frame` in the kernel and returns
-    /// the kernel's mean time per run; for benchmarks.
-    pub fn time_per_frame(
-        &self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<std::time::Duration, EbpfError> {
-        Ok(super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, repeat)?.duration)
-    }
-
-    /// Runs the XDP program once on `frame` inside the kernel
-    /// (BPF_PROG_TEST_RUN), with no interface involved; maps and counters
-    /// change as for a received frame. For tests and start-up self checks.
-    pub fn run_on_frame(&self, frame: &[u8]) -> Result<Verdict, EbpfError> {
-        let result = super::xdp_test_run(&self.ebpf, OBJECT, layout::PROGRAM, frame, None, 1)?;
-        Ok(xdp_verdict(result.return_value))
-    }
-
-    /// Like [`run_on_frame`](Self::run_on_frame), on a multi-buffer frame:
-    /// the first `linear` bytes in the first buffer, the rest in page-sized
-    /// fragments, as a NIC with jumbo frames hands them over.
-    pub fn run_on_multibuffer_frame(
-        &self,
-        frame: &[u8],
-        linear: u32,
-    ) -> Result<Verdict, EbpfError> {
-        use aya::programs::{TestRun, TestRunOptions};
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex. data_end below the input size
-        // makes the kernel put the rest into fragments.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&linear.to_ne_bytes());
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::new()
-        };
-        let result = super::xdp_program(&self.ebpf, OBJECT, layout::PROGRAM)?
-            .test_run(options)
-            .map_err(|source| EbpfError::Program {
-                program: layout::PROGRAM,
-                source,
-            })?;
-        Ok(xdp_verdict(result.return_value))
-    }
-
-    /// Runs the tc program once on `packet` (starting at its Ethernet
-    /// header) inside the kernel, as a GSO packet of `(segment size,
-    /// segments)` when `gso` is given. The kernel builds a linear skb of at
-    /// most a page (less head- and tailroom) for it.
-    pub fn run_on_skb(&self, packet: &[u8], gso: Option<(u32, u32)>) -> Result<Verdict, EbpfError> {
-        use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-        let ctx = skb_context(gso);
-        let options = TestRunOptions {
-            data_in: Some(packet),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::new()
-        };
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(layout::TC_PROGRAM)
-            .ok_or(EbpfError::Missing {
-                object: OBJECT,
-                kind: "program",
-                name: layout::TC_PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                program: layout::TC_PROGRAM,
-                source,
-            })?;
-        let result = program
-            .test_run(options)
-            .map_err(|source| EbpfError::Program {
-                program: layout::TC_PROGRAM,
-                source,
-            })?;
-        Ok(match result.return_value {
-            TC_NEXT => Verdict::Pass,
-            TC_SHOT => Verdict::Drop,
-            other => Verdict::Other(other),
-        })
-    }
 }
 
 /// Names of the programs on `iface`'s tc ingress (tcx links, kernel 6.6+),
@@ -478,110 +373,6 @@ pub fn tc_ingress_programs(iface: &str) -> Result<Vec<String>, EbpfError> {
         .collect())
 }
 
-fn xdp_verdict(return_value: u32) -> Verdict {
-    match return_value {
-        XDP_PASS => Verdict::Pass,
-        XDP_DROP => Verdict::Drop,
-        other => Verdict::Other(other),
-    }
-}
-
-/// `struct __sk_buff` (uapi, 192 bytes) as BPF_PROG_TEST_RUN's ctx_in: the
-/// kernel takes only a few fields from it and wants the others zero.
-fn skb_context(gso: Option<(u32, u32)>) -> Vec<u8> {
-    const GSO_SEGS: usize = 164;
-    const GSO_SIZE: usize = 176;
-    let mut ctx = vec![0u8; 192];
-    if let Some((size, segs)) = gso {
-        ctx[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
-        ctx[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
-    }
-    ctx
-}
-
-/// A source network a session accepts: an address and a prefix length,
-/// host bits cleared. Parses `192.0.2.7`, `192.0.2.0/24`, `2001:db8::/32`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PeerNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl PeerNet {
-    /// `None` when `prefix` is longer than the address.
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let (addr, max) = match addr {
-            IpAddr::V4(a) => {
-                let bits = u32::from(a);
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                (IpAddr::V4((bits & mask).into()), 32)
-            }
-            IpAddr::V6(a) => {
-                let bits = u128::from(a);
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-                (IpAddr::V6((bits & mask).into()), 128)
-            }
-        };
-        (prefix <= max).then_some(Self { addr, prefix })
-    }
-
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        Self::new(ip, self.prefix).is_some_and(|n| n.addr == self.addr)
-    }
-
-    fn key(&self, session_tag: u32) -> Key<PeerKey> {
-        match self.addr {
-            IpAddr::V4(a) => Key::new(
-                PeerKey::bits(true, self.prefix),
-                PeerKey::v4(session_tag, a.octets()),
-            ),
-            IpAddr::V6(a) => Key::new(
-                PeerKey::bits(false, self.prefix),
-                PeerKey::v6(session_tag, a.octets()),
-            ),
-        }
-    }
-}
-
-impl std::fmt::Display for PeerNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl std::str::FromStr for PeerNet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let ip: IpAddr = ip.trim().parse().map_err(|_| {
-            format!("peer {s:?} is not an IP address or network (a.b.c.d[/len], ipv6[/len])")
-        })?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("peer {s:?}: prefix length must be 0..={max}"))?,
-        };
-        Self::new(ip, prefix).ok_or_else(|| format!("peer {s:?}: prefix length must be 0..={max}"))
-    }
-}
-
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
     M: TryFrom<Map, Error = MapError>,
@@ -589,8 +380,7 @@ where
     super::take_map(ebpf, OBJECT, name)
 }
 
-fn ephemeral_port_range() -> Option<(u16, u16)> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut fields = text.split_whitespace().map(str::parse::<u16>);
-    Some((fields.next()?.ok()?, fields.next()?.ok()?))
-}
+mod peers;
+mod test_run;
+
+pub use peers::PeerNet;

@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
-use crate::dataplane::ktls::rekey::KeySchedule;
-use crate::dataplane::session_auth::{self, SessionSecret};
+use crate::dataplane::tls::rekey::KeySchedule;
+use crate::dataplane::tls::session_auth::{self, SessionSecret};
 use crate::dataplane::tls::TlsPump;
 use crate::dataplane::{SessionSpec, Side, Stats};
 
@@ -87,7 +87,7 @@ async fn proven_client_with(
     tunnel: SocketAddr,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> (TcpStream, RecordKey, KeySchedule) {
-    let log = Arc::new(crate::dataplane::ktls::rekey::SecretLog::default());
+    let log = Arc::new(crate::dataplane::tls::rekey::SecretLog::default());
     let mut cfg = (*crate::tls::tunnel_client_config_with(None, provider).unwrap()).clone();
     cfg.key_log = log.clone();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));

@@ -30,8 +30,8 @@ use nix::sys::socket::{shutdown, Shutdown};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use tokio::net::TcpStream;
 
-use super::ktls::rekey::KeyUpdates;
 use super::ktls::{split_secrets, Cipher};
+use super::rekey::KeyUpdates;
 
 /// TLS record header: type, legacy version (2), length (2).
 const HEADER: usize = 5;

@@ -4,7 +4,7 @@
 //! timer. TCP paces internally when the qdisc does not (Linux >= 4.13), so
 //! neither `fq` nor `tc` is needed.
 //!
-//! The rate reaches [`crate::dataplane::relay::connect`] through a task-local
+//! The rate reaches [`super::connect`] through a task-local
 //! set around each connection's task, so every backend's outgoing socket is
 //! paced without each backend having to pass it along.
 
