@@ -342,7 +342,7 @@ fn prepare(label: &str, state: &Path, mtu: u32) -> Result<Bed> {
             (Forwarding::Peers(pair), entry)
         }
         label => {
-            // The XDP guard is on by default (as root); the twin without it
+            // The guard is on by default (as root); the twin without it
             // prices the guard within the same run.
             let (backend, extra): (&str, &[&str]) =
                 match label.strip_suffix(bench_report::NOGUARD_SUFFIX) {

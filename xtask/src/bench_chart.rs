@@ -89,7 +89,7 @@ pub fn write_svg(report: &Report, cells: &[Cell], path: &Path) -> Result<()> {
             .collect();
         if !costs.is_empty() {
             let note = format!(
-                "XDP guard, with/without (paired rounds): {}",
+                "guard (XDP or tc), with/without (paired rounds): {}",
                 costs.join(", ")
             );
             note_area.draw(&Text::new(note, (70, 4), ("sans-serif", 13)))?;

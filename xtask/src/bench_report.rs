@@ -1,6 +1,6 @@
 //! The results of `cargo xtask bench`: medians and ratios per configuration and
 //! stream count, printed as a table and written as JSON and an SVG bar chart.
-//! A configuration run with and without the XDP guard (`splice` and
+//! A configuration run with and without the guard (`splice` and
 //! `splice-noguard`) also gets the guard's cost, from the paired rounds.
 
 use std::path::Path;
@@ -127,7 +127,7 @@ fn median(values: &[f64]) -> Option<f64> {
 /// Label suffix of a configuration run with `s2cs --guard false`.
 pub const NOGUARD_SUFFIX: &str = "-noguard";
 
-/// What the XDP guard costs one configuration: its runs against its
+/// What the guard costs one configuration: its runs against its
 /// `-noguard` twin's runs of the same rounds.
 pub struct GuardCost {
     pub config: String,
@@ -374,7 +374,7 @@ pub fn print_table(report: &Report, cells: &[Cell]) {
     }
     for g in report.guard_costs(cells) {
         println!(
-            "\nXDP guard, {} P{}: {:.3}x of {}{NOGUARD_SUFFIX} (median of {} paired rounds; {:+.1}% throughput){}",
+            "\nguard, {} P{}: {:.3}x of {}{NOGUARD_SUFFIX} (median of {} paired rounds; {:+.1}% throughput){}",
             g.config,
             g.streams,
             g.throughput_ratio,
