@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
-use super::{lock, parse_uid, Registry, Session};
+use super::{lock, parse_uid, HelloState, Registry, Session};
 use crate::addr;
 use crate::control::auth::Identity;
 use crate::control::error::ControlError;
@@ -48,6 +48,13 @@ impl Registry {
         }
         let session = self.get(&uid)?;
         Self::check_owner(&session, caller)?;
+        // A session starts forwarding (and is stored) only once its req was
+        // answered: one restored from the store must have had its hello.
+        if matches!(*session.hello.borrow(), HelloState::Pending) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "session {uid} has had no hello yet; update it once its req has been answered"
+            )));
+        }
         let targets = addr::cycle_to(&remote, session.num_conn);
         let _one_at_a_time = session.updating.lock().await;
         let before = self.forward(&session, targets.clone()).await?;

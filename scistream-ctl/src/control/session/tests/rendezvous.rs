@@ -255,3 +255,34 @@ async fn a_prod_hello_without_producer_addresses_is_refused_and_the_req_keeps_wa
         .expect("a good hello");
     assert!(req.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn an_update_before_the_hello_is_refused_and_nothing_starts_or_is_stored() {
+    let dir = TempDir::new("update-early");
+    let store = dir.open_store();
+    let fake = Fake::new();
+    let reg = registry_with(
+        (27695, 27699),
+        &fake,
+        Duration::from_secs(10),
+        Some(store.clone()),
+    );
+    let uid = "4e5f6a7b-8c9d-4e0f-8a1b-c2d3e4f5a6b7";
+    let req = spawn_request(&reg, uid, "CONS", 1, None);
+    until("the req registered", || reg.len() == 1).await;
+    let e = failure(
+        reg.update(uid, &[PRODUCER.to_string()], None).await,
+        "an update before the hello",
+    );
+    assert!(matches!(e, ControlError::FailedPrecondition(_)), "{e}");
+    assert!(fake.starts().is_empty(), "no data plane started");
+    assert!(store.load().unwrap().is_empty(), "nothing stored");
+    // The session goes on as usual once its hello comes.
+    reg.hello(uid, &[], None).await.expect("the hello");
+    assert!(req.await.unwrap().is_ok());
+    reg.update(uid, &[PRODUCER.to_string()], None)
+        .await
+        .expect("an update after the hello");
+    assert_eq!(fake.starts().len(), 1);
+    assert_eq!(store.load().unwrap().len(), 1);
+}
