@@ -13,7 +13,7 @@ use super::guard::PortGuard;
 use super::ports::PortAllocator;
 use super::service::ControlService;
 use super::session::Registry;
-use super::store::Store;
+use super::store::{Store, StoredSession};
 use crate::config::ServerArgs;
 use crate::proto::control_server::ControlServer;
 use crate::{dataplane, tls};
@@ -69,12 +69,13 @@ pub async fn run(
             identity.key_path.display()
         );
     }
-    // The store first: a backend with kernel state left by an earlier run
-    // (xdp) keeps what belongs to the sessions coming back.
+    // The store first, read once: a backend with kernel state left by an
+    // earlier run (xdp) keeps what belongs to the sessions coming back, and
+    // the registry restores them.
     let store = Arc::new(Store::open(&state_dir)?);
-    let stored = stored_forwarding(&store);
-    let backend =
-        dataplane::from_args(&args, &identity, &stored).context("starting the data plane")?;
+    let stored = store.load_raw()?;
+    let backend = dataplane::from_args(&args, &identity, &forwarding_of(&stored))
+        .context("starting the data plane")?;
     let ports = PortAllocator::new(args.port_range, args.listener_ip);
     let guard = PortGuard::start(&args).map(Arc::new);
     let registry = Registry::with_store(
@@ -87,7 +88,7 @@ pub async fn run(
     );
     registry.set_target_policy(super::targets::TargetPolicy::from_args(&args));
     // Before the control port opens: no new session can take a stored one's port.
-    let (restored, failed) = registry.restore()?;
+    let (restored, failed) = registry.restore(stored);
     if restored + failed > 0 {
         println!(
             "s2cs: restored {restored} stored sessions from {}{}",
@@ -319,23 +320,17 @@ fn oversize_to_resource_exhausted(resp: HttpResponse) -> HttpResponse {
     }
 }
 
-/// The stored sessions as the data plane sees them; none when the store
-/// cannot be read (the registry's restore then says why).
-fn stored_forwarding(store: &Store) -> Vec<dataplane::StoredForwarding> {
-    match store.load_raw() {
-        Ok(records) => records
-            .into_iter()
-            .filter_map(|(_, r)| r)
-            .map(|r| dataplane::StoredForwarding {
-                forwarding: !r.targets.is_empty(),
-                listener_ports: r.listeners.iter().map(|l| l.port()).collect(),
-                uid: r.uid,
-                backend: r.backend,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the stored sessions; the data plane starts afresh");
-            Vec::new()
-        }
-    }
+/// The stored sessions as the data plane sees them (unreadable records,
+/// which the registry drops, are left out).
+fn forwarding_of(stored: &[(String, Option<StoredSession>)]) -> Vec<dataplane::StoredForwarding> {
+    stored
+        .iter()
+        .filter_map(|(_, r)| r.as_ref())
+        .map(|r| dataplane::StoredForwarding {
+            uid: r.uid.clone(),
+            backend: r.backend.clone(),
+            listener_ports: r.listeners.iter().map(|l| l.port()).collect(),
+            forwarding: !r.targets.is_empty(),
+        })
+        .collect()
 }

@@ -76,13 +76,19 @@ impl Registry {
     /// Brings back the sessions an earlier run stored, with their exact
     /// ports, hello and targets. A session that cannot come back (port
     /// taken, backend or --listener_ip changed) is logged, forgotten and
-    /// counted; the others and the server carry on.
-    pub fn restore(self: &Arc<Self>) -> Result<(usize, usize), ControlError> {
+    /// counted; the others and the server carry on. `records`: the store's
+    /// contents ([`Store::load_raw`]), read once at start by the server.
+    ///
+    /// [`Store::load_raw`]: crate::control::store::Store::load_raw
+    pub fn restore(
+        self: &Arc<Self>,
+        records: Vec<(String, Option<StoredSession>)>,
+    ) -> (usize, usize) {
         let Some(store) = &self.store else {
-            return Ok((0, 0));
+            return (0, 0);
         };
         let (mut restored, mut failed) = (0, 0);
-        for (uid, record) in store.load_raw()? {
+        for (uid, record) in records {
             // Below debug level the uid shows only where it keys nothing.
             let public = record.as_ref().is_some_and(|r| {
                 r.tunnel_key.is_some()
@@ -110,7 +116,7 @@ impl Registry {
                 }
             }
         }
-        Ok((restored, failed))
+        (restored, failed)
     }
 
     fn restore_one(self: &Arc<Self>, r: StoredSession) -> Result<(), ControlError> {

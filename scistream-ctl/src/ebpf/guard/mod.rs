@@ -319,13 +319,9 @@ impl Guard {
     /// Drops traffic to `port` again and forgets its counters, returning their
     /// final values (zero if the port was not allowed).
     pub fn deny_port(&mut self, port: u16) -> Result<Counters, EbpfError> {
-        if self.allowed.get(&port, 0).is_ok() {
-            super::deleted(self.allowed.remove(&port)).map_err(map_error(layout::ALLOWED_MAP))?;
-        }
+        super::deleted(self.allowed.remove(&port)).map_err(map_error(layout::ALLOWED_MAP))?;
         let last = self.port_stats(port)?;
-        if last.is_some() {
-            super::deleted(self.stats.remove(&port)).map_err(map_error(layout::PORT_STATS_MAP))?;
-        }
+        super::deleted(self.stats.remove(&port)).map_err(map_error(layout::PORT_STATS_MAP))?;
         Ok(last.unwrap_or_default())
     }
 

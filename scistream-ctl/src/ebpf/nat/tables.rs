@@ -209,9 +209,7 @@ impl Nat {
             crate::ebpf::deleted(self.flows.remove(&key)).map_err(map_error(layout::FLOWS_MAP))?;
         }
         let last = self.session_counters(port)?;
-        if last.is_some() {
-            crate::ebpf::deleted(self.stats.remove(&port)).map_err(map_error(layout::STATS_MAP))?;
-        }
+        crate::ebpf::deleted(self.stats.remove(&port)).map_err(map_error(layout::STATS_MAP))?;
         Ok(last.unwrap_or_default())
     }
 

@@ -289,7 +289,7 @@ async fn stored_sessions_come_back_in_a_new_registry() {
         Duration::from_secs(30),
         Some(store.clone()),
     );
-    assert_eq!(reg.restore().expect("restore"), (2, 0));
+    assert_eq!(reg.restore(store.load_raw().expect("load")), (2, 0));
     assert_eq!(reg.len(), 2);
     assert_eq!(reg.ports_in_use(), 3);
 
